@@ -1,0 +1,1 @@
+"""Video data: sample keys, synthetic clips (and, later, manifests and decoders)."""

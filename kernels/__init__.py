@@ -1,0 +1,1 @@
+"""Compute backends: capability detection, norms and the attention/linear layers MegaVideo runs on."""

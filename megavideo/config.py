@@ -1,0 +1,421 @@
+"""One config system: dataclasses, YAML files under ``configs/``, dotted ``key=value`` overrides.
+
+A run config is a YAML file with the sections ``model``, ``parallel``, ``train``, ``data`` and ``run``.
+``model.preset`` names a model preset (``configs/models/<preset>.yaml``) whose values sit under the
+run file's own ``model`` keys, which sit under the command-line overrides. Every error is raised as
+:class:`ConfigError` with one sentence, before any process group exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad configuration, explained in one sentence."""
+
+
+@dataclass
+class ViTConfig:
+    """One vision transformer: the student or a teacher."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    mlp_hidden_size: int = 256
+    patch_size: int = 14
+    tubelet_size: int = 1
+    image_size: int = 224
+    num_frames: int = 8
+    per_frame: bool = False  # image model applied to each frame (the CLIP teacher)
+    cls_token: bool = True
+    learnable_pos_embed: bool = True
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm_eps: float = 1e-6
+    qk_norm: bool = True
+    qkv_bias: bool = False
+    layer_scale_init: float = 0.0  # 0 disables layer scale
+    drop_path: float = 0.0
+    activation: str = "gelu_tanh"  # gelu_tanh | gelu
+    final_norm: bool = False
+    pool_heads: int = 0  # attention-pool head; 0 disables it
+    pool_dim: int = 768
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patches_per_frame(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_patches(self) -> int:
+        return self.patches_per_frame * (self.num_frames // self.tubelet_size)
+
+
+@dataclass
+class ModelConfig:
+    """The stage-1 model: the student, the two frozen teachers and the aligners between them."""
+
+    preset: str = ""
+    student: ViTConfig = field(default_factory=ViTConfig)
+    clip_teacher: ViTConfig = field(default_factory=ViTConfig)
+    mae_teacher: ViTConfig = field(default_factory=ViTConfig)
+    clip_layers: int = 6  # CLIP aligners on the student's last clip_layers layers
+    mae_layers: int = 4  # MAE aligners on the student's last mae_layers layers
+    mask_ratio: float = 0.8
+    loss_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # clip, final, mae
+    aligner_norm_eps: float = 1e-5
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1  # model chunks per pipeline stage (interleaved 1F1B when > 1)
+    sp: bool = False
+    distributed_optimizer: bool = False
+    pipeline_layout: list[int] = field(default_factory=list)  # layers per virtual stage, optional
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10
+    global_batch: int = 8
+    micro_batch: int = 1
+    lr: float = 1.5e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    clip_grad: float = 3.0
+    seed: int = 1234
+    precision: str = "fp32"  # fp32 | bf16
+    recompute: str = "none"  # none | selective | full
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    log_interval: int = 1
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}.") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}.") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level.")
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["parallel.tp=2", "train.steps=5"]`` -> nested dict, values parsed as YAML scalars."""
+    tree: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key=value.")
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' sets a key below a value.")
+        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+    return tree
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}.")
+        (inner,) = typing.get_args(hint)
+        return [_check_type(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {value!r}.")
+    if hint in (int, float, str) and (not isinstance(value, hint) or isinstance(value, bool)):
+        raise ConfigError(f"{where} must be of type {hint.__name__}, got {value!r}.")
+    return value
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(
+                f"unknown config key '{where}.{key}' (known: {', '.join(sorted(names))})."
+            )
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        path = f"{where}.{key}"
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, path)
+        else:
+            kwargs[key] = _check_type(value, hint, path)
+    return cls(**kwargs)
+
+
+def _resolve_preset(raw: dict, config_dir: Path) -> dict:
+    model = raw.get("model", {})
+    if not isinstance(model, dict) or not model.get("preset"):
+        return raw
+    name = model["preset"]
+    for directory in (config_dir / "models", CONFIG_DIR / "models"):
+        path = directory / f"{name}.yaml"
+        if path.is_file():
+            preset = _read_yaml(path)
+            return {**raw, "model": _merge(preset.get("model", preset), model)}
+    raise ConfigError(f"unknown model preset '{name}' (no file models/{name}.yaml).")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML run config, apply the preset and the overrides, validate the result."""
+    raw: dict = {}
+    config_dir = CONFIG_DIR
+    if path is not None:
+        path = Path(path)
+        raw = _read_yaml(path)
+        config_dir = path.resolve().parent
+    raw = _merge(raw, parse_overrides(list(overrides)))
+    raw = _resolve_preset(raw, config_dir)
+    config = _build(Config, raw, "config")
+    validate(config)
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# Validation (everything that can be checked without a process group)
+
+
+def padded_heads(num_heads: int, tp: int) -> int:
+    """Heads padded with zero heads up to the next multiple of tp."""
+    return math.ceil(num_heads / tp) * tp
+
+
+def _validate_vit(vit: ViTConfig, name: str, tp: int) -> None:
+    if vit.hidden_size % vit.num_heads:
+        raise ConfigError(
+            f"model.{name}.hidden_size ({vit.hidden_size}) must be divisible by "
+            f"model.{name}.num_heads ({vit.num_heads})."
+        )
+    if vit.mlp_hidden_size % tp:
+        raise ConfigError(
+            f"model.{name}.mlp_hidden_size ({vit.mlp_hidden_size}) must be divisible by "
+            f"parallel.tp ({tp})."
+        )
+    if vit.image_size % vit.patch_size:
+        raise ConfigError(
+            f"model.{name}.image_size ({vit.image_size}) must be divisible by "
+            f"model.{name}.patch_size ({vit.patch_size})."
+        )
+    if vit.num_frames % vit.tubelet_size:
+        raise ConfigError(
+            f"model.{name}.num_frames ({vit.num_frames}) must be divisible by "
+            f"model.{name}.tubelet_size ({vit.tubelet_size})."
+        )
+    if vit.norm not in ("rmsnorm", "layernorm"):
+        raise ConfigError(f"model.{name}.norm must be rmsnorm or layernorm, got '{vit.norm}'.")
+    if vit.activation not in ("gelu", "gelu_tanh"):
+        raise ConfigError(
+            f"model.{name}.activation must be gelu or gelu_tanh, got '{vit.activation}'."
+        )
+    if vit.pool_heads and (vit.hidden_size % vit.pool_heads or vit.pool_heads % tp):
+        raise ConfigError(
+            f"model.{name}.pool_heads ({vit.pool_heads}) must divide hidden_size "
+            f"({vit.hidden_size}) and be divisible by parallel.tp ({tp})."
+        )
+
+
+def validate(config: Config, world_size: int | None = None) -> None:
+    """Raise ConfigError for the first rule the config breaks; world_size is checked when given."""
+    par, model, train = config.parallel, config.model, config.train
+    for name in ("tp", "pp", "vpp"):
+        if getattr(par, name) < 1:
+            raise ConfigError(f"parallel.{name} must be at least 1, got {getattr(par, name)}.")
+    if par.vpp > 1 and par.pp < 2:
+        raise ConfigError("parallel.vpp > 1 (interleaved pipeline) needs parallel.pp >= 2.")
+    if par.sp and par.tp < 2:
+        raise ConfigError("parallel.sp (sequence parallelism) needs parallel.tp >= 2.")
+    student = model.student
+    chunks = par.pp * par.vpp
+    if chunks > student.num_layers:
+        raise ConfigError(
+            f"{chunks} pipeline stages (pp={par.pp} x vpp={par.vpp}) exceed the student's "
+            f"{student.num_layers} layers."
+        )
+    if par.pipeline_layout:
+        if len(par.pipeline_layout) != chunks or min(par.pipeline_layout) < 1:
+            raise ConfigError(
+                f"parallel.pipeline_layout must list {chunks} positive layer counts "
+                f"(one per virtual stage), got {par.pipeline_layout}."
+            )
+        if sum(par.pipeline_layout) != student.num_layers:
+            raise ConfigError(
+                f"parallel.pipeline_layout sums to {sum(par.pipeline_layout)} layers but the "
+                f"student has {student.num_layers}."
+            )
+    for name in ("student", "clip_teacher", "mae_teacher"):
+        _validate_vit(getattr(model, name), name, par.tp)
+    if not student.pool_heads:
+        raise ConfigError("model.student.pool_heads must be set: stage 1 needs the attention pool.")
+    if not model.clip_teacher.pool_heads or not model.clip_teacher.per_frame:
+        raise ConfigError(
+            "model.clip_teacher must be a per-frame image model with an attention pool "
+            "(per_frame: true, pool_heads > 0)."
+        )
+    if model.clip_teacher.pool_dim != student.pool_dim:
+        raise ConfigError(
+            f"model.student.pool_dim ({student.pool_dim}) must equal the CLIP teacher's "
+            f"pool_dim ({model.clip_teacher.pool_dim})."
+        )
+    for name, width in (("clip_teacher", model.clip_teacher.hidden_size),
+                        ("mae_teacher", model.mae_teacher.hidden_size)):
+        if width % par.tp:
+            raise ConfigError(
+                f"model.{name}.hidden_size ({width}) must be divisible by parallel.tp ({par.tp})."
+            )
+    if student.hidden_size % par.tp:
+        raise ConfigError(
+            f"model.student.hidden_size ({student.hidden_size}) must be divisible by "
+            f"parallel.tp ({par.tp})."
+        )
+    frames = student.num_frames * model.mae_teacher.tubelet_size
+    if model.mae_teacher.num_frames != frames or model.clip_teacher.num_frames != student.num_frames:
+        raise ConfigError(
+            f"frame counts disagree: the student sees {student.num_frames} frames, the CLIP teacher "
+            f"must see the same and the MAE teacher (tubelet {model.mae_teacher.tubelet_size}) "
+            f"{frames}."
+        )
+    grids = {(v.image_size, v.patch_size) for v in (student, model.clip_teacher, model.mae_teacher)}
+    if len(grids) != 1:
+        raise ConfigError("the student and both teachers must share image_size and patch_size.")
+    if not 1 <= model.clip_layers <= min(student.num_layers, model.clip_teacher.num_layers):
+        raise ConfigError(
+            f"model.clip_layers ({model.clip_layers}) must be between 1 and the layer count of "
+            "the student and of the CLIP teacher."
+        )
+    if not 1 <= model.mae_layers <= min(student.num_layers, model.mae_teacher.num_layers):
+        raise ConfigError(
+            f"model.mae_layers ({model.mae_layers}) must be between 1 and the layer count of "
+            "the student and of the MAE teacher."
+        )
+    if not 0.0 <= model.mask_ratio < 1.0:
+        raise ConfigError(f"model.mask_ratio must be in [0, 1), got {model.mask_ratio}.")
+    if len(model.loss_weights) != 3:
+        raise ConfigError("model.loss_weights must list 3 weights: clip, final, mae.")
+    if train.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"train.precision must be fp32 or bf16, got '{train.precision}'.")
+    if train.recompute not in ("none", "selective", "full"):
+        raise ConfigError(
+            f"train.recompute must be none, selective or full, got '{train.recompute}'."
+        )
+    if len(train.betas) != 2:
+        raise ConfigError("train.betas must list two numbers.")
+    if train.micro_batch < 1 or train.global_batch < 1 or train.steps < 0:
+        raise ConfigError("train.micro_batch and train.global_batch must be positive.")
+    if train.steps and train.warmup_steps >= train.steps:
+        raise ConfigError(
+            f"train.warmup_steps ({train.warmup_steps}) must be smaller than train.steps "
+            f"({train.steps})."
+        )
+    if config.data.source != "synthetic":
+        raise ConfigError(f"data.source must be 'synthetic', got '{config.data.source}'.")
+    if world_size is not None:
+        validate_world(config, world_size)
+
+
+def validate_world(config: Config, world_size: int) -> int:
+    """Check the layout against the world size; returns the data-parallel size."""
+    par, train = config.parallel, config.train
+    if world_size % (par.tp * par.pp):
+        raise ConfigError(
+            f"tp x pp = {par.tp} x {par.pp} = {par.tp * par.pp} does not divide the world size "
+            f"{world_size}."
+        )
+    dp = world_size // (par.tp * par.pp)
+    if train.global_batch % (train.micro_batch * dp):
+        raise ConfigError(
+            f"train.global_batch ({train.global_batch}) must be a multiple of train.micro_batch "
+            f"x data-parallel size ({train.micro_batch} x {dp})."
+        )
+    if par.vpp > 1 and train.global_batch // (train.micro_batch * dp) < par.pp:
+        raise ConfigError(
+            f"the interleaved schedule needs at least parallel.pp ({par.pp}) micro-batches per "
+            f"step, got {train.global_batch // (train.micro_batch * dp)}."
+        )
+    return dp
+
+
+def dump(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "ViTConfig",
+    "load_config",
+    "padded_heads",
+    "parse_overrides",
+    "validate",
+    "validate_world",
+]

@@ -1,0 +1,172 @@
+"""megatron-core TransformerConfig and ModuleSpec for InternVideo2's ViT blocks.
+
+The local spec (megatron-core's ColumnParallelLinear/RowParallelLinear and DotProductAttention, torch
+norms) runs everywhere; the Transformer Engine spec (fused norm+linear, TE attention) is chosen by
+:func:`kernels.backends.layer_backend` on a GPU with TE importable.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
+
+from kernels.backends import layer_backend
+from kernels.norms import NORMS
+from megavideo.config import ParallelConfig, TrainConfig, ViTConfig
+from parallel.layout import megatron_layout, padded_heads, split_layers
+
+INIT_STD = 0.02  # trunc_normal(std=0.02) in the official code: the truncation at +-2 never bites
+
+
+@dataclass
+class ViTTransformerConfig(TransformerConfig):
+    """megatron-core's TransformerConfig plus what InternVideo2's blocks add to it."""
+
+    real_attention_heads: int = 0  # heads before padding to a multiple of tp
+    full_width_qk_norm: bool = False
+    layer_scale_init: float = 0.0
+    drop_path_rate: float = 0.0
+
+
+def _init_normal(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.nn.init.normal_(tensor, mean=0.0, std=INIT_STD)
+
+
+def transformer_config(
+    vit: ViTConfig,
+    parallel: ParallelConfig,
+    train: TrainConfig,
+    *,
+    pipelined: bool,
+    sequence_parallel: bool,
+    perform_initialization: bool = True,
+) -> ViTTransformerConfig:
+    """The config of one ViT's block stack. Teachers are not pipelined and run without SP."""
+    heads = padded_heads(vit.num_heads, parallel.tp)
+    bf16 = train.precision == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    pp = parallel.pp if pipelined else 1
+    layout = None
+    if pp > 1:
+        counts = split_layers(vit.num_layers, pp, parallel.vpp, parallel.pipeline_layout)
+        layout = megatron_layout(counts, pp)
+    recompute = {"none": None, "selective": "selective", "full": "full"}[train.recompute]
+    return ViTTransformerConfig(
+        num_layers=vit.num_layers,
+        hidden_size=vit.hidden_size,
+        num_attention_heads=heads,
+        kv_channels=vit.head_dim,
+        ffn_hidden_size=vit.mlp_hidden_size,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp if pp > 1 and parallel.vpp > 1 else None,
+        pipeline_model_parallel_layout=layout,
+        sequence_parallel=sequence_parallel and parallel.tp > 1,
+        normalization="RMSNorm" if vit.norm == "rmsnorm" else "LayerNorm",
+        layernorm_epsilon=vit.norm_eps,
+        add_bias_linear=True,
+        add_qkv_bias=vit.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        activation_func=partial(F.gelu, approximate="tanh") if vit.activation == "gelu_tanh"
+        else F.gelu,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        init_method=_init_normal,
+        output_layer_init_method=_init_normal,
+        perform_initialization=perform_initialization,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=bf16,
+        recompute_granularity=recompute,
+        recompute_method="uniform" if recompute == "full" else None,
+        recompute_num_layers=1 if recompute == "full" else None,
+        # gloo: batched p2p with interleaving silently corrupts later micro-batches (FIELD_NOTES)
+        batch_p2p_comm=False,
+        batch_p2p_sync=False,
+        cuda_graph_scope=[],  # megatron-core's own default "full" warns that it is deprecated
+        real_attention_heads=vit.num_heads,
+        full_width_qk_norm=vit.qk_norm,
+        layer_scale_init=vit.layer_scale_init,
+        drop_path_rate=vit.drop_path,
+    )
+
+
+def without_sequence_parallel(config: TransformerConfig) -> TransformerConfig:
+    """The same config for modules that see the whole sequence (heads, aligners)."""
+    out = copy.copy(config)
+    out.sequence_parallel = False
+    return out
+
+
+class ColumnParallelLinearNoBias(ColumnParallelLinear):
+    """InternVideo2's qkv projection has no bias while the other linears do."""
+
+    def __init__(self, *args, bias: bool = False, **kwargs) -> None:
+        super().__init__(*args, bias=False, **kwargs)
+
+
+def vit_layer_spec(vit: ViTConfig, attn_mask_type: AttnMaskType) -> ModuleSpec:
+    """The ModuleSpec of one InternVideo2 block for the backend this process runs."""
+    from megavideo.models.layers import FullWidthQKNorm, InternVideo2Block
+
+    qk_norm = FullWidthQKNorm if vit.qk_norm else None
+    if layer_backend() == "te":
+        from megatron.core.extensions.transformer_engine import (
+            TEDotProductAttention,
+            TELayerNormColumnParallelLinear,
+            TERowParallelLinear,
+        )
+
+        class TELayerNormColumnParallelLinearNoBias(TELayerNormColumnParallelLinear):
+            def __init__(self, *args, bias: bool = False, **kwargs) -> None:
+                super().__init__(*args, bias=False, **kwargs)
+
+        norm = IdentityOp
+        qkv = TELayerNormColumnParallelLinear if vit.qkv_bias else TELayerNormColumnParallelLinearNoBias
+        core, proj, fc1, fc2 = (TEDotProductAttention, TERowParallelLinear,
+                                TELayerNormColumnParallelLinear, TERowParallelLinear)
+    else:
+        norm = NORMS[vit.norm]
+        qkv = ColumnParallelLinear if vit.qkv_bias else ColumnParallelLinearNoBias
+        core, proj, fc1, fc2 = (DotProductAttention, RowParallelLinear,
+                                ColumnParallelLinear, RowParallelLinear)
+    return ModuleSpec(
+        module=InternVideo2Block,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": attn_mask_type},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=qkv,
+                    core_attention=core,
+                    linear_proj=proj,
+                    q_layernorm=qk_norm,
+                    k_layernorm=qk_norm,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )

@@ -1,0 +1,47 @@
+"""The video ViT as megatron-core modules: embedding plus a stack of InternVideo2 blocks."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from torch import nn
+
+from kernels.norms import NORMS
+from megavideo.config import ViTConfig
+from megavideo.models.embedding import VideoEmbedding
+from megavideo.models.layers import BlockStack
+from megavideo.models.specs import ViTTransformerConfig, vit_layer_spec
+
+
+def block_stack(
+    vit: ViTConfig,
+    config: ViTTransformerConfig,
+    num_layers: int,
+    *,
+    padded: bool = False,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+) -> BlockStack:
+    """``num_layers`` InternVideo2 blocks (the ones this rank holds), with the final norm if any."""
+    mask = AttnMaskType.padding if padded else AttnMaskType.no_mask
+    submodules = TransformerBlockSubmodules(
+        layer_specs=[vit_layer_spec(vit, mask)] * num_layers,
+        layer_norm=NORMS[vit.norm] if vit.final_norm else None,
+    )
+    return BlockStack(config, submodules, post_layer_norm=vit.final_norm,
+                      pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+
+
+class VisionTransformer(nn.Module):
+    """A whole (not pipelined) ViT: the teachers. Returns the last hidden state and the taps."""
+
+    def __init__(self, vit: ViTConfig, config: ViTTransformerConfig) -> None:
+        super().__init__()
+        self.embed = VideoEmbedding(vit, config.params_dtype)
+        self.blocks = block_stack(vit, config, vit.num_layers)
+
+    def forward(self, video: torch.Tensor, taps=()) -> tuple[torch.Tensor, dict]:
+        x = self.embed(video).transpose(0, 1).contiguous()  # [N, B, C]
+        return self.blocks(x, None, None, taps)

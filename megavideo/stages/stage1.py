@@ -1,0 +1,168 @@
+"""Stage 1: the student distilled from the two frozen teachers on 80%-masked tokens.
+
+Where the teachers run when pp > 1: on the first pipeline stage, before the step's schedule. The
+CLIP teacher's attention decides which tokens are visible, and that is needed where the tokens are
+dropped, right after the patch embedding, on the first stage. The first stage then computes every
+micro-batch's targets once (tensor-parallel over its TP group) and sends each later stage only the
+targets of the aligners it holds (and the visible-token indices their position embeddings need);
+with the official layouts that is the last stage alone. Stages without aligners receive nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state
+
+from dataloaders.synthetic import generator, global_indices, synthetic_video
+from megavideo.config import Config
+from megavideo.models.specs import transformer_config
+from megavideo.models.student import Stage1Batch, Stage1Student, Tokens, aligned_layers
+from megavideo.models.teachers import Stage1Teachers
+from parallel.comm import recv_from_stage, send_to_stage
+from parallel.layout import chunks_of, split_layers
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What one pipeline rank needs from the first stage for each micro-batch."""
+
+    clip: tuple[int, ...]
+    mae: tuple[int, ...]
+    final: bool
+
+    @property
+    def any(self) -> bool:
+        return bool(self.clip or self.mae or self.final)
+
+
+class Stage1:
+    """This rank's student chunks (and, on the first stage, the teachers) and its step inputs."""
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        self.cfg = cfg
+        self.device = device
+        par, model = cfg.parallel, cfg.model
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.pp_group = parallel_state.get_pipeline_model_parallel_group()
+        self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp = parallel_state.get_data_parallel_world_size()
+        counts = split_layers(model.student.num_layers, par.pp, par.vpp, par.pipeline_layout)
+        self.layout = [chunks_of(r, counts, par.pp) for r in range(par.pp)]
+        self.tokens = Tokens.of(model, par.tp, par.sp)
+        self.config = transformer_config(model.student, par, cfg.train, pipelined=True,
+                                         sequence_parallel=par.sp)
+        self.models = [Stage1Student(model, self.config, chunk, self.tokens, self.tp_group).to(device)
+                       for chunk in self.layout[self.pp_rank]]
+        self.teachers = None
+        if self.pp_rank == 0:
+            teacher_cfg = {name: transformer_config(getattr(model, name), par, cfg.train,
+                                                    pipelined=False, sequence_parallel=False)
+                           for name in ("clip_teacher", "mae_teacher")}
+            self.teachers = Stage1Teachers(model, teacher_cfg["clip_teacher"],
+                                           teacher_cfg["mae_teacher"], self.tp_group).to(device)
+        self.needs = [self._needs(r) for r in range(par.pp)]
+        self.tied = self._tied()
+
+    def _needs(self, pp_rank: int) -> Needs:
+        clip, mae = aligned_layers(self.cfg.model)
+        layers = {i for chunk in self.layout[pp_rank] for i in chunk.layers}
+        return Needs(tuple(k for layer, k in clip.items() if layer in layers),
+                     tuple(k for layer, k in mae.items() if layer in layers),
+                     any(chunk.is_last for chunk in self.layout[pp_rank]))
+
+    def _tied(self) -> dict[str, tuple[int, ...]]:
+        """Aligner position embeddings held by more than one chunk, with their shapes."""
+        student = self.cfg.model.student
+        clip, mae = aligned_layers(self.cfg.model)
+        chunks = [c for rank in self.layout for c in rank]
+        tied = {}
+        for name, layers, tokens in (("clip_pos_embed", clip, 1 + student.num_patches),
+                                     ("mae_pos_embed", mae, student.num_patches)):
+            holders = [c for c in chunks if any(layer in c.layers for layer in layers)]
+            if len(holders) > 1:
+                tied[name] = (tokens, student.hidden_size)
+        return tied
+
+    @property
+    def num_microbatches(self) -> int:
+        train = self.cfg.train
+        return train.global_batch // (train.micro_batch * self.dp)
+
+    def _drop_u(self, step: int, indices: list[int]) -> torch.Tensor:
+        layers = self.cfg.model.student.num_layers
+        seed = self.cfg.train.seed
+        return torch.stack([torch.rand(layers, 2, generator=generator(seed, step, i, "drop_path"))
+                            for i in indices]).to(self.device)
+
+    def _target_shapes(self, needs: Needs, b: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        model, n = self.cfg.model, self.tokens.real
+        dtype = self.config.params_dtype
+        shapes = [((b, n), torch.long)]
+        shapes += [((b, n, model.clip_teacher.hidden_size), dtype)] * len(needs.clip)
+        shapes += [((b, n - 1, model.mae_teacher.hidden_size), dtype)] * len(needs.mae)
+        if needs.final:
+            shapes.append(((b, model.clip_teacher.pool_dim), dtype))
+        return shapes
+
+    def _teacher_pass(self, step: int, indices: list[int]) -> dict:
+        """First stage: clips, masks and all targets of one micro-batch, then the sends."""
+        seed, student = self.cfg.train.seed, self.cfg.model.student
+        frames = self.cfg.model.mae_teacher.num_frames
+        video = torch.stack([synthetic_video(seed, step, i, frames, student.image_size)
+                             for i in indices]).to(self.device)
+        masks = [generator(seed, step, i, "mask") for i in indices]
+        targets = self.teachers(video, masks)
+        for rank in range(1, self.cfg.parallel.pp):
+            needs = self.needs[rank]
+            if needs.any:
+                tensors = [targets["visible"]] + [targets["clip"][k] for k in needs.clip]
+                tensors += [targets["mae"][k] for k in needs.mae]
+                if needs.final:
+                    tensors.append(targets["final"])
+                send_to_stage(tensors, rank, self.pp_group)
+        return targets
+
+    def _received(self, b: int) -> dict:
+        needs = self.needs[self.pp_rank]
+        if not needs.any:
+            return {}
+        tensors = recv_from_stage(self._target_shapes(needs, b), 0, self.pp_group, self.device)
+        out = {"visible": tensors[0], "clip": {}, "mae": {}}
+        rest = iter(tensors[1:])
+        out["clip"] = {k: next(rest) for k in needs.clip}
+        out["mae"] = {k: next(rest) for k in needs.mae}
+        if needs.final:
+            out["final"] = next(rest)
+        return out
+
+    def micro_batches(self, step: int) -> list[list[Stage1Batch]]:
+        """Per model chunk of this rank, the step's micro-batches."""
+        train = self.cfg.train
+        per_chunk: list[list[Stage1Batch]] = [[] for _ in self.models]
+        for m in range(self.num_microbatches):
+            indices = global_indices(step, train.global_batch, self.dp_rank, self.dp, m,
+                                     train.micro_batch)
+            if self.teachers is not None:
+                t = self._teacher_pass(step, indices)
+                targets = {"visible": t["visible"], "final": t["final"],
+                           "clip": dict(enumerate(t["clip"])), "mae": dict(enumerate(t["mae"])),
+                           "video": t["student_frames"]}
+            else:
+                targets = self._received(len(indices))
+            drop_u = self._drop_u(step, indices)
+            for c, model in enumerate(self.models):
+                per_chunk[c].append(Stage1Batch(
+                    drop_u=drop_u,
+                    loss_scale=1.0 / self.num_microbatches,
+                    video=targets.get("video") if model.pre_process else None,
+                    visible=targets.get("visible"),
+                    clip={k: v for k, v in targets.get("clip", {}).items()
+                          if k in model.clip_at.values()},
+                    mae={k: v for k, v in targets.get("mae", {}).items()
+                         if k in model.mae_at.values()},
+                    final=targets.get("final") if model.post_process else None,
+                ))
+        return per_chunk

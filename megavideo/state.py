@@ -1,0 +1,63 @@
+"""The model as one layout-independent state: canonical names, whole unpadded tensors.
+
+A parameter's canonical name is its name in the single-rank model: DDP's ``module.`` prefix
+dropped and the block index made global (``blocks.layers.<global layer>``). Copies of a tied
+parameter report under one name (the last chunk's copy). Used by the parity tests, and by
+checkpoint conversion.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from megatron.core import parallel_state
+
+from parallel.tensors import gather_full, take_shard
+
+_LAYER = re.compile(r"^blocks\.layers\.(\d+)\.")
+
+
+def _unwrap(module):
+    return getattr(module, "module", module)
+
+
+def canonical_params(chunks) -> list[tuple[str, torch.nn.Parameter]]:
+    """(canonical name, parameter) for every trainable parameter this rank holds."""
+    out = []
+    for chunk in chunks:
+        model = _unwrap(chunk)
+        for name, param in model.named_parameters():
+            match = _LAYER.match(name)
+            if match:
+                layer = model.blocks.layers[int(match.group(1))].layer_number - 1
+                name = f"blocks.layers.{layer}." + name[match.end():]
+            out.append((name, param))
+    return out
+
+
+def full_state(chunks, grads: bool = False) -> dict[str, torch.Tensor]:
+    """Whole, unpadded tensors of this pipeline rank's parameters (or of their ``main_grad``).
+
+    Every rank of the TP group joins; every TP and DP rank gets the same result.
+    """
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    state = {}
+    for name, param in canonical_params(chunks):
+        if getattr(param, "shared", False) and name in state:
+            continue
+        local = param.main_grad if grads else param.data
+        state[name] = gather_full(param, local, tp_group).detach().float().cpu().clone()
+    return state
+
+
+def load_full_state(chunks, state: dict[str, torch.Tensor]) -> None:
+    """Copy whole, unpadded tensors (single-rank names) into this rank's shards."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    missing = [name for name, _ in canonical_params(chunks) if name not in state]
+    if missing:
+        raise KeyError(f"the state lacks {len(missing)} parameters, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for name, param in canonical_params(chunks):
+            param.copy_(take_shard(param, state[name].to(param.dtype), tp_rank, tp))

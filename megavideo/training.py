@@ -1,0 +1,154 @@
+"""The training loop: megatron-core DDP, (distributed) optimizer, pipeline schedules, metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megavideo.config import Config, validate_world
+from megavideo.metrics import MetricsWriter
+from megavideo.stages.stage1 import Stage1
+from parallel.comm import all_reduce_tied_grads
+from parallel.distributed import detect_launch, device, init_distributed, init_model_parallel
+
+log = logging.getLogger(__name__)
+
+TERMS = ("clip", "final", "mae")
+
+
+def _no_weight_decay() -> dict:
+    """No decay on norms, biases, layer scale (all 1-D) and on position embeddings / CLS."""
+    key = ParamKey(attr="no_weight_decay",
+                   predicate=ParamPredicate(name="one_dim", fn=lambda p: p.dim() == 1))
+    return {key: {"wd_mult": 0.0}}
+
+
+class Trainer:
+    """Everything one rank needs to run stage-1 steps for a validated config."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        par, train = cfg.parallel, cfg.train
+        self.launch = init_distributed()
+        init_model_parallel(par.tp, par.pp, par.vpp, train.seed)
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        # Megatron-LM's convention: stages draw their initial weights from different streams
+        torch.manual_seed(train.seed + 100 * pp_rank)
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(train.seed + 100 * pp_rank)
+        self.device = device()
+        self.stage = Stage1(cfg, self.device)
+        config = self.stage.config
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=par.distributed_optimizer,
+        )
+        self.chunks = [
+            DistributedDataParallel(config=config, ddp_config=ddp_config, module=model,
+                                    disable_bucketing=i > 0)
+            for i, model in enumerate(self.stage.models)
+        ]
+        opt_config = OptimizerConfig(
+            optimizer="adam", lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
+            adam_beta1=train.betas[0], adam_beta2=train.betas[1], adam_eps=train.eps,
+            clip_grad=train.clip_grad, bf16=train.precision == "bf16",
+            params_dtype=config.params_dtype, use_distributed_optimizer=par.distributed_optimizer,
+        )
+        self.optimizer = get_megatron_optimizer(opt_config, self.chunks,
+                                                config_overrides=_no_weight_decay())
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=train.lr, min_lr=train.min_lr,
+            lr_warmup_steps=train.warmup_steps, lr_decay_steps=max(train.steps, 1),
+            lr_decay_style="cosine", start_wd=train.weight_decay, end_wd=train.weight_decay,
+            wd_incr_steps=max(train.steps, 1), wd_incr_style="constant",
+        )
+        config.finalize_model_grads_func = self._finalize_grads
+        self.pp_group = parallel_state.get_pipeline_model_parallel_group()
+        self.dp_group = parallel_state.get_data_parallel_group()
+
+    def _finalize_grads(self, model, num_tokens=None, **kwargs) -> None:
+        finalize_model_grads(model, num_tokens, **kwargs)
+        all_reduce_tied_grads([c.module for c in model], self.stage.tied, self.pp_group, self.device)
+
+    def forward_backward(self, step: int, forward_only: bool = False) -> dict[str, float]:
+        """Run the schedule over this step's micro-batches; returns the loss terms of the step
+        (averaged over micro-batches and data-parallel ranks, summed over pipeline stages)."""
+        stage = self.stage
+        batches = stage.micro_batches(step)
+        sums = torch.zeros(len(TERMS), dtype=torch.float64)
+
+        def forward_step(data_iterator, model):
+            output, terms = model(next(data_iterator))
+            for name, value in terms.items():
+                sums[TERMS.index(name)] += value.double().item()
+            return output, lambda out: (out, {})
+
+        single = len(self.chunks) == 1
+        iterators = [iter(b) for b in batches]
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators[0] if single else iterators,
+            model=self.chunks[0] if single else self.chunks,
+            num_microbatches=stage.num_microbatches,
+            seq_length=stage.tokens.length,
+            micro_batch_size=self.cfg.train.micro_batch,
+            forward_only=forward_only,
+        )
+        sums /= stage.num_microbatches
+        dist.all_reduce(sums, group=self.pp_group)
+        dist.all_reduce(sums, group=self.dp_group)
+        sums /= parallel_state.get_data_parallel_world_size()
+        weights = self.cfg.model.loss_weights
+        terms = {f"loss/{name}": float(v) for name, v in zip(TERMS, sums, strict=False)}
+        terms["loss"] = float(sum(w * v for w, v in zip(weights, sums, strict=False)))
+        return terms
+
+    def train_step(self, step: int) -> dict[str, float]:
+        start = time.perf_counter()
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        metrics = self.forward_backward(step)
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        elapsed = time.perf_counter() - start
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["samples_per_s"] = self.cfg.train.global_batch / elapsed
+        return metrics
+
+
+def run(cfg: Config) -> list[dict]:
+    """Train for ``train.steps`` steps; rank 0 writes metrics. Returns the per-step metrics."""
+    validate_world(cfg, detect_launch().world_size)  # before any process group exists
+    trainer = Trainer(cfg)
+    writer = MetricsWriter(cfg.run.dir, cfg.run.tensorboard) if dist.get_rank() == 0 else None
+    history = []
+    for step in range(cfg.train.steps):
+        metrics = trainer.train_step(step)
+        history.append(metrics)
+        if writer is not None:
+            writer.write(step, metrics)
+            if step % cfg.run.log_interval == 0:
+                log.info("step %d  loss %.4f  (clip %.4f final %.4f mae %.4f)  grad_norm %.3f  "
+                         "%.2f samples/s", step, metrics["loss"], metrics["loss/clip"],
+                         metrics["loss/final"], metrics["loss/mae"], metrics["grad_norm"],
+                         metrics["samples_per_s"])
+    if writer is not None:
+        writer.close()
+    return history
+
+
+__all__ = ["Trainer", "run"]

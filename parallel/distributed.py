@@ -1,0 +1,142 @@
+"""Process-group start-up from the launcher's environment, and megatron-core's parallel state.
+
+Launchers, tried in this order:
+- torchrun (or any launcher exporting ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``);
+- ``mpirun`` (Open MPI's ``OMPI_COMM_WORLD_*`` or MPICH/PMI variables): rank and size from mpi4py,
+  rank 0's host name and a free port broadcast over MPI;
+- ``srun`` (``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID`` inside a job step): the master is
+  the first host of the step's node list, the port ``MASTER_PORT`` or one derived from the job id;
+- otherwise a single process.
+
+The backend is NCCL when CUDA is available (one device per local rank), gloo on the CPU, where
+:mod:`parallel.cpu_compat` is applied first.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from parallel import cpu_compat
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Launch:
+    launcher: str  # torchrun | mpi | slurm | single
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a SLURM node list: ``"gpu[01-03,07],login1"`` -> gpu01 gpu02 gpu03 gpu07 login1."""
+    hosts = []
+    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
+        if plain:
+            hosts.append(plain)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            if not hi:
+                hosts.append(prefix + lo)
+                continue
+            width = len(lo)
+            hosts.extend(f"{prefix}{i:0{width}d}" for i in range(int(lo), int(hi) + 1))
+    return hosts
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _mpi_launch(env) -> Launch:
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise RuntimeError(
+            "launched by mpirun but mpi4py is not importable: install it (pip install mpi4py)."
+        ) from None
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    addr, port = comm.bcast((socket.gethostname(), _free_port()) if rank == 0 else None, root=0)
+    addr = env.get("MASTER_ADDR", addr)
+    port = int(env.get("MASTER_PORT", port))
+    return Launch("mpi", rank, size, local, addr, port)
+
+
+def detect_launch(env: dict | None = None) -> Launch:
+    """Where this process sits, read from the launcher's environment variables."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return Launch("torchrun", int(env["RANK"]), int(env["WORLD_SIZE"]),
+                      int(env.get("LOCAL_RANK", 0)), env.get("MASTER_ADDR", "127.0.0.1"),
+                      int(env.get("MASTER_PORT", 29500)))
+    if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env:
+        return _mpi_launch(env)
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
+        port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))
+        return Launch("slurm", int(env["SLURM_PROCID"]),
+                      int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", 1))),
+                      int(env.get("SLURM_LOCALID", 0)),
+                      env.get("MASTER_ADDR", expand_nodelist(nodes)[0]), port)
+    return Launch("single", 0, 1, 0, "127.0.0.1", _free_port())
+
+
+def init_distributed(timeout_minutes: int = 30) -> Launch:
+    """Start the default process group (NCCL on GPU, gloo on CPU) for this launch."""
+    launch = detect_launch()
+    if torch.cuda.is_available():
+        backend = "nccl"
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+    else:
+        backend = "gloo"
+        cpu_compat.apply()
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    if launch.rank == 0:
+        log.info("process group: %s, %d ranks via %s, master %s:%d", backend, launch.world_size,
+                 launch.launcher, launch.master_addr, launch.master_port)
+    return launch
+
+
+def init_model_parallel(tp: int, pp: int, vpp: int, seed: int) -> None:
+    """megatron-core's TP/PP/DP groups (order tp-dp-pp) and its seeded RNG tracker."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

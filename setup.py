@@ -1,0 +1,29 @@
+"""MegaVideo: InternVideo2-class video foundation models on megatron-core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megavideo",
+    version="0.1.0",
+    description="Train InternVideo2-class video foundation models with megatron-core "
+    "(tensor, sequence, pipeline and data parallelism) on SLURM GPU clusters.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megavideo*", "parallel*", "kernels*", "dataloaders*",
+                                    "launch*"]),
+    install_requires=[
+        # a lower bound only: clusters bring their own build (e.g. the NGC PyTorch container)
+        "torch>=2.4",
+        "megatron-core==0.16.1",
+        "psutil",  # megatron-core's checkpoint writer needs it but does not declare it
+        "einops",
+        "pyyaml",
+        "tensorboard",
+    ],
+    extras_require={
+        # the GPU stack, optional at run time (NVIDIA's apex is used when present, never required:
+        # the PyPI package named "apex" is unrelated)
+        "gpu": ["transformer-engine[pytorch]", "flash-attn", "nvidia-dali-cuda120"],
+        "mpi": ["mpi4py"],
+        "dev": ["pytest", "ruff"],
+    },
+)

@@ -1,0 +1,42 @@
+"""Spawning gloo ranks on 127.0.0.1 for multi-rank tests (one process group per world size)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn, args, errors) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    try:
+        fn(rank, world, *args)
+    except BaseException:
+        errors.put((rank, traceback.format_exc()))
+        raise
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(world: int, fn, *args) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` processes; re-raise the first rank's error."""
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    try:
+        mp.start_processes(_entry, args=(world, free_port(), fn, args, errors), nprocs=world,
+                           join=True, start_method="spawn")
+    except mp.ProcessRaisedException as err:
+        first = errors.get() if not errors.empty() else (None, str(err))
+        raise AssertionError(f"rank {first[0]} failed:\n{first[1]}") from None

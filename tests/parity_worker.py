@@ -1,0 +1,59 @@
+"""Rank code of the parity tests: a reference at tp1/pp1 and the same step at other layouts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megavideo.config import load_config
+from megavideo.state import full_state, load_full_state
+from megavideo.training import Trainer
+from parallel.tensors import gather_grad_shards
+
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "stage1_tiny.yaml"
+BASE = ["train.steps=3", "train.warmup_steps=0", "train.global_batch=8", "train.micro_batch=2",
+        "run.tensorboard=false", "parallel.tp=1", "parallel.pp=1", "parallel.sp=false"]
+
+
+def trainer(overrides: list[str]) -> Trainer:
+    return Trainer(load_config(CONFIG, BASE + overrides))
+
+
+def reference(rank: int, world: int, out: str, steps: int) -> None:
+    tr = trainer([])
+    result = {"params": full_state(tr.chunks), "teachers": full_state([tr.stage.teachers])}
+    result["loss"] = tr.forward_backward(step=0)
+    result["grads"] = full_state(tr.chunks, grads=True)
+    result["losses"] = [tr.train_step(step)["loss"] for step in range(steps)]
+    result["trained"] = full_state(tr.chunks)
+    torch.save(result, out)
+
+
+def _owner(tr: Trainer) -> bool:
+    """One rank per pipeline stage writes: TP rank 0 of data-parallel rank 0."""
+    return (parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_data_parallel_rank() == 0)
+
+
+def layouts(rank: int, world: int, ref: str, cases: list[tuple[str, list[str], int]], out: str) -> None:
+    """For each (name, overrides, optimizer steps): load the reference weights, run the step,
+    write this pipeline rank's loss terms and gradients (or parameters after the steps)."""
+    reference_state = torch.load(ref)
+    for name, overrides, steps in cases:
+        tr = trainer(overrides)
+        load_full_state(tr.chunks, reference_state["params"])
+        if tr.stage.teachers is not None:
+            load_full_state([tr.stage.teachers], reference_state["teachers"])
+        if steps:
+            losses = [tr.train_step(step)["loss"] for step in range(steps)]
+            result = {"losses": losses, "trained": full_state(tr.chunks)}
+        else:
+            loss = tr.forward_backward(step=0)
+            gather_grad_shards(tr.chunks)
+            result = {"loss": loss, "grads": full_state(tr.chunks, grads=True)}
+        if _owner(tr):
+            torch.save(result, Path(out) / f"{name}.pp{parallel_state.get_pipeline_model_parallel_rank()}.pt")
+        dist.barrier()
