@@ -14,11 +14,13 @@ The backend is NCCL when CUDA is available (one device per local rank), gloo on 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
 import re
 import socket
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -140,3 +142,24 @@ def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def single_rank_world():
+    """A one-process gloo world with megatron-core's groups at tp = pp = 1 (for tools that build
+    models without training them, e.g. on the meta device)."""
+    from megatron.core import parallel_state
+
+    if not torch.cuda.is_available():
+        cpu_compat.apply()
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1)
+        try:
+            parallel_state.initialize_model_parallel()
+            from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+            model_parallel_cuda_manual_seed(0)
+            yield
+        finally:
+            parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()

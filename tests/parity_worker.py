@@ -9,7 +9,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megavideo.config import load_config
-from megavideo.state import full_state, load_full_state
+from megavideo.state import canonical_params, full_state, load_full_state
 from megavideo.training import Trainer
 from parallel.tensors import gather_grad_shards
 
@@ -32,10 +32,20 @@ def reference(rank: int, world: int, out: str, steps: int) -> None:
     torch.save(result, out)
 
 
-def _owner(tr: Trainer) -> bool:
-    """One rank per pipeline stage writes: TP rank 0 of data-parallel rank 0."""
-    return (parallel_state.get_tensor_model_parallel_rank() == 0
-            and parallel_state.get_data_parallel_rank() == 0)
+def _padding_max(tr: Trainer) -> float:
+    """Largest magnitude in this rank's slices of the zero padding heads."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    worst = 0.0
+    for _, param in canonical_params(tr.chunks):
+        if getattr(param, "head_padding", None) is None:
+            continue
+        dim, rows, heads = param.head_padding
+        local = param.shape[dim]
+        real_here = min(max(rows * heads - tp_rank * local, 0), local)
+        padding = param.detach().narrow(dim, real_here, local - real_here)
+        if padding.numel():
+            worst = max(worst, padding.abs().max().item())
+    return worst
 
 
 def layouts(rank: int, world: int, ref: str, cases: list[tuple[str, list[str], int]], out: str) -> None:
@@ -49,11 +59,14 @@ def layouts(rank: int, world: int, ref: str, cases: list[tuple[str, list[str], i
             load_full_state([tr.stage.teachers], reference_state["teachers"])
         if steps:
             losses = [tr.train_step(step)["loss"] for step in range(steps)]
-            result = {"losses": losses, "trained": full_state(tr.chunks)}
+            result = {"losses": losses, "trained": full_state(tr.chunks),
+                      "padding_max": _padding_max(tr)}
         else:
             loss = tr.forward_backward(step=0)
             gather_grad_shards(tr.chunks)
             result = {"loss": loss, "grads": full_state(tr.chunks, grads=True)}
-        if _owner(tr):
-            torch.save(result, Path(out) / f"{name}.pp{parallel_state.get_pipeline_model_parallel_rank()}.pt")
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        if parallel_state.get_data_parallel_rank() == 0:
+            tp_rank = parallel_state.get_tensor_model_parallel_rank()
+            torch.save(result, Path(out) / f"{name}.pp{pp_rank}.tp{tp_rank}.pt")
         dist.barrier()

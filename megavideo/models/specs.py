@@ -53,7 +53,6 @@ def transformer_config(
     *,
     pipelined: bool,
     sequence_parallel: bool,
-    perform_initialization: bool = True,
 ) -> ViTTransformerConfig:
     """The config of one ViT's block stack. Teachers are not pipelined and run without SP."""
     heads = padded_heads(vit.num_heads, parallel.tp)
@@ -92,7 +91,6 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         init_method=_init_normal,
         output_layer_init_method=_init_normal,
-        perform_initialization=perform_initialization,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=bf16,

@@ -1,0 +1,139 @@
+"""Parameter counts of a configured model and what each rank holds, built on the meta device.
+
+Each pipeline stage's chunks are built at tensor-parallel size 1 on the meta device (no memory,
+no process group); a tensor-parallel parameter's per-rank size follows from megatron-core's
+``partition_dim`` and, for attention heads, from the padding to a multiple of tp.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import replace
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from megavideo.config import Config
+from megavideo.models.specs import transformer_config
+from megavideo.models.student import Stage1Student, Tokens
+from megavideo.models.teachers import Stage1Teachers
+from parallel.distributed import single_rank_world
+from parallel.layout import Chunk, chunks_of, padded_heads, split_layers
+from parallel.tensors import is_tp_split
+
+
+class _OnMeta(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs:
+            kwargs = {**kwargs, "device": "meta"}
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def meta_device():
+    """Every tensor created inside lives on the meta device, explicit devices included."""
+    with torch.device("meta"), _OnMeta():
+        yield
+
+
+def local_numel(param: torch.Tensor, tp: int) -> int:
+    """Elements of ``param`` (built at tp 1) on one rank of a tensor-parallel group of ``tp``."""
+    if not is_tp_split(param):
+        return param.numel()
+    dim = param.partition_dim
+    size = param.shape[dim]
+    padding = getattr(param, "head_padding", None)
+    if padding is not None:
+        size = padding[1] * padded_heads(padding[2], tp)
+    return param.numel() // param.shape[dim] * size // tp
+
+
+def _group(name: str) -> str:
+    if name.startswith("blocks."):
+        return "blocks"
+    if name.startswith("embed."):
+        return "embeddings"
+    return "heads"
+
+
+def describe(cfg: Config, world_size: int | None = None) -> dict:
+    """Counts for the whole model and per pipeline rank; ``world_size`` sets the data-parallel
+    size (default: one model replica)."""
+    par, model, train = cfg.parallel, cfg.model, cfg.train
+    world_size = world_size or par.tp * par.pp
+    dp = world_size // (par.tp * par.pp)
+    one_rank = replace(par, tp=1, pp=1, vpp=1, sp=False, pipeline_layout=[])
+    student_cfg = transformer_config(model.student, one_rank, train, pipelined=False,
+                                     sequence_parallel=False)
+    teacher_cfgs = [transformer_config(getattr(model, name), one_rank, train, pipelined=False,
+                                       sequence_parallel=False)
+                    for name in ("clip_teacher", "mae_teacher")]
+    tokens = Tokens.of(model, par.tp, par.sp)
+    counts = split_layers(model.student.num_layers, par.pp, par.vpp, par.pipeline_layout)
+    with single_rank_world(), meta_device():
+        whole = Stage1Student(model, student_cfg, Chunk(0, 0, 0, model.student.num_layers, True, True),
+                              tokens, None)
+        teachers = Stage1Teachers(model, *teacher_cfgs, None)
+        stages = [[Stage1Student(model, student_cfg, chunk, tokens, None) for chunk in
+                   chunks_of(rank, counts, par.pp)] for rank in range(par.pp)]
+    totals = {"blocks": 0, "embeddings": 0, "heads": 0}
+    for name, param in whole.named_parameters():
+        totals[_group(name)] += param.numel()
+    totals["student"] = sum(totals.values())
+    totals["clip_teacher"] = sum(p.numel() for p in teachers.clip.parameters())
+    totals["mae_teacher"] = sum(p.numel() for p in teachers.mae.parameters())
+    teacher_local = sum(local_numel(p, par.tp) for p in teachers.parameters())
+    ranks = []
+    for rank, chunks in enumerate(stages):
+        student = sum(local_numel(p, par.tp) for c in chunks for p in c.parameters())
+        ranks.append({
+            "pp_rank": rank,
+            "layers": [list(c.layers) for c in chunks_of(rank, counts, par.pp)],
+            "student_params": student,
+            "teacher_params": teacher_local if rank == 0 else 0,
+            "optimizer_params": -(-student // dp) if par.distributed_optimizer else student,
+        })
+    heads_real = model.student.num_heads
+    return {
+        "model": model.preset or "custom",
+        "layout": {"tp": par.tp, "pp": par.pp, "vpp": par.vpp, "dp": dp, "sp": par.sp,
+                   "distributed_optimizer": par.distributed_optimizer,
+                   "layers_per_virtual_stage": counts,
+                   "attention_heads": [heads_real, padded_heads(heads_real, par.tp)],
+                   "tokens": [tokens.real, tokens.length]},
+        "parameters": totals,
+        "ranks": ranks,
+        "bytes_per_param": _bytes_per_param(train.precision, par.distributed_optimizer, dp),
+    }
+
+
+def _bytes_per_param(precision: str, distributed_optimizer: bool, dp: int) -> dict[str, float]:
+    """Weights, fp32 gradients, and the optimizer's fp32 master copy + Adam moments per param."""
+    weights = 2.0 if precision == "bf16" else 4.0
+    optimizer = (4.0 if precision == "bf16" else 0.0) + 8.0
+    return {"weights": weights, "grads": 4.0,
+            "optimizer": optimizer / dp if distributed_optimizer else optimizer}
+
+
+def format_table(info: dict) -> str:
+    def b(n: int) -> str:
+        return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+    lay, par = info["layout"], info["parameters"]
+    lines = [f"model {info['model']}: student {b(par['student'])} "
+             f"(blocks {b(par['blocks'])}, embeddings {b(par['embeddings'])}, heads {b(par['heads'])}); "
+             f"teachers CLIP {b(par['clip_teacher'])}, MAE {b(par['mae_teacher'])}",
+             f"layout tp={lay['tp']} pp={lay['pp']} vpp={lay['vpp']} dp={lay['dp']} sp={lay['sp']} "
+             f"distributed_optimizer={lay['distributed_optimizer']}; heads {lay['attention_heads'][0]}"
+             f" -> {lay['attention_heads'][1]}, tokens {lay['tokens'][0]} -> {lay['tokens'][1]}",
+             f"{'pp rank':>7}  {'layers':<20} {'student/rank':>13} {'teachers/rank':>14} "
+             f"{'optimizer/rank':>15} {'GiB (w+g+opt+teachers)':>24}"]
+    per = info["bytes_per_param"]
+    for r in info["ranks"]:
+        layers = ", ".join(f"{c[0]}-{c[-1]}" for c in r["layers"])
+        gib = (r["student_params"] * (per["weights"] + per["grads"])
+               + r["student_params"] * per["optimizer"] + r["teacher_params"] * per["weights"]) / 2**30
+        lines.append(f"{r['pp_rank']:>7}  {layers:<20} {b(r['student_params']):>13} "
+                     f"{b(r['teacher_params']):>14} {b(r['optimizer_params']):>15} {gib:>24.2f}")
+    return "\n".join(lines)
