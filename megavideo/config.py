@@ -9,7 +9,6 @@ run file's own ``model`` keys, which sit under the command-line overrides. Every
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +180,11 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         return [_check_type(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is bool and not isinstance(value, bool):
         raise ConfigError(f"{where} must be true or false, got {value!r}.")
     if hint in (int, float, str) and (not isinstance(value, hint) or isinstance(value, bool)):
@@ -239,11 +243,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 # --------------------------------------------------------------------------------------------
 # Validation (everything that can be checked without a process group)
-
-
-def padded_heads(num_heads: int, tp: int) -> int:
-    """Heads padded with zero heads up to the next multiple of tp."""
-    return math.ceil(num_heads / tp) * tp
 
 
 def _validate_vit(vit: ViTConfig, name: str, tp: int) -> None:
@@ -414,7 +413,6 @@ __all__ = [
     "TrainConfig",
     "ViTConfig",
     "load_config",
-    "padded_heads",
     "parse_overrides",
     "validate",
     "validate_world",

@@ -1,0 +1,107 @@
+"""The config system: presets, overrides, and one clear sentence for every bad config."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megavideo.config import ConfigError, load_config, parse_overrides, validate_world
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "stage1_tiny.yaml"
+
+
+def test_presets_load_with_official_shapes():
+    six = load_config(ROOT / "configs" / "stage1_vit6b.yaml").model
+    assert (six.student.hidden_size, six.student.num_layers, six.student.num_heads) == (3200, 48, 25)
+    assert six.student.mlp_hidden_size == 12800 and six.student.drop_path == 0.3
+    one = load_config(ROOT / "configs" / "stage1_vit1b.yaml").model
+    assert (one.student.hidden_size, one.student.num_layers, one.student.num_heads) == (1408, 40, 16)
+    assert one.student.mlp_hidden_size == 6144
+    for model in (six, one):
+        assert (model.clip_teacher.hidden_size, model.clip_teacher.num_layers) == (3200, 48)
+        assert (model.mae_teacher.hidden_size, model.mae_teacher.num_layers) == (1408, 40)
+        assert model.mae_teacher.tubelet_size == 2 and model.mae_teacher.num_frames == 16
+        assert (model.clip_layers, model.mae_layers, model.mask_ratio) == (6, 4, 0.8)
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(TINY, ["parallel.tp=4", "train.lr=3e-4", "parallel.sp=false",
+                             "model.student.num_layers=8", "model.loss_weights=[1, 0.5, 2]"])
+    assert cfg.parallel.tp == 4 and cfg.train.lr == 3e-4 and cfg.parallel.sp is False
+    assert cfg.model.student.num_layers == 8 and cfg.model.loss_weights == [1.0, 0.5, 2.0]
+    assert cfg.model.student.hidden_size == 80  # the rest still comes from the preset
+    assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["parallel.tpp=2"], "unknown config key 'config.parallel.tpp'"),
+        (["model.student.depth=3"], "unknown config key 'config.model.student.depth'"),
+        (["parallel.tp=two"], "config.parallel.tp must be of type int, got 'two'."),
+        (["parallel.sp=1"], "config.parallel.sp must be true or false, got 1."),
+        (["train.betas=0.9"], "config.train.betas must be a list, got 0.9."),
+        (["parallel.pp=4", "parallel.vpp=2"],
+         "8 pipeline stages (pp=4 x vpp=2) exceed the student's 6 layers."),
+        (["parallel.pp=7"], "7 pipeline stages (pp=7 x vpp=1) exceed the student's 6 layers."),
+        (["parallel.pp=1", "parallel.vpp=2"],
+         "parallel.vpp > 1 (interleaved pipeline) needs parallel.pp >= 2."),
+        (["parallel.tp=1"], "parallel.sp (sequence parallelism) needs parallel.tp >= 2."),
+        (["parallel.pipeline_layout=[2, 2]", "parallel.pp=2"],
+         "parallel.pipeline_layout sums to 4 layers but the student has 6."),
+        (["parallel.tp=3"], "model.student.mlp_hidden_size (320) must be divisible by parallel.tp (3)."),
+        (["train.warmup_steps=40"], "train.warmup_steps (40) must be smaller than train.steps (40)."),
+        (["train.precision=fp16"], "train.precision must be fp32 or bf16, got 'fp16'."),
+        (["model.preset=vit-2b"], "unknown model preset 'vit-2b' (no file models/vit-2b.yaml)."),
+        (["model.clip_layers=9"], "model.clip_layers (9) must be between 1 and the layer count"),
+        (["parallel"], "override 'parallel' is not of the form key=value."),
+    ],
+)
+def test_bad_config_fails_with_one_sentence(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "message"),
+    [
+        ([], 6, "tp x pp = 2 x 2 = 4 does not divide the world size 6."),
+        (["train.global_batch=6"], 8, "train.global_batch (6) must be a multiple of train.micro_batch "
+                                      "x data-parallel size (2 x 2)."),
+        (["parallel.vpp=2", "train.global_batch=2"], 4,
+         "the interleaved schedule needs at least parallel.pp (2) micro-batches per step, got 1."),
+    ],
+)
+def test_layout_must_fit_the_world(overrides, world, message):
+    with pytest.raises(ConfigError, match=None) as err:
+        validate_world(load_config(TINY, overrides), world)
+    assert str(err.value) == message
+
+
+def test_train_rejects_a_bad_config_before_any_process_group():
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.train", str(TINY), "parallel.tp=3"],
+        cwd=ROOT, capture_output=True, text=True, env={"WORLD_SIZE": "4", "RANK": "0", "PATH": ""},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: model.student.mlp_hidden_size (320) must be divisible by parallel.tp (3).")
+    assert time.perf_counter() - start < 30
+
+
+def test_train_rejects_a_layout_that_does_not_fit_the_world():
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.train", str(TINY)],
+        cwd=ROOT, capture_output=True, text=True, env={"WORLD_SIZE": "6", "RANK": "0", "PATH": ""},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: tp x pp = 2 x 2 = 4 does not divide the world size 6.")
