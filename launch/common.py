@@ -5,11 +5,19 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 from megavideo.config import ConfigError, load_config
 
 
 def setup_logging() -> None:
+    """Rank 0 logs at INFO, the others at WARNING; megatron-core's and torch's known-harmless
+    warnings are dropped (kernels.backends logs one line saying which backends run instead)."""
+    # megatron-core's TP/SP communication ordering assumes one CUDA work queue (it warns otherwise)
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    for message in (r"(Transformer Engine and )?Apex (are|is) not installed",
+                    r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"):
+        warnings.filterwarnings("ignore", message=message)
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get(
         "OMPI_COMM_WORLD_RANK", "0")))
     level = logging.INFO if rank == "0" else logging.WARNING

@@ -1,0 +1,62 @@
+"""The command-line entry points, run as a user runs them."""
+
+from __future__ import annotations
+
+import glob
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.distributed import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _describe(config: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "launch.describe", config, "--json", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_describe_vit6b_counts_the_official_block_parameters():
+    info = _describe("configs/stage1_vit6b.yaml", "--gpus", "256")
+    params = info["parameters"]
+    assert params["blocks"] == pytest.approx(5.900e9, rel=2e-3)
+    assert params["clip_teacher"] == pytest.approx(5.9e9, rel=2e-2)
+    assert params["mae_teacher"] == pytest.approx(1.01e9, rel=1e-2)
+    assert info["layout"]["attention_heads"] == [25, 28]  # padded to a multiple of tp = 4
+    assert info["layout"]["dp"] == 64
+    assert sum(r["student_params"] for r in info["ranks"]) < params["student"]  # tp-split
+
+
+def test_describe_vit1b():
+    params = _describe("configs/stage1_vit1b.yaml")["parameters"]
+    assert params["blocks"] == pytest.approx(1.01e9, rel=5e-3)
+
+
+def test_describe_reports_pipeline_shards_in_a_table():
+    proc = subprocess.run([sys.executable, "-m", "launch.describe", "configs/stage1_tiny.yaml",
+                           "parallel.pp=2", "parallel.vpp=3"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "blocks" in proc.stdout and "pp rank" in proc.stdout
+
+
+def test_train_on_four_ranks_tp2_pp2_logs_metrics_and_learns(tmp_path):
+    steps = 8
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           "-m", "launch.train", "configs/stage1_tiny.yaml",
+           f"train.steps={steps}", "train.warmup_steps=1", f"run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={"PATH": "", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(steps))
+    for key in ("loss", "loss/clip", "loss/final", "loss/mae", "grad_norm", "lr", "samples_per_s"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]
+    assert glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))

@@ -1,0 +1,114 @@
+"""Process-group start-up from launcher variables, backend detection and the CPU compat layer."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import backends
+from parallel import cpu_compat
+from parallel.distributed import detect_launch, expand_nodelist
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "hosts"),
+    [
+        ("gpu01", ["gpu01"]),
+        ("gpu[01-03,07]", ["gpu01", "gpu02", "gpu03", "gpu07"]),
+        ("a[8-10],login1", ["a8", "a9", "a10", "login1"]),
+        ("dgx-[098-100]", ["dgx-098", "dgx-099", "dgx-100"]),
+    ],
+)
+def test_expand_slurm_nodelist(nodelist, hosts):
+    assert expand_nodelist(nodelist) == hosts
+
+
+def test_torchrun_variables():
+    launch = detect_launch({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+                            "MASTER_ADDR": "node3", "MASTER_PORT": "1234"})
+    assert (launch.launcher, launch.rank, launch.world_size, launch.local_rank) == ("torchrun", 5, 8, 1)
+    assert (launch.master_addr, launch.master_port) == ("node3", 1234)
+
+
+def test_torchrun_wins_over_the_slurm_job_around_it():
+    env = {"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0"}
+    assert detect_launch(env).launcher == "torchrun"
+
+
+def test_srun_variables():
+    env = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
+           "SLURM_JOB_NODELIST": "gpu[12-13]", "SLURM_JOB_ID": "4242"}
+    launch = detect_launch(env)
+    assert (launch.launcher, launch.rank, launch.world_size, launch.local_rank) == ("slurm", 9, 16, 1)
+    assert launch.master_addr == "gpu12" and launch.master_port == 24242
+    assert detect_launch({**env, "MASTER_PORT": "777"}).master_port == 777
+
+
+def test_a_batch_script_outside_srun_is_a_single_process():
+    launch = detect_launch({"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_JOB_ID": "1"})
+    assert (launch.launcher, launch.world_size) == ("single", 1)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mpi4py") is not None, reason="mpi4py is installed")
+def test_mpirun_without_mpi4py_says_what_to_install():
+    with pytest.raises(RuntimeError, match="mpi4py is not importable"):
+        detect_launch({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "0"})
+
+
+def test_layer_backend_names_its_fallback(caplog):
+    backends.layer_backend.cache_clear()
+    with caplog.at_level(logging.INFO, logger="kernels.backends"):
+        chosen = backends.layer_backend()
+    found = backends.detect()
+    if found.cuda and found.transformer_engine:
+        assert chosen == "te"
+    else:
+        assert chosen == "local"
+        assert "megatron-core local spec (Transformer Engine not used:" in caplog.text
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and backends.detect().transformer_engine),
+                    reason="the Transformer Engine spec needs a CUDA device and transformer-engine "
+                           f"({backends.detect().reason('transformer_engine') or 'no CUDA device'})")
+def test_transformer_engine_spec_is_chosen_on_gpu():
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+    from megavideo.config import load_config
+    from megavideo.models.specs import vit_layer_spec
+
+    spec = vit_layer_spec(load_config("configs/stage1_tiny.yaml").model.student, None)
+    assert spec.submodules.self_attention.submodules.core_attention is TEDotProductAttention
+
+
+def test_cpu_compat_is_not_applied_when_cuda_is_there(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cpu_compat.apply() is False
+
+
+COMPAT_PROBE = """
+import torch
+from parallel import cpu_compat
+assert cpu_compat.apply() is True and cpu_compat.apply() is True
+x = torch.ones(2, device="cuda")
+assert x.device.type == "cpu" and x.cuda() is x and x.to("cuda:0").device.type == "cpu"
+assert x.type() == "torch.cuda.FloatTensor" and torch.cuda.current_device() == "cpu"
+torch.cuda.manual_seed(3)
+a = torch.rand(2)
+torch.manual_seed(3)
+assert torch.equal(a, torch.rand(2))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU compat layer is for CPU-only machines")
+def test_cpu_compat_redirects_cuda_to_the_cpu():
+    # in a child process: the redirection is process-wide and would leak into other tests
+    proc = subprocess.run([sys.executable, "-c", COMPAT_PROBE], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
