@@ -16,7 +16,9 @@ def setup_logging() -> None:
     # megatron-core's TP/SP communication ordering assumes one CUDA work queue (it warns otherwise)
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     for message in (r"(Transformer Engine and )?Apex (are|is) not installed",
-                    r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"):
+                    r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+                    # the distributed optimizer's zero_grad probes .grad on its fp32 shard views
+                    r"The \.grad attribute of a Tensor that is not a leaf Tensor"):
         warnings.filterwarnings("ignore", message=message)
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get(
         "OMPI_COMM_WORLD_RANK", "0")))
