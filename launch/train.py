@@ -1,6 +1,8 @@
 """Train: ``torchrun --nproc-per-node N -m launch.train CONFIG [key=value ...]``.
 
-Also starts under ``srun`` and ``mpirun`` (see :mod:`parallel.distributed`).
+Also starts under ``srun`` and ``mpirun`` (see :mod:`parallel.distributed`). Exit codes: 0 done,
+2 bad config or checkpoint, 3 non-finite loss or gradient norm (nothing saved), 75 saved after
+SIGUSR1/SIGTERM (requeue and run the same command again to resume).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import sys
 from launch.common import config_or_exit, setup_logging
 from megavideo.config import ConfigError, validate_world
 from parallel.distributed import detect_launch
+
+EXIT_NONFINITE = 3
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,9 +29,14 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    from megavideo.training import run
+    from megavideo.training import NonFiniteError, run
 
-    run(cfg)
+    try:
+        run(cfg)
+    except (ConfigError, NonFiniteError) as err:
+        if detect_launch().rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(err, ConfigError) else EXIT_NONFINITE) from None
 
 
 if __name__ == "__main__":

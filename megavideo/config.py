@@ -110,6 +110,15 @@ class DataConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    dir: str = ""  # default: <run.dir>/checkpoints
+    interval: int = 0  # save every N steps (0: only at the end and on SIGUSR1/SIGTERM)
+    keep: int = 3  # keep the last K checkpoints
+    save_at_end: bool = True
+    load: str = ""  # start a new run from these weights (a checkpoint directory or its root)
+
+
+@dataclass
 class RunConfig:
     dir: str = "runs/default"
     log_interval: int = 1
@@ -123,6 +132,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir or Path(self.run.dir) / "checkpoints")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -371,6 +385,8 @@ def validate(config: Config, world_size: int | None = None) -> None:
             f"train.warmup_steps ({train.warmup_steps}) must be smaller than train.steps "
             f"({train.steps})."
         )
+    if config.checkpoint.interval < 0 or config.checkpoint.keep < 1:
+        raise ConfigError("checkpoint.interval must be >= 0 and checkpoint.keep >= 1.")
     if config.data.source != "synthetic":
         raise ConfigError(f"data.source must be 'synthetic', got '{config.data.source}'.")
     if world_size is not None:
@@ -404,6 +420,7 @@ def dump(config: Config) -> str:
 
 
 __all__ = [
+    "CheckpointConfig",
     "Config",
     "ConfigError",
     "DataConfig",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -15,6 +17,7 @@ from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megavideo.checkpoint import EXIT_REQUEUE, Checkpointer, StopSignal
 from megavideo.config import Config, validate_world
 from megavideo.metrics import MetricsWriter
 from megavideo.stages.stage1 import Stage1
@@ -107,6 +110,7 @@ class Trainer:
             forward_only=forward_only,
         )
         sums /= stage.num_microbatches
+        self.locally_finite = bool(torch.isfinite(sums).all())
         dist.all_reduce(sums, group=self.pp_group)
         dist.all_reduce(sums, group=self.dp_group)
         sums /= parallel_state.get_data_parallel_world_size()
@@ -130,25 +134,64 @@ class Trainer:
         return metrics
 
 
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient norm: the run stops and saves nothing."""
+
+
+def _check_finite(step: int, metrics: dict[str, float], local_ok: bool, last: Path | None) -> None:
+    """Raise NonFiniteError on every rank (with the ranks where it appeared) if a loss term or the
+    gradient norm is not finite; the values are the same on every rank, so all stop together."""
+    values = [v for k, v in metrics.items() if k.startswith("loss") or k == "grad_norm"]
+    if all(math.isfinite(v) for v in values):
+        return
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, local_ok)
+    ranks = [r for r, ok in enumerate(flags) if not ok] or list(range(len(flags)))
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                      if k.startswith("loss") or k == "grad_norm")
+    where = f"the last good checkpoint is {last}" if last else "there is no checkpoint yet"
+    raise NonFiniteError(f"step {step}: non-finite loss or gradient norm on rank(s) "
+                         f"{', '.join(map(str, ranks))} ({shown}); stopped without saving, {where}.")
+
+
 def run(cfg: Config) -> list[dict]:
-    """Train for ``train.steps`` steps; rank 0 writes metrics. Returns the per-step metrics."""
+    """Train until ``train.steps``, resuming from the run's latest checkpoint if it has one.
+
+    Saves every ``checkpoint.interval`` steps, at the end, and at the step boundary after a
+    SIGUSR1/SIGTERM (then exits with :data:`EXIT_REQUEUE`). Rank 0 writes the metrics.
+    Returns the metrics of the steps run.
+    """
     validate_world(cfg, detect_launch().world_size)  # before any process group exists
     trainer = Trainer(cfg)
-    writer = MetricsWriter(cfg.run.dir, cfg.run.tensorboard) if dist.get_rank() == 0 else None
+    checkpointer = Checkpointer(cfg, trainer)
+    start = checkpointer.restore()
+    stop = StopSignal()
+    writer = MetricsWriter(cfg.run.dir, cfg.run.tensorboard, start) if dist.get_rank() == 0 else None
     history = []
-    for step in range(cfg.train.steps):
-        metrics = trainer.train_step(step)
-        history.append(metrics)
+    interval = cfg.checkpoint.interval
+    try:
+        for step in range(start, cfg.train.steps):
+            metrics = trainer.train_step(step)
+            _check_finite(step, metrics, trainer.locally_finite, checkpointer.latest())
+            history.append(metrics)
+            if writer is not None:
+                writer.write(step, metrics)
+                if step % cfg.run.log_interval == 0:
+                    log.info("step %d  loss %.4f  (clip %.4f final %.4f mae %.4f)  grad_norm %.3f  "
+                             "%.2f samples/s", step, metrics["loss"], metrics["loss/clip"],
+                             metrics["loss/final"], metrics["loss/mae"], metrics["grad_norm"],
+                             metrics["samples_per_s"])
+            done = step + 1
+            stopping = stop.agreed()
+            at_end = done == cfg.train.steps and cfg.checkpoint.save_at_end
+            if stopping or at_end or (interval and done % interval == 0):
+                checkpointer.save(done)
+            if stopping:
+                raise SystemExit(EXIT_REQUEUE)
+    finally:
         if writer is not None:
-            writer.write(step, metrics)
-            if step % cfg.run.log_interval == 0:
-                log.info("step %d  loss %.4f  (clip %.4f final %.4f mae %.4f)  grad_norm %.3f  "
-                         "%.2f samples/s", step, metrics["loss"], metrics["loss/clip"],
-                         metrics["loss/final"], metrics["loss/mae"], metrics["grad_norm"],
-                         metrics["samples_per_s"])
-    if writer is not None:
-        writer.close()
+            writer.close()
     return history
 
 
-__all__ = ["Trainer", "run"]
+__all__ = ["NonFiniteError", "Trainer", "run"]

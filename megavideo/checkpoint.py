@@ -1,0 +1,328 @@
+"""Distributed checkpoints: save atomically, resume, reshard on load.
+
+Layout of ``checkpoint.dir`` (default ``<run.dir>/checkpoints``)::
+
+    latest              the name of the newest complete checkpoint, replaced atomically
+    step_00000006/      megatron-core dist_checkpointing (torch_dist) directory
+    teachers/           the frozen teachers, written once per run
+    .tmp_*/             a save in progress (removed by the next save)
+
+A checkpoint holds the student (single-rank shapes, see :mod:`parallel.checkpointing`), the
+optimizer state in model space (fp32 master weights under bf16, Adam moments), the step, the
+data position (samples consumed), the learning-rate schedule, every rank's RNG states and the
+config. It is written into ``.tmp_<name>``; only after every rank has finished does rank 0 rename
+it and point ``latest`` at it, so a crash mid-save leaves the previous checkpoint as ``latest``.
+Any (tp, pp, vpp, dp) loads it; RNG states come back only at the layout that wrote them (the
+model's randomness is seeded per sample and step and needs none of them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing import ShardedObject
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+from megavideo.config import Config, ConfigError
+from megavideo.state import canonical_params
+from parallel import optimizer_state
+from parallel.checkpointing import assemble, sharded_tensors
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+EXIT_REQUEUE = 75  # saved on SIGUSR1/SIGTERM and stopped: requeue me (EX_TEMPFAIL)
+_MAIN = (0, 0, 0)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory, or the one a root's ``latest`` names."""
+    path = Path(path)
+    if (path / "latest").is_file():
+        return path / (path / "latest").read_text().strip()
+    return path
+
+
+def _rank0_decides(value):
+    """Rank 0's answer, on every rank (file-system checks must not diverge)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _model_differences(saved: dict, current: dict, prefix: str = "model") -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _model_differences(a, b, f"{prefix}.{key}")
+        elif a != b and key != "preset":
+            out.append(f"{prefix}.{key} {a!r} != {b!r}")
+    return out
+
+
+class StopSignal:
+    """SIGUSR1 or SIGTERM asks for a checkpoint at the next step boundary and an exit."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.received = signum
+        log.warning("received %s: saving at the end of this step, then exiting with %d",
+                    signal.Signals(signum).name, EXIT_REQUEUE)
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank got a signal (one small all-reduce per step)."""
+        flag = torch.tensor([1 if self.received is not None else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class Checkpointer:
+    """Saves and restores a :class:`megavideo.training.Trainer`."""
+
+    def __init__(self, cfg: Config, trainer) -> None:
+        self.cfg = cfg
+        self.trainer = trainer
+        self.root = cfg.checkpoint_dir
+        self.tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.dp = self.dp_group.size()
+        self.dp_rank = self.dp_group.rank()
+        self.params = canonical_params(trainer.chunks)
+        self.layout = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "vpp": cfg.parallel.vpp,
+                       "world": dist.get_world_size()}
+
+    # -- what goes in --------------------------------------------------------------------
+
+    def _shards(self, key: str, param, local, index: int, copy: int, saving: bool,
+                dtype: torch.dtype | None = None) -> list:
+        shards = sharded_tensors(key, param, local, self.tp_rank, self.tp,
+                                 (copy, (self.dp_rank - index) % self.dp), dtype)
+        return [s for s in shards if s.replica_id == _MAIN] if saving else shards
+
+    def _model(self, saving: bool) -> dict:
+        out = {}
+        for index, (name, param) in enumerate(self.params):
+            copy = 1 if getattr(param, "shared", False) else 0
+            if saving and copy:
+                continue
+            local = param.detach().cpu() if saving else None
+            shards = self._shards(f"model.{name}", param, local, index, copy, saving)
+            if shards:  # empty containers would end up in the common state, differing by rank
+                out.setdefault(name, []).extend(shards)
+        return out
+
+    def _optimizer(self, saving: bool, names: tuple[str, ...]) -> dict:
+        slots = optimizer_state.slots(self.trainer.optimizer)
+        distributed = optimizer_state.is_distributed(self.trainer.optimizer)
+        out = {}
+        for index, (name, param) in enumerate(self.params):
+            copy = 1 if getattr(param, "shared", False) else 0
+            for state in names:
+                local = None
+                if saving:
+                    local = optimizer_state.gather(param, slots.get(id(param)), state, self.dp_group,
+                                                   index % self.dp, distributed)
+                    if local is None or copy:
+                        continue
+                shards = self._shards(f"optimizer.{state}.{name}", param, local, index, copy,
+                                      saving, torch.float32)
+                if shards:
+                    out.setdefault(state, {}).setdefault(name, []).extend(shards)
+        return out
+
+    def _teachers_params(self) -> dict:
+        teachers = self.trainer.stage.teachers
+        if teachers is None:  # they live on the first pipeline stage
+            return {}
+        return {f"{prefix}.{n}": p for prefix, module in (("clip_teacher", teachers.clip),
+                                                         ("mae_teacher", teachers.mae))
+                for n, p in module.named_parameters()}
+
+    def _teachers(self, saving: bool) -> dict:
+        out = {}
+        for index, (name, param) in enumerate(self._teachers_params().items()):
+            local = param.detach().cpu() if saving else None
+            shards = self._shards(name, param, local, index, 0, saving)
+            if shards:
+                out[name] = shards
+        return out
+
+    def _rng(self) -> ShardedObject:
+        states = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+        if torch.cuda.is_available():
+            states["cuda"] = torch.cuda.get_rng_state()
+        return ShardedObject("rng", states, (dist.get_world_size(),), (dist.get_rank(),),
+                             replica_id=0)
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def _save_dir(self, name: str, state: dict) -> None:
+        tmp, final = self.root / f".tmp_{name}", self.root / name
+        if dist.get_rank() == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        dist_checkpointing.save(state, str(tmp))
+        dist.barrier()
+        if dist.get_rank() == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+        dist.barrier()
+
+    def save(self, step: int) -> Path:
+        """Write checkpoint ``step_<step>`` (``step`` optimizer steps done) and point ``latest``
+        at it; the teachers go to ``teachers/`` once."""
+        name = f"step_{step:08d}"
+        if dist.get_rank() == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp_*"):
+                shutil.rmtree(stale)
+        if not _rank0_decides((self.root / "teachers").is_dir()):
+            teachers = self._teachers(saving=True)
+            self._save_dir("teachers", {"meta": {"format": FORMAT}}
+                           | ({"teachers": teachers} if teachers else {}))
+        names = optimizer_state.STATES if self.cfg.train.precision != "fp32" else \
+            optimizer_state.STATES[1:]  # in fp32 the master weights are the model's
+        parts = {"model": self._model(saving=True), "optimizer": self._optimizer(saving=True, names=names)}
+        state = {key: value for key, value in parts.items() if value}
+        state.update(rng=self._rng(), meta=self._meta(step))
+        self._save_dir(name, state)
+        if dist.get_rank() == 0:
+            _write_atomically(self.root / "latest", name + "\n")
+            self._prune()
+        dist.barrier()
+        log.info("saved checkpoint %s", self.root / name)
+        return self.root / name
+
+    def _meta(self, step: int) -> dict:
+        return {
+            "format": FORMAT,
+            "step": step,
+            "consumed_samples": step * self.cfg.train.global_batch,
+            "scheduler": self.trainer.scheduler.state_dict(),
+            "config": self.cfg.to_dict(),
+            "layout": self.layout,
+            "optimizer_states": list(optimizer_state.STATES
+                                     if self.cfg.train.precision != "fp32" else
+                                     optimizer_state.STATES[1:]),
+        }
+
+    def _prune(self) -> None:
+        steps = sorted(self.root.glob("step_*"))
+        for old in steps[: max(len(steps) - self.cfg.checkpoint.keep, 0)]:
+            shutil.rmtree(old)
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest"
+        return self.root / pointer.read_text().strip() if pointer.is_file() else None
+
+    def restore(self) -> int:
+        """Resume from ``latest`` if there is one, else start from ``checkpoint.load`` (weights
+        only) if set; returns the first step to run."""
+        resume = _rank0_decides(str(self.latest()) if self.latest() else "")
+        if resume:
+            return self.load(Path(resume), weights_only=False)
+        if self.cfg.checkpoint.load:
+            return self.load(resolve(self.cfg.checkpoint.load), weights_only=True)
+        return 0
+
+    def load(self, path: Path, weights_only: bool) -> int:
+        if not (path / "metadata.json").is_file():
+            raise ConfigError(f"{path} is not a MegaVideo checkpoint (no metadata.json).")
+        meta = dist_checkpointing.load_common_state_dict(str(path))["meta"]
+        saved_model = meta["config"]["model"]
+        differences = _model_differences(saved_model, self.cfg.to_dict()["model"])
+        if differences:
+            raise ConfigError(f"checkpoint {path} was written for another model: "
+                              f"{'; '.join(differences[:3])}.")
+        teachers_dir = path.parent / "teachers"
+        if teachers_dir.is_dir():
+            self._load_teachers(teachers_dir)
+        states = () if weights_only else tuple(meta.get("optimizer_states", ()))
+        request = {"model": self._model(saving=False)}
+        if states:
+            request["optimizer"] = self._optimizer(saving=False, names=states)
+        same_layout = meta.get("layout") == self.layout and not weights_only
+        if same_layout:
+            request["rng"] = self._rng()
+        loaded = dist_checkpointing.load(request, str(path))
+        self._apply(loaded, states, meta["step"])
+        if same_layout:
+            self._set_rng(loaded["rng"])
+        step = 0 if weights_only else meta["step"]
+        if not weights_only:
+            self.trainer.scheduler.num_steps = step
+            self.trainer.scheduler.step(increment=0)
+        log.info("loaded %s from %s (step %d, written at %s)",
+                 "weights" if weights_only else "checkpoint", path, meta["step"], meta.get("layout"))
+        return step
+
+    def _apply(self, loaded: dict, states: tuple[str, ...], step: int) -> None:
+        slots = optimizer_state.slots(self.trainer.optimizer)
+        with torch.no_grad():
+            for name, param in self.params:
+                # a rank holding only padding heads loads nothing for them
+                weights = assemble(param, loaded.get("model", {}).get(name, []), self.tp_rank)
+                param.copy_(weights.to(param.dtype))
+                slot = slots.get(id(param))
+                if slot is None:
+                    continue
+                if "main" not in states:
+                    optimizer_state.scatter(slot, "main", weights.float(), step)
+                for state in states:
+                    shards = loaded.get("optimizer", {}).get(state, {}).get(name, [])
+                    full = assemble(param, shards, self.tp_rank)
+                    optimizer_state.scatter(slot, state, full.float(), step)
+
+    def _load_teachers(self, path: Path) -> None:
+        request = self._teachers(saving=False)
+        loaded = dist_checkpointing.load({"teachers": request} if request else {}, str(path))
+        with torch.no_grad():
+            for key, param in self._teachers_params().items():
+                shards = loaded.get("teachers", {}).get(key, [])
+                param.copy_(assemble(param, shards, self.tp_rank).to(param.dtype))
+
+    def _set_rng(self, states: dict) -> None:
+        torch.set_rng_state(states["torch"])
+        get_cuda_rng_tracker().set_states(states["tracker"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state(states["cuda"])
+
+
+__all__ = ["EXIT_REQUEUE", "Checkpointer", "StopSignal", "resolve"]

@@ -1,0 +1,71 @@
+"""Layout-independent sharded tensors for megatron-core's dist_checkpointing.
+
+A checkpoint stores every tensor in its single-rank shape, so it loads at any (tp, pp, vpp, dp):
+
+- a parameter split over tensor parallelism along ``partition_dim`` is one shard per TP rank;
+- a parameter of attention heads (``head_padding``, see :mod:`parallel.tensors`) is one shard per
+  *real* head, global shape ``[real heads, *one head's slice]``: zero padding heads are never
+  written, and the same file loads whatever padding the new tp needs;
+- anything else is replicated over the TP group.
+
+Replica ids are ``(pipeline copy, TP replica, DP replica)``; the shard with all zeros writes. Tied
+copies on several pipeline stages write once. Over data parallelism the writing is spread: the
+``i``-th tensor is written by DP rank ``i % dp``.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.dist_checkpointing import ShardedTensor
+
+from parallel.tensors import is_tp_split
+
+
+def _head_slices(param: torch.nn.Parameter, tp_rank: int) -> list[tuple[int, int]]:
+    """(global head, local offset along the head dim) of this rank's real heads."""
+    dim, rows, heads = param.head_padding
+    local = param.shape[dim] // rows
+    first = tp_rank * local
+    return [(first + j, j * rows) for j in range(local) if first + j < heads]
+
+
+def sharded_tensors(
+    key: str,
+    param: torch.nn.Parameter,
+    local: torch.Tensor | None,
+    tp_rank: int,
+    tp: int,
+    replica: tuple[int, int],
+    dtype: torch.dtype | None = None,
+) -> list[ShardedTensor]:
+    """The shards of ``local`` (``param``'s data or a tensor of its shape, e.g. an Adam moment).
+
+    ``local=None`` builds empty load targets of ``dtype`` (default: the parameter's).
+    ``replica`` is (pipeline copy, DP replica).
+    """
+    copy, dp_replica = replica
+    if local is None:
+        local = torch.empty(param.shape, dtype=dtype or param.dtype)
+    if getattr(param, "head_padding", None) is not None:
+        dim, rows, heads = param.head_padding
+        return [
+            ShardedTensor.from_rank_offsets(
+                key, local.narrow(dim, offset, rows).contiguous(), (0, head, heads),
+                replica_id=(copy, 0, dp_replica), prepend_axis_num=1)
+            for head, offset in _head_slices(param, tp_rank)
+        ]
+    if is_tp_split(param) and tp > 1:
+        return [ShardedTensor.from_rank_offsets(key, local, (param.partition_dim, tp_rank, tp),
+                                                replica_id=(copy, 0, dp_replica))]
+    return [ShardedTensor.from_rank_offsets(key, local, replica_id=(copy, tp_rank, dp_replica))]
+
+
+def assemble(param: torch.nn.Parameter, loaded: list[torch.Tensor], tp_rank: int) -> torch.Tensor:
+    """The local tensor from what :func:`sharded_tensors` loaded (padding heads are zeros)."""
+    if getattr(param, "head_padding", None) is None:
+        return loaded[0]
+    dim, rows, _ = param.head_padding
+    out = torch.zeros(param.shape, dtype=loaded[0].dtype if loaded else param.dtype)
+    for (_, offset), chunk in zip(_head_slices(param, tp_rank), loaded, strict=True):
+        out.narrow(dim, offset, rows).copy_(chunk.reshape(out.narrow(dim, offset, rows).shape))
+    return out

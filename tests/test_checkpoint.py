@@ -1,0 +1,169 @@
+"""Runs that survive: resume bit for bit, atomic saves, resharding on load, the non-finite guard.
+
+Every run here is the real entry point under torchrun (gloo, CPU), on the tiny preset.
+Reshard tolerances (fp32, summation order only): relative 1e-5 on the losses of the three steps
+after loading (measured: <= 2e-7); on the weights and Adam moments saved three steps later
+|a - b| <= 1e-4 * max|a| + 1e-6 * (largest entry of that kind: weights, exp_avg, exp_avg_sq)
+(measured: <= 1.2e-7 of the largest; the absolute term covers tensors whose exact gradient is 0,
+e.g. the attention pool's key biases, see test_parity).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.distributed import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = "configs/stage1_tiny.yaml"
+BASE = ["train.steps=6", "train.warmup_steps=1"]
+ENV = {"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1"}
+ONE_RANK = ["parallel.tp=1", "parallel.pp=1", "parallel.sp=false"]
+
+
+def _cmd(nproc: int, overrides: list[str], module: str = "launch.train") -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", module, TINY,
+            *overrides]
+
+
+def _train(nproc: int, overrides: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(nproc, overrides), cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=ENV)
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """6 steps at tp2 x pp2 + SP without interruption, checkpoints after steps 3 and 6."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    proc = _train(4, [*BASE, f"run.dir={run_dir}", "checkpoint.interval=3"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_sigusr1_saves_exits_75_and_the_resumed_run_matches_bit_for_bit(straight, tmp_path):
+    overrides = [*BASE, f"run.dir={tmp_path}"]
+    proc = subprocess.Popen(_cmd(4, overrides), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "launch.train" in " ".join(p.cmdline())]
+    assert len(workers) == 4
+    workers[-1].send_signal(signal.SIGUSR1)  # one rank only: the ranks agree at the step boundary
+    _, stderr = proc.communicate(timeout=300)
+    assert "exitcode  : 75" in stderr, stderr[-3000:]
+    saved = (tmp_path / "checkpoints" / "latest").read_text().strip()
+    assert saved in {f"step_{s:08d}" for s in (3, 4, 5)}, saved
+
+    resumed = _train(4, overrides)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"loaded checkpoint from {tmp_path / 'checkpoints' / saved}" in resumed.stderr
+    assert _losses(tmp_path) == _losses(straight)  # exact equality of every step's loss
+    assert len(_losses(tmp_path)) == 6
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
+    overrides = [*ONE_RANK, "train.global_batch=4", "train.steps=3", "train.warmup_steps=1",
+                 f"run.dir={tmp_path}", "checkpoint.interval=1"]
+    env = {**ENV, "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    log = tmp_path / "crashed.log"
+    with open(log, "w") as out:
+        crashed = subprocess.Popen([sys.executable, "-m", "tests.checkpoint_worker", TINY,
+                                    ".tmp_step_00000002", *overrides], cwd=ROOT, env=env,
+                                   stdout=out, stderr=out, start_new_session=True)
+        returncode = crashed.wait(timeout=300)
+    with contextlib.suppress(ProcessLookupError):  # as a job's end would: the writer it forked too
+        os.killpg(crashed.pid, signal.SIGKILL)
+    assert returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_00000001"
+    assert (root / ".tmp_step_00000002" / "metadata.json").is_file()  # written, never committed
+    assert not (root / "step_00000002").exists()
+    before = _losses(tmp_path)
+
+    resumed = _train(1, overrides)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"loaded checkpoint from {root / 'step_00000001'}" in resumed.stderr
+    after = _losses(tmp_path)
+    assert sorted(after) == [0, 1, 2] and after[1] == before[1]
+    assert not list(root.glob(".tmp_*"))
+    assert (root / "latest").read_text().strip() == "step_00000003"
+
+
+@pytest.mark.parametrize(
+    ("name", "nproc", "layout"),
+    [
+        ("tp1_pp1", 1, ONE_RANK),
+        ("dp2_tp1_pp2_distopt", 4, ["parallel.tp=1", "parallel.pp=2", "parallel.sp=false",
+                                    "parallel.distributed_optimizer=true"]),
+        ("tp4_sp", 4, ["parallel.tp=4", "parallel.pp=1", "parallel.sp=true"]),  # heads 5 -> 8
+        ("pp4", 4, ["parallel.tp=1", "parallel.pp=4", "parallel.sp=false"]),  # tied pos-embed copies
+    ],
+)
+def test_a_checkpoint_reshards_on_load(straight, tmp_path, name, nproc, layout):
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    for part in ("step_00000003", "teachers"):
+        shutil.copytree(straight / "checkpoints" / part, root / part)
+    (root / "latest").write_text("step_00000003\n")
+    proc = _train(nproc, [*BASE, *layout, "train.steps=6", f"run.dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected, got = _losses(straight), _losses(tmp_path)
+    assert sorted(got) == [3, 4, 5]
+    for step in (3, 4, 5):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), (name, step)
+    # what this layout saves after 3 more steps (weights, Adam moments) is what tp2 x pp2 saved
+    compare = subprocess.run([sys.executable, "-m", "tests.checkpoint_worker", "differences",
+                              str(straight / "checkpoints" / "step_00000006"),
+                              str(root / "step_00000006")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert compare.returncode == 0, compare.stderr[-3000:]
+    diffs = json.loads(compare.stdout.splitlines()[-1])
+    kind = {k: ".".join(k.split(".")[: 1 if k.startswith("model.") else 2]) for k in diffs}
+    largest = {}
+    for key, (_, scale) in diffs.items():
+        largest[kind[key]] = max(largest.get(kind[key], 0.0), scale)
+    for key, (diff, scale) in diffs.items():
+        assert diff <= 1e-4 * scale + 1e-6 * largest[kind[key]], (name, key, diff, scale)
+
+
+def test_non_finite_loss_stops_with_step_rank_and_terms(tmp_path):
+    proc = _train(1, [*ONE_RANK, "train.global_batch=4", "train.lr=1e30", "train.steps=4",
+                      "train.warmup_steps=0", f"run.dir={tmp_path}", "checkpoint.interval=1"])
+    assert "exitcode  : 3" in proc.stderr
+    line = [x for x in proc.stderr.splitlines() if x.startswith("error: ")][-1]
+    assert line.startswith("error: step 1: non-finite loss or gradient norm on rank(s) 0 (loss/clip nan")
+    assert "grad_norm nan" in line
+    assert line.endswith(f"stopped without saving, the last good checkpoint is "
+                         f"{tmp_path / 'checkpoints' / 'step_00000001'}.")
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+
+
+def test_a_checkpoint_of_another_model_is_refused(straight, tmp_path):
+    proc = _train(1, [*ONE_RANK, "train.global_batch=4", "model.student.mlp_hidden_size=160",
+                      f"checkpoint.load={straight / 'checkpoints'}", f"run.dir={tmp_path}"])
+    line = [x for x in proc.stderr.splitlines() if x.startswith("error: ")][-1]
+    assert line == (f"error: checkpoint {straight / 'checkpoints' / 'step_00000006'} was written for "
+                    "another model: model.student.mlp_hidden_size 320 != 160.")
