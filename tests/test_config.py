@@ -105,3 +105,17 @@ def test_train_rejects_a_layout_that_does_not_fit_the_world():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: tp x pp = 2 x 2 = 4 does not divide the world size 6.")
+
+
+@pytest.mark.parametrize(("name", "gpus", "drop_path"),
+                         [("stage1_vit1b", 128, 0.25), ("stage1_vit6b", 256, 0.3)])
+def test_the_papers_recipe(name, gpus, drop_path):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    train = cfg.train
+    assert (train.betas, train.eps, train.weight_decay, train.clip_grad) == ([0.9, 0.98], 1e-6, 0.05, 3.0)
+    assert train.lr == pytest.approx(1.5e-4 * train.global_batch / 256)
+    assert train.precision == "bf16" and train.recompute == "full"
+    assert train.warmup_steps * 301 == pytest.approx(train.steps * 40, rel=1e-3)
+    assert cfg.model.student.drop_path == drop_path and cfg.model.student.layer_scale_init == 1e-5
+    validate_world(cfg, gpus)  # the layout fits the paper's GPU count
+    assert cfg.checkpoint.interval > 0
