@@ -86,6 +86,31 @@ def _model_differences(saved: dict, current: dict, prefix: str = "model") -> lis
     return out
 
 
+def save_atomically(root: Path, name: str, state: dict) -> Path:
+    """dist_checkpointing.save into ``root/.tmp_<name>``, renamed to ``root/<name>`` by rank 0
+    once every rank has finished (collective)."""
+    tmp, final = root / f".tmp_{name}", root / name
+    if dist.get_rank() == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save(state, str(tmp))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    dist.barrier()
+    return final
+
+
+def point_latest(root: Path, name: str) -> None:
+    """Make ``root/latest`` name ``name`` (atomically; rank 0 only)."""
+    _write_atomically(root / "latest", name + "\n")
+
+
 class StopSignal:
     """SIGUSR1 or SIGTERM asks for a checkpoint at the next step boundary and an exit."""
 
@@ -187,22 +212,6 @@ class Checkpointer:
 
     # -- saving -------------------------------------------------------------------------------
 
-    def _save_dir(self, name: str, state: dict) -> None:
-        tmp, final = self.root / f".tmp_{name}", self.root / name
-        if dist.get_rank() == 0:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        dist_checkpointing.save(state, str(tmp))
-        dist.barrier()
-        if dist.get_rank() == 0:
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            _fsync_dir(self.root)
-        dist.barrier()
-
     def save(self, step: int) -> Path:
         """Write checkpoint ``step_<step>`` (``step`` optimizer steps done) and point ``latest``
         at it; the teachers go to ``teachers/`` once."""
@@ -213,16 +222,16 @@ class Checkpointer:
                 shutil.rmtree(stale)
         if not _rank0_decides((self.root / "teachers").is_dir()):
             teachers = self._teachers(saving=True)
-            self._save_dir("teachers", {"meta": {"format": FORMAT}}
+            save_atomically(self.root, "teachers", {"meta": {"format": FORMAT}}
                            | ({"teachers": teachers} if teachers else {}))
         names = optimizer_state.STATES if self.cfg.train.precision != "fp32" else \
             optimizer_state.STATES[1:]  # in fp32 the master weights are the model's
         parts = {"model": self._model(saving=True), "optimizer": self._optimizer(saving=True, names=names)}
         state = {key: value for key, value in parts.items() if value}
         state.update(rng=self._rng(), meta=self._meta(step))
-        self._save_dir(name, state)
+        save_atomically(self.root, name, state)
         if dist.get_rank() == 0:
-            _write_atomically(self.root / "latest", name + "\n")
+            point_latest(self.root, name)
             self._prune()
         dist.barrier()
         log.info("saved checkpoint %s", self.root / name)
@@ -258,8 +267,17 @@ class Checkpointer:
         resume = _rank0_decides(str(self.latest()) if self.latest() else "")
         if resume:
             return self.load(Path(resume), weights_only=False)
-        if self.cfg.checkpoint.load:
-            return self.load(resolve(self.cfg.checkpoint.load), weights_only=True)
+        if not self.cfg.checkpoint.load:
+            return 0
+        path = resolve(self.cfg.checkpoint.load)
+        if (path / "metadata.json").is_file():
+            return self.load(path, weights_only=True)
+        teachers = Path(self.cfg.checkpoint.load) / "teachers"
+        if not teachers.is_dir():
+            raise ConfigError(f"checkpoint.load: {self.cfg.checkpoint.load} holds no MegaVideo "
+                              "checkpoint (no metadata.json, no teachers/).")
+        self._load_teachers(teachers)  # converted teachers, a fresh student
+        log.info("loaded the teachers from %s", teachers)
         return 0
 
     def load(self, path: Path, weights_only: bool) -> int:
@@ -325,4 +343,5 @@ class Checkpointer:
             torch.cuda.set_rng_state(states["cuda"])
 
 
-__all__ = ["EXIT_REQUEUE", "Checkpointer", "StopSignal", "resolve"]
+__all__ = ["EXIT_REQUEUE", "FORMAT", "Checkpointer", "StopSignal", "point_latest", "resolve",
+           "save_atomically"]

@@ -57,26 +57,36 @@ def _group(name: str) -> str:
     return "heads"
 
 
+def meta_models(cfg: Config) -> tuple[Stage1Student, Stage1Teachers]:
+    """The whole student and the teachers at tp = pp = 1 on the meta device (no memory), with
+    every parameter's layout attributes. Call inside a process group (``single_rank_world``)."""
+    model, train = cfg.model, cfg.train
+    one_rank = replace(cfg.parallel, tp=1, pp=1, vpp=1, sp=False, pipeline_layout=[])
+    configs = {name: transformer_config(getattr(model, name), one_rank, train, pipelined=False,
+                                        sequence_parallel=False)
+               for name in ("student", "clip_teacher", "mae_teacher")}
+    with meta_device():
+        student = Stage1Student(model, configs["student"],
+                                Chunk(0, 0, 0, model.student.num_layers, True, True),
+                                Tokens.of(model, 1, False), None)
+        teachers = Stage1Teachers(model, configs["clip_teacher"], configs["mae_teacher"], None)
+    return student, teachers
+
+
 def describe(cfg: Config, world_size: int | None = None) -> dict:
     """Counts for the whole model and per pipeline rank; ``world_size`` sets the data-parallel
     size (default: one model replica)."""
     par, model, train = cfg.parallel, cfg.model, cfg.train
     world_size = world_size or par.tp * par.pp
     dp = world_size // (par.tp * par.pp)
-    one_rank = replace(par, tp=1, pp=1, vpp=1, sp=False, pipeline_layout=[])
-    student_cfg = transformer_config(model.student, one_rank, train, pipelined=False,
-                                     sequence_parallel=False)
-    teacher_cfgs = [transformer_config(getattr(model, name), one_rank, train, pipelined=False,
-                                       sequence_parallel=False)
-                    for name in ("clip_teacher", "mae_teacher")]
     tokens = Tokens.of(model, par.tp, par.sp)
     counts = split_layers(model.student.num_layers, par.pp, par.vpp, par.pipeline_layout)
-    with single_rank_world(), meta_device():
-        whole = Stage1Student(model, student_cfg, Chunk(0, 0, 0, model.student.num_layers, True, True),
-                              tokens, None)
-        teachers = Stage1Teachers(model, *teacher_cfgs, None)
-        stages = [[Stage1Student(model, student_cfg, chunk, tokens, None) for chunk in
-                   chunks_of(rank, counts, par.pp)] for rank in range(par.pp)]
+    with single_rank_world():
+        whole, teachers = meta_models(cfg)
+        student_cfg = whole.config
+        with meta_device():
+            stages = [[Stage1Student(model, student_cfg, chunk, tokens, None) for chunk in
+                       chunks_of(rank, counts, par.pp)] for rank in range(par.pp)]
     totals = {"blocks": 0, "embeddings": 0, "heads": 0}
     for name, param in whole.named_parameters():
         totals[_group(name)] += param.numel()

@@ -1,0 +1,88 @@
+"""Official InternVideo2 weights <-> MegaVideo checkpoints.
+
+    python -m launch.convert import CONFIG --out DIR [--student F] [--clip-teacher F]
+                             [--mae-teacher F] [--strip KIND=PREFIX ...] [--ignore PREFIX ...]
+    python -m launch.convert export CONFIG --checkpoint DIR --out DIR
+
+``import`` reads official PyTorch checkpoints (a state dict, or one under ``module``/``model``/
+``state_dict``) and writes a checkpoint root that any layout loads (``checkpoint.load=DIR``):
+the student as ``step_00000000``, the teachers as ``teachers/``. ``export`` writes
+``student.pth``, ``clip_teacher.pth`` and ``mae_teacher.pth`` with the official keys. The
+VideoMAEv2 pre-training file keeps the encoder under ``encoder.``: ``--strip mae_teacher=encoder.
+--ignore decoder. --ignore encoder_to_decoder --ignore mask_token``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from launch.common import config_or_exit, setup_logging
+
+
+def _load_official(path: str) -> dict:
+    import torch
+
+    obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    for key in ("module", "model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            return obj[key]
+    return obj
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m launch.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("direction", choices=("import", "export"))
+    parser.add_argument("config", help="run config naming the model, e.g. configs/stage1_vit6b.yaml")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--out", required=True, help="checkpoint root (import) or folder (export)")
+    parser.add_argument("--student")
+    parser.add_argument("--clip-teacher")
+    parser.add_argument("--mae-teacher")
+    parser.add_argument("--strip", action="append", default=[], metavar="KIND=PREFIX")
+    parser.add_argument("--ignore", action="append", default=[], metavar="PREFIX")
+    parser.add_argument("--checkpoint", help="MegaVideo checkpoint root to export")
+    args = parser.parse_args(argv)
+    setup_logging()
+    cfg = config_or_exit(args.config, args.overrides)
+    import torch
+
+    from megavideo.convert import (
+        KINDS,
+        KeyMismatch,
+        from_official,
+        read_checkpoint,
+        strip_keys,
+        to_official,
+        write_checkpoint,
+    )
+
+    try:
+        if args.direction == "import":
+            strips = dict(s.split("=", 1) for s in args.strip)
+            files = {k: getattr(args, k) for k in KINDS if getattr(args, k)}
+            if not files:
+                raise ValueError("give at least one of --student, --clip-teacher, --mae-teacher.")
+            states = {}
+            for kind, path in files.items():
+                official = strip_keys(_load_official(path), strips.get(kind, ""), tuple(args.ignore))
+                states[kind] = from_official(kind, cfg.model, official)
+            write_checkpoint(cfg, states, Path(args.out))
+            print(f"wrote {args.out} ({', '.join(states)})")
+        else:
+            if not args.checkpoint:
+                raise ValueError("export needs --checkpoint DIR.")
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            for kind, state in read_checkpoint(cfg, Path(args.checkpoint)).items():
+                torch.save(to_official(kind, cfg.model, state), out / f"{kind}.pth")
+                print(f"wrote {out / f'{kind}.pth'}")
+    except (KeyMismatch, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
