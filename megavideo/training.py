@@ -165,6 +165,8 @@ def run(cfg: Config) -> list[dict]:
     trainer = Trainer(cfg)
     checkpointer = Checkpointer(cfg, trainer)
     start = checkpointer.restore()
+    if start >= cfg.train.steps:
+        log.info("nothing to do: the run is at step %d of train.steps=%d", start, cfg.train.steps)
     stop = StopSignal()
     writer = MetricsWriter(cfg.run.dir, cfg.run.tensorboard, start) if dist.get_rank() == 0 else None
     history = []

@@ -85,7 +85,7 @@ def test_sigusr1_saves_exits_75_and_the_resumed_run_matches_bit_for_bit(straight
 
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
     overrides = [*ONE_RANK, "train.global_batch=4", "train.steps=3", "train.warmup_steps=1",
-                 f"run.dir={tmp_path}", "checkpoint.interval=1"]
+                 f"run.dir={tmp_path}", "checkpoint.interval=1", "checkpoint.keep=2"]
     env = {**ENV, "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
     log = tmp_path / "crashed.log"
@@ -110,6 +110,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
     assert sorted(after) == [0, 1, 2] and after[1] == before[1]
     assert not list(root.glob(".tmp_*"))
     assert (root / "latest").read_text().strip() == "step_00000003"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000002", "step_00000003"]  # keep 2
 
 
 @pytest.mark.parametrize(
