@@ -224,8 +224,7 @@ class Checkpointer:
             teachers = self._teachers(saving=True)
             save_atomically(self.root, "teachers", {"meta": {"format": FORMAT}}
                            | ({"teachers": teachers} if teachers else {}))
-        names = optimizer_state.STATES if self.cfg.train.precision != "fp32" else \
-            optimizer_state.STATES[1:]  # in fp32 the master weights are the model's
+        names = self._saved_states()
         parts = {"model": self._model(saving=True), "optimizer": self._optimizer(saving=True, names=names)}
         state = {key: value for key, value in parts.items() if value}
         state.update(rng=self._rng(), meta=self._meta(step))
@@ -237,6 +236,11 @@ class Checkpointer:
         log.info("saved checkpoint %s", self.root / name)
         return self.root / name
 
+    def _saved_states(self) -> tuple[str, ...]:
+        if self.cfg.train.precision == "fp32":  # the master weights are the model's own
+            return optimizer_state.STATES[1:]
+        return optimizer_state.STATES
+
     def _meta(self, step: int) -> dict:
         return {
             "format": FORMAT,
@@ -245,9 +249,7 @@ class Checkpointer:
             "scheduler": self.trainer.scheduler.state_dict(),
             "config": self.cfg.to_dict(),
             "layout": self.layout,
-            "optimizer_states": list(optimizer_state.STATES
-                                     if self.cfg.train.precision != "fp32" else
-                                     optimizer_state.STATES[1:]),
+            "optimizer_states": list(self._saved_states()),
         }
 
     def _prune(self) -> None:

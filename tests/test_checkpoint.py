@@ -168,3 +168,17 @@ def test_a_checkpoint_of_another_model_is_refused(straight, tmp_path):
     line = [x for x in proc.stderr.splitlines() if x.startswith("error: ")][-1]
     assert line == (f"error: checkpoint {straight / 'checkpoints' / 'step_00000006'} was written for "
                     "another model: model.student.mlp_hidden_size 320 != 160.")
+
+
+def test_bf16_distributed_optimizer_resumes_bit_for_bit(tmp_path):
+    """bf16 weights, fp32 master weights and moments sharded over dp 2. The first part stops at
+    train.steps=2; with one warm-up step the learning rates of steps 0 and 1 do not depend on
+    train.steps, so the runs are comparable."""
+    layout = [*ONE_RANK, "parallel.distributed_optimizer=true", "train.precision=bf16",
+              "train.warmup_steps=1"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for run_dir, steps in ((straight, 4), (split, 2), (split, 4)):
+        proc = _train(2, [*layout, f"train.steps={steps}", f"run.dir={run_dir}"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "loaded checkpoint from" in proc.stderr
+    assert _losses(split) == _losses(straight) and len(_losses(split)) == 4
