@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -138,7 +137,8 @@ class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient norm: the run stops and saves nothing."""
 
 
-def _check_finite(step: int, metrics: dict[str, float], local_ok: bool, last: Path | None) -> None:
+def _check_finite(step: int, metrics: dict[str, float], local_ok: bool,
+                  checkpointer: Checkpointer) -> None:
     """Raise NonFiniteError on every rank (with the ranks where it appeared) if a loss term or the
     gradient norm is not finite; the values are the same on every rank, so all stop together."""
     values = [v for k, v in metrics.items() if k.startswith("loss") or k == "grad_norm"]
@@ -149,6 +149,7 @@ def _check_finite(step: int, metrics: dict[str, float], local_ok: bool, last: Pa
     ranks = [r for r, ok in enumerate(flags) if not ok] or list(range(len(flags)))
     shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
                       if k.startswith("loss") or k == "grad_norm")
+    last = checkpointer.latest()
     where = f"the last good checkpoint is {last}" if last else "there is no checkpoint yet"
     raise NonFiniteError(f"step {step}: non-finite loss or gradient norm on rank(s) "
                          f"{', '.join(map(str, ranks))} ({shown}); stopped without saving, {where}.")
@@ -162,19 +163,19 @@ def run(cfg: Config) -> list[dict]:
     Returns the metrics of the steps run.
     """
     validate_world(cfg, detect_launch().world_size)  # before any process group exists
+    stop = StopSignal()  # from the start: a signal during start-up is honoured after one step
     trainer = Trainer(cfg)
     checkpointer = Checkpointer(cfg, trainer)
     start = checkpointer.restore()
     if start >= cfg.train.steps:
         log.info("nothing to do: the run is at step %d of train.steps=%d", start, cfg.train.steps)
-    stop = StopSignal()
     writer = MetricsWriter(cfg.run.dir, cfg.run.tensorboard, start) if dist.get_rank() == 0 else None
     history = []
     interval = cfg.checkpoint.interval
     try:
         for step in range(start, cfg.train.steps):
             metrics = trainer.train_step(step)
-            _check_finite(step, metrics, trainer.locally_finite, checkpointer.latest())
+            _check_finite(step, metrics, trainer.locally_finite, checkpointer)
             history.append(metrics)
             if writer is not None:
                 writer.write(step, metrics)
