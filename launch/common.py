@@ -28,9 +28,15 @@ def setup_logging() -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)  # it lists every parameter at INFO
 
 
+def exit_with(err: Exception, code: int = 2, show: bool = True) -> None:
+    """Stop with ``error: <the one-sentence message>`` on stderr (when ``show``) and ``code``."""
+    if show:
+        print(f"error: {err}", file=sys.stderr)
+    raise SystemExit(code) from None
+
+
 def config_or_exit(path: str | None, overrides: list[str]):
     try:
         return load_config(path, overrides)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_with(err)

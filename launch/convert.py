@@ -15,10 +15,9 @@ VideoMAEv2 pre-training file keeps the encoder under ``encoder.``: ``--strip mae
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from launch.common import config_or_exit, setup_logging
+from launch.common import config_or_exit, exit_with, setup_logging
 
 
 def _load_official(path: str) -> dict:
@@ -80,8 +79,7 @@ def main(argv: list[str] | None = None) -> None:
                 torch.save(to_official(kind, cfg.model, state), out / f"{kind}.pth")
                 print(f"wrote {out / f'{kind}.pth'}")
     except (KeyMismatch, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_with(err)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,8 @@ SIGUSR1/SIGTERM (requeue and run the same command again to resume).
 from __future__ import annotations
 
 import argparse
-import sys
 
-from launch.common import config_or_exit, setup_logging
+from launch.common import config_or_exit, exit_with, setup_logging
 from megavideo.config import ConfigError, validate_world
 from parallel.distributed import detect_launch
 
@@ -27,16 +26,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         validate_world(cfg, detect_launch().world_size)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_with(err)
     from megavideo.training import NonFiniteError, run
 
     try:
         run(cfg)
     except (ConfigError, NonFiniteError) as err:
-        if detect_launch().rank == 0:
-            print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2 if isinstance(err, ConfigError) else EXIT_NONFINITE) from None
+        exit_with(err, 2 if isinstance(err, ConfigError) else EXIT_NONFINITE,
+                  show=detect_launch().rank == 0)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,21 @@ def _write_atomically(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def checkpoint_key(kind: str, name: str) -> str:
+    """The key of a tensor in a checkpoint: ``model.<name>`` for the student, ``<kind>.<name>``
+    for a teacher (``clip_teacher``, ``mae_teacher``); names are single-rank parameter names."""
+    return f"model.{name}" if kind == "student" else f"{kind}.{name}"
+
+
+def teacher_params(teachers) -> dict[str, torch.nn.Parameter]:
+    """Checkpoint key -> parameter of both teachers (empty without teachers)."""
+    if teachers is None:
+        return {}
+    return {checkpoint_key(kind, n): p for kind, module in (("clip_teacher", teachers.clip),
+                                                            ("mae_teacher", teachers.mae))
+            for n, p in module.named_parameters()}
+
+
 def resolve(path: str | Path) -> Path:
     """A checkpoint directory, or the one a root's ``latest`` names."""
     path = Path(path)
@@ -162,7 +177,8 @@ class Checkpointer:
             if saving and copy:
                 continue
             local = param.detach().cpu() if saving else None
-            shards = self._shards(f"model.{name}", param, local, index, copy, saving)
+            shards = self._shards(checkpoint_key("student", name), param, local, index, copy,
+                                  saving)
             if shards:  # empty containers would end up in the common state, differing by rank
                 out.setdefault(name, []).extend(shards)
         return out
@@ -187,12 +203,7 @@ class Checkpointer:
         return out
 
     def _teachers_params(self) -> dict:
-        teachers = self.trainer.stage.teachers
-        if teachers is None:  # they live on the first pipeline stage
-            return {}
-        return {f"{prefix}.{n}": p for prefix, module in (("clip_teacher", teachers.clip),
-                                                         ("mae_teacher", teachers.mae))
-                for n, p in module.named_parameters()}
+        return teacher_params(self.trainer.stage.teachers)  # only the first pipeline stage has them
 
     def _teachers(self, saving: bool) -> dict:
         out = {}
@@ -266,7 +277,8 @@ class Checkpointer:
     def restore(self) -> int:
         """Resume from ``latest`` if there is one, else start from ``checkpoint.load`` (weights
         only) if set; returns the first step to run."""
-        resume = _rank0_decides(str(self.latest()) if self.latest() else "")
+        latest = self.latest()
+        resume = _rank0_decides(str(latest) if latest else "")
         if resume:
             return self.load(Path(resume), weights_only=False)
         if not self.cfg.checkpoint.load:
@@ -345,5 +357,5 @@ class Checkpointer:
             torch.cuda.set_rng_state(states["cuda"])
 
 
-__all__ = ["EXIT_REQUEUE", "FORMAT", "Checkpointer", "StopSignal", "point_latest", "resolve",
-           "save_atomically"]
+__all__ = ["EXIT_REQUEUE", "FORMAT", "Checkpointer", "StopSignal", "checkpoint_key", "point_latest",
+           "resolve", "save_atomically", "teacher_params"]

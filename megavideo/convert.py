@@ -207,15 +207,11 @@ def _meta_params(cfg: Config) -> dict[str, dict[str, torch.nn.Parameter]]:
             "mae_teacher": dict(teachers.mae.named_parameters())}
 
 
-def _key(kind: str, name: str) -> str:
-    return f"model.{name}" if kind == "student" else f"{kind}.{name}"
-
-
 def write_checkpoint(cfg: Config, states: dict[str, dict[str, Tensor]], out: Path) -> None:
     """Write MegaVideo-layout tensors as a checkpoint root ``out``: the student as
     ``step_00000000`` (weights only, ``latest`` points at it), the teachers as ``teachers/``.
     ``checkpoint.load=<out>`` then starts a run from them."""
-    from megavideo.checkpoint import FORMAT, point_latest, save_atomically
+    from megavideo.checkpoint import FORMAT, checkpoint_key, point_latest, save_atomically
     from parallel.checkpointing import sharded_tensors
     from parallel.distributed import single_rank_world
 
@@ -231,7 +227,7 @@ def write_checkpoint(cfg: Config, states: dict[str, dict[str, Tensor]], out: Pat
             _check_keys(set(states[kind]), set(params[kind]), f"converted {kind}")
             out_shards = {}
             for name, tensor in states[kind].items():
-                out_shards[name] = sharded_tensors(_key(kind, name), params[kind][name],
+                out_shards[name] = sharded_tensors(checkpoint_key(kind, name), params[kind][name],
                                                    tensor.float().contiguous(), 0, 1, (0, 0))
                 done += 1
                 tick(done)
@@ -239,7 +235,7 @@ def write_checkpoint(cfg: Config, states: dict[str, dict[str, Tensor]], out: Pat
 
         out.mkdir(parents=True, exist_ok=True)
         if "clip_teacher" in states:
-            teachers = {_key(k, n): v for k in ("clip_teacher", "mae_teacher")
+            teachers = {checkpoint_key(k, n): v for k in ("clip_teacher", "mae_teacher")
                         for n, v in shards(k).items()}
             save_atomically(out, "teachers", {"teachers": teachers, "meta": {"format": FORMAT}})
         if "student" in states:
@@ -255,7 +251,7 @@ def read_checkpoint(cfg: Config, root: Path) -> dict[str, dict[str, Tensor]]:
     the checkpoint ``latest`` names, the teachers of ``teachers/`` when there."""
     from megatron.core import dist_checkpointing
 
-    from megavideo.checkpoint import resolve
+    from megavideo.checkpoint import checkpoint_key, resolve
     from parallel.checkpointing import assemble, sharded_tensors
     from parallel.distributed import single_rank_world
 
@@ -270,13 +266,13 @@ def read_checkpoint(cfg: Config, root: Path) -> dict[str, dict[str, Tensor]]:
         if teachers_dir.is_dir():
             sources.append((teachers_dir, ("clip_teacher", "mae_teacher")))
         for directory, kinds in sources:
-            request = {kind: {name: sharded_tensors(_key(kind, name), p, None, 0, 1, (0, 0),
+            request = {kind: {name: sharded_tensors(checkpoint_key(kind, name), p, None, 0, 1, (0, 0),
                                                     torch.float32)
                               for name, p in params[kind].items()} for kind in kinds}
-            flat = {_key(k, n): v for k in kinds for n, v in request[k].items()}
+            flat = {checkpoint_key(k, n): v for k in kinds for n, v in request[k].items()}
             group = "model" if kinds == ("student",) else "teachers"
             loaded = dist_checkpointing.load({group: flat}, str(directory))[group]
             for kind in kinds:
-                out[kind] = {name: assemble(p, loaded[_key(kind, name)], 0)
+                out[kind] = {name: assemble(p, loaded[checkpoint_key(kind, name)], 0)
                              for name, p in params[kind].items()}
     return out

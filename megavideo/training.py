@@ -141,14 +141,13 @@ def _check_finite(step: int, metrics: dict[str, float], local_ok: bool,
                   checkpointer: Checkpointer) -> None:
     """Raise NonFiniteError on every rank (with the ranks where it appeared) if a loss term or the
     gradient norm is not finite; the values are the same on every rank, so all stop together."""
-    values = [v for k, v in metrics.items() if k.startswith("loss") or k == "grad_norm"]
-    if all(math.isfinite(v) for v in values):
+    checked = {k: v for k, v in metrics.items() if k.startswith("loss") or k == "grad_norm"}
+    if all(math.isfinite(v) for v in checked.values()):
         return
     flags = [None] * dist.get_world_size()
     dist.all_gather_object(flags, local_ok)
     ranks = [r for r, ok in enumerate(flags) if not ok] or list(range(len(flags)))
-    shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
-                      if k.startswith("loss") or k == "grad_norm")
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in checked.items())
     last = checkpointer.latest()
     where = f"the last good checkpoint is {last}" if last else "there is no checkpoint yet"
     raise NonFiniteError(f"step {step}: non-finite loss or gradient norm on rank(s) "
