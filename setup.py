@@ -18,12 +18,17 @@ setup(
         "einops",
         "pyyaml",
         "tensorboard",
+        "av>=12",  # PyAV: manifests and the CPU decode path
     ],
     extras_require={
         # the GPU stack, optional at run time (NVIDIA's apex is used when present, never required:
         # the PyPI package named "apex" is unrelated)
         "gpu": ["transformer-engine[pytorch]", "flash-attn", "nvidia-dali-cuda120"],
+        # DALI alone: its CPU pipeline decodes VP8/VP9/MJPEG without a GPU (CI tests it)
+        "dali": ["nvidia-dali-cuda120"],
         "mpi": ["mpi4py"],
-        "dev": ["pytest", "ruff"],
+        # the decoder the official InternVideo2 code uses, for launch.bench_data's baseline
+        "bench": ["decord"],
+        "dev": ["pytest", "ruff", "nvidia-dali-cuda120"],
     },
 )

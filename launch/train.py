@@ -1,7 +1,8 @@
 """Train: ``torchrun --nproc-per-node N -m launch.train CONFIG [key=value ...]``.
 
 Also starts under ``srun`` and ``mpirun`` (see :mod:`parallel.distributed`). Exit codes: 0 done,
-2 bad config or checkpoint, 3 non-finite loss or gradient norm (nothing saved), 75 saved after
+2 bad config or checkpoint, 3 non-finite loss or gradient norm (nothing saved), 4 too many video
+files failed to decode (above data.max_skip_rate; nothing saved), 75 saved after
 SIGUSR1/SIGTERM (requeue and run the same command again to resume).
 """
 
@@ -14,6 +15,7 @@ from megavideo.config import ConfigError, validate_world
 from parallel.distributed import detect_launch
 
 EXIT_NONFINITE = 3
+EXIT_DATA = 4
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,13 +29,14 @@ def main(argv: list[str] | None = None) -> None:
         validate_world(cfg, detect_launch().world_size)
     except ConfigError as err:
         exit_with(err)
+    from dataloaders.loader import DataError
     from megavideo.training import NonFiniteError, run
 
+    codes = {ConfigError: 2, NonFiniteError: EXIT_NONFINITE, DataError: EXIT_DATA}
     try:
         run(cfg)
-    except (ConfigError, NonFiniteError) as err:
-        exit_with(err, 2 if isinstance(err, ConfigError) else EXIT_NONFINITE,
-                  show=detect_launch().rank == 0)
+    except tuple(codes) as err:
+        exit_with(err, codes[type(err)], show=detect_launch().rank == 0)
 
 
 if __name__ == "__main__":

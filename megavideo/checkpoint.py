@@ -34,6 +34,7 @@ from megavideo.config import Config, ConfigError
 from megavideo.state import canonical_params
 from parallel import optimizer_state
 from parallel.checkpointing import assemble, sharded_tensors
+from parallel.distributed import device
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,8 @@ class StopSignal:
 
     def agreed(self) -> bool:
         """True on every rank when any rank got a signal (one small all-reduce per step)."""
-        flag = torch.tensor([1 if self.received is not None else 0])
+        # on the rank's device: NCCL reduces no CPU tensors
+        flag = torch.tensor([1 if self.received is not None else 0], device=device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -153,6 +155,7 @@ class Checkpointer:
         self.cfg = cfg
         self.trainer = trainer
         self.root = cfg.checkpoint_dir
+        self.resumed: dict = {}  # the metadata of the checkpoint a run resumed from
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.dp_group = parallel_state.get_data_parallel_group()
@@ -261,6 +264,7 @@ class Checkpointer:
             "config": self.cfg.to_dict(),
             "layout": self.layout,
             "optimizer_states": list(self._saved_states()),
+            "data": self.trainer.data_state(),
         }
 
     def _prune(self) -> None:
@@ -319,6 +323,7 @@ class Checkpointer:
             self._set_rng(loaded["rng"])
         step = 0 if weights_only else meta["step"]
         if not weights_only:
+            self.resumed = meta
             self.trainer.scheduler.num_steps = step
             self.trainer.scheduler.step(increment=0)
         log.info("loaded %s from %s (step %d, written at %s)",

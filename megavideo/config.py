@@ -106,7 +106,18 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"
+    source: str = "synthetic"  # synthetic | manifest
+    manifest: str = ""  # a manifest.jsonl from python -m launch.manifest
+    backend: str = "auto"  # auto | pyav | dali (auto: DALI's NVDEC on GPU ranks, else PyAV)
+    normalize: str = "imagenet"  # imagenet | clip (mean and standard deviation)
+    frame_sampling: str = "random"  # random | middle (frame in each segment)
+    crop: str = "random_resized"  # random_resized | center
+    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])  # area fraction range
+    flip: bool = True
+    workers: int = 2  # PyAV decode processes, or DALI threads
+    prefetch: int = 2  # micro-batches decoded ahead
+    decode_threads: int = 1  # FFmpeg threads per PyAV decode
+    max_skip_rate: float = 0.05  # stop when more of the decodes fail (after a global batch)
 
 
 @dataclass
@@ -387,10 +398,39 @@ def validate(config: Config, world_size: int | None = None) -> None:
         )
     if config.checkpoint.interval < 0 or config.checkpoint.keep < 1:
         raise ConfigError("checkpoint.interval must be >= 0 and checkpoint.keep >= 1.")
-    if config.data.source != "synthetic":
-        raise ConfigError(f"data.source must be 'synthetic', got '{config.data.source}'.")
+    _validate_data(config.data)
     if world_size is not None:
         validate_world(config, world_size)
+
+
+DATA_CHOICES = {
+    "source": ("synthetic", "manifest"),
+    "backend": ("auto", "pyav", "dali"),
+    "normalize": ("imagenet", "clip"),
+    "frame_sampling": ("random", "middle"),
+    "crop": ("random_resized", "center"),
+}
+
+
+def _validate_data(data: DataConfig) -> None:
+    for name, choices in DATA_CHOICES.items():
+        if getattr(data, name) not in choices:
+            raise ConfigError(f"data.{name} must be one of {', '.join(choices)}, got "
+                              f"'{getattr(data, name)}'.")
+    if data.source == "manifest":
+        if not data.manifest:
+            raise ConfigError("data.source=manifest needs data.manifest (make one with "
+                              "python -m launch.manifest VIDEO_DIR_OR_CSV -o manifest.jsonl).")
+        if not Path(data.manifest).is_file():
+            raise ConfigError(f"data.manifest: no such file {data.manifest}.")
+    low, high = (data.crop_scale + [0, 0])[:2]
+    if len(data.crop_scale) != 2 or not 0 < low <= high <= 1:
+        raise ConfigError(f"data.crop_scale must be two numbers 0 < low <= high <= 1, got "
+                          f"{data.crop_scale}.")
+    if data.workers < 0 or data.prefetch < 1 or data.decode_threads < 1:
+        raise ConfigError("data.workers must be >= 0, data.prefetch and data.decode_threads >= 1.")
+    if not 0 <= data.max_skip_rate <= 1:
+        raise ConfigError(f"data.max_skip_rate must be in [0, 1], got {data.max_skip_rate}.")
 
 
 def validate_world(config: Config, world_size: int) -> int:

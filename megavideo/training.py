@@ -16,6 +16,7 @@ from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megavideo import data
 from megavideo.checkpoint import EXIT_REQUEUE, Checkpointer, StopSignal
 from megavideo.config import Config, validate_world
 from megavideo.metrics import MetricsWriter
@@ -79,6 +80,8 @@ class Trainer:
         config.finalize_model_grads_func = self._finalize_grads
         self.pp_group = parallel_state.get_pipeline_model_parallel_group()
         self.dp_group = parallel_state.get_data_parallel_group()
+        self.skips = data.SkipBudget(cfg.data.max_skip_rate, train.global_batch)
+        self.data_identity: dict = {}  # the manifest's size and digest, saved with checkpoints
 
     def _finalize_grads(self, model, num_tokens=None, **kwargs) -> None:
         finalize_model_grads(model, num_tokens, **kwargs)
@@ -110,13 +113,22 @@ class Trainer:
         )
         sums /= stage.num_microbatches
         self.locally_finite = bool(torch.isfinite(sums).all())
-        dist.all_reduce(sums, group=self.pp_group)
-        dist.all_reduce(sums, group=self.dp_group)
-        sums /= parallel_state.get_data_parallel_world_size()
+        # the data counts (skipped, attempts) ride along: TP peers hold the same, others zeros
+        totals = torch.cat([sums, stage.take_data_counts()]).to(self.device)
+        dist.all_reduce(totals, group=self.pp_group)
+        dist.all_reduce(totals, group=self.dp_group)
+        totals = totals.cpu()
+        sums = totals[: len(TERMS)] / parallel_state.get_data_parallel_world_size()
         weights = self.cfg.model.loss_weights
         terms = {f"loss/{name}": float(v) for name, v in zip(TERMS, sums, strict=False)}
         terms["loss"] = float(sum(w * v for w, v in zip(weights, sums, strict=False)))
+        if self.cfg.data.source == "manifest":
+            terms["data/skipped"], terms["data/attempts"] = (int(v) for v in totals[len(TERMS):])
         return terms
+
+    def data_state(self) -> dict:
+        """What a checkpoint keeps of the data: the skip counts and which manifest it was."""
+        return self.skips.state() | self.data_identity
 
     def train_step(self, step: int) -> dict[str, float]:
         start = time.perf_counter()
@@ -124,12 +136,15 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         metrics = self.forward_backward(step)
+        data_wait = self.stage.data_wait
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         elapsed = time.perf_counter() - start
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics["samples_per_s"] = self.cfg.train.global_batch / elapsed
+        if "data/skipped" in metrics:
+            metrics["data/wait_s"] = data_wait
         return metrics
 
 
@@ -162,10 +177,22 @@ def run(cfg: Config) -> list[dict]:
     Returns the metrics of the steps run.
     """
     validate_world(cfg, detect_launch().world_size)  # before any process group exists
+    manifest = data.check(cfg)
     stop = StopSignal()  # from the start: a signal during start-up is honoured after one step
     trainer = Trainer(cfg)
     checkpointer = Checkpointer(cfg, trainer)
     start = checkpointer.restore()
+    resumed = checkpointer.resumed
+    if manifest is not None:
+        trainer.data_identity = {"manifest_rows": len(manifest), "manifest_digest": manifest.digest}
+        saved = resumed.get("data", {})
+        trainer.skips.skipped = saved.get("skipped", 0)
+        trainer.skips.attempts = saved.get("attempts", 0)
+        if saved.get("manifest_digest", manifest.digest) != manifest.digest:
+            log.warning("the manifest changed since the checkpoint (%d rows, now %d): the order "
+                        "of the current epoch changes from here on", saved.get("manifest_rows", 0),
+                        len(manifest))
+    trainer.stage.start_data(start, resumed.get("consumed_samples", start * cfg.train.global_batch))
     if start >= cfg.train.steps:
         log.info("nothing to do: the run is at step %d of train.steps=%d", start, cfg.train.steps)
     writer = MetricsWriter(cfg.run.dir, cfg.run.tensorboard, start) if dist.get_rank() == 0 else None
@@ -175,6 +202,9 @@ def run(cfg: Config) -> list[dict]:
         for step in range(start, cfg.train.steps):
             metrics = trainer.train_step(step)
             _check_finite(step, metrics, trainer.locally_finite, checkpointer)
+            if "data/skipped" in metrics:
+                trainer.skips.add(step, metrics["data/skipped"], metrics["data/attempts"])
+                metrics["data/skip_rate"] = trainer.skips.skipped / max(trainer.skips.attempts, 1)
             history.append(metrics)
             if writer is not None:
                 writer.write(step, metrics)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,43 @@ def test_train_bf16_with_the_distributed_optimizer(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(0.0 < r["loss"] < 6.0 for r in rows)
     assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def _train(tmp_path, nproc: int, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           "-m", "launch.train", "configs/stage1_tiny.yaml", "train.warmup_steps=1",
+           f"run.dir={tmp_path}", *overrides]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={"PATH": "", "OMP_NUM_THREADS": "1"})
+
+
+def test_train_from_video_files_on_tp2_dp2_skips_and_counts_broken_files(tmp_path, stale_manifest):
+    steps = 3
+    proc = _train(tmp_path, 4, "parallel.pp=1", "parallel.sp=false", f"train.steps={steps}",
+                  "data.source=manifest", f"data.manifest={stale_manifest}",
+                  "data.max_skip_rate=0.5", "checkpoint.save_at_end=false")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "video decode: PyAV on the CPU, 2 worker processes" in proc.stderr
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(steps))
+    skipped = sum(r["data/skipped"] for r in rows)
+    assert skipped >= 1
+    assert all(r["data/attempts"] == 8 + r["data/skipped"] for r in rows)  # global batch 8
+    assert rows[-1]["data/skip_rate"] == pytest.approx(skipped / (8 * steps + skipped))
+    assert all(r["loss"] == r["loss"] and r["data/wait_s"] >= 0 for r in rows)
+    logged = [line.split("skipped ", 1)[1].split(":")[0] for line in proc.stderr.splitlines()
+              if "megavideo.stages.stage1: skipped " in line]
+    assert logged and {Path(p).stem for p in logged} <= {"broken_truncated", "broken_empty"}
+    # each file once per decoding rank (tp rank 0 of each of the 2 data-parallel ranks)
+    assert all(logged.count(p) <= 2 for p in logged)
+
+
+def test_a_run_past_the_skip_rate_stops_with_a_clear_message(tmp_path, stale_manifest):
+    proc = _train(tmp_path, 2, "parallel.tp=1", "parallel.pp=1", "parallel.sp=false",
+                  "train.steps=3", "data.source=manifest", f"data.manifest={stale_manifest}",
+                  "data.max_skip_rate=0.01", "data.workers=0")
+    assert proc.returncode != 0
+    assert "clip decodes failed" in proc.stderr and "above data.max_skip_rate=0.01" in proc.stderr
+    assert re.search(r"exitcode\s*:\s*4\b", proc.stderr)  # launch.train's data exit code
+    assert not (tmp_path / "checkpoints").exists()

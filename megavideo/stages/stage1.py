@@ -10,18 +10,24 @@ with the official layouts that is the last stage alone. Stages without aligners 
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 
 from dataloaders.synthetic import generator, global_indices, synthetic_video
+from megavideo import data
 from megavideo.config import Config
 from megavideo.models.specs import transformer_config
 from megavideo.models.student import Stage1Batch, Stage1Student, Tokens, aligned_layers
 from megavideo.models.teachers import Stage1Teachers
 from parallel.comm import recv_from_stage, send_to_stage
 from parallel.layout import chunks_of, split_layers
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,51 @@ class Stage1:
                                            teacher_cfg["mae_teacher"], self.tp_group).to(device)
         self.needs = [self._needs(r) for r in range(par.pp)]
         self.tied = self._tied()
+        # video files: decoded on the first stage by TP rank 0, broadcast to its TP peers
+        self.from_files = cfg.data.source == "manifest" and self.pp_rank == 0
+        self.decodes = self.from_files and parallel_state.get_tensor_model_parallel_rank() == 0
+        self.data_counts = torch.zeros(2, dtype=torch.float64)  # this step: skipped, attempts
+        self._batches = None
+        self._reported: set[str] = set()
+        self.data_wait = 0.0  # seconds this step waited for decoded clips
+
+    def start_data(self, start_step: int, consumed_samples: int) -> None:
+        """Begin reading clips at ``start_step``, whose data starts at ``consumed_samples``."""
+        if self.decodes:
+            feed = data.feed(self.cfg, self.dp_rank, self.dp, self.device)
+            self._batches = feed.iterate(start_step, self.cfg.train.steps, consumed_samples)
+
+    def take_data_counts(self) -> torch.Tensor:
+        counts, self.data_counts = self.data_counts, torch.zeros(2, dtype=torch.float64)
+        return counts
+
+    def _clips(self, step: int, indices: list[int]) -> torch.Tensor:
+        """The micro-batch's clips [b, 3, frames, size, size] on this rank's device."""
+        seed, student = self.cfg.train.seed, self.cfg.model.student
+        frames = self.cfg.model.mae_teacher.num_frames
+        if not self.from_files:
+            return torch.stack([synthetic_video(seed, step, i, frames, student.image_size)
+                                for i in indices]).to(self.device)
+        shape = (len(indices), 3, frames, student.image_size, student.image_size)
+        counts = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if self.decodes:
+            start = time.perf_counter()
+            batch = next(self._batches)
+            self.data_wait += time.perf_counter() - start
+            video = batch.video.to(self.device, non_blocking=True)
+            counts += torch.tensor([len(batch.skipped), batch.attempts], dtype=torch.float64)
+            for path, reason in batch.skipped:
+                if path not in self._reported:
+                    self._reported.add(path)
+                    log.warning("skipped %s: %s", path, reason)
+        else:
+            video = torch.empty(shape, device=self.device)
+        if self.cfg.parallel.tp > 1:
+            src = parallel_state.get_tensor_model_parallel_src_rank()
+            dist.broadcast(video, src, group=self.tp_group)
+            dist.broadcast(counts, src, group=self.tp_group)
+        self.data_counts += counts.cpu()
+        return video
 
     def _needs(self, pp_rank: int) -> Needs:
         clip, mae = aligned_layers(self.cfg.model)
@@ -109,11 +160,8 @@ class Stage1:
 
     def _teacher_pass(self, step: int, indices: list[int]) -> dict:
         """First stage: clips, masks and all targets of one micro-batch, then the sends."""
-        seed, student = self.cfg.train.seed, self.cfg.model.student
-        frames = self.cfg.model.mae_teacher.num_frames
-        video = torch.stack([synthetic_video(seed, step, i, frames, student.image_size)
-                             for i in indices]).to(self.device)
-        masks = [generator(seed, step, i, "mask") for i in indices]
+        video = self._clips(step, indices)
+        masks = [generator(self.cfg.train.seed, step, i, "mask") for i in indices]
         targets = self.teachers(video, masks)
         for rank in range(1, self.cfg.parallel.pp):
             needs = self.needs[rank]
@@ -142,6 +190,7 @@ class Stage1:
         """Per model chunk of this rank, the step's micro-batches."""
         train = self.cfg.train
         per_chunk: list[list[Stage1Batch]] = [[] for _ in self.models]
+        self.data_wait = 0.0
         for m in range(self.num_microbatches):
             indices = global_indices(step, train.global_batch, self.dp_rank, self.dp, m,
                                      train.micro_batch)

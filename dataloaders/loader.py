@@ -1,0 +1,208 @@
+"""Clips from a manifest for one data-parallel rank: sampling, decoding, skipping bad files.
+
+A micro-batch is a list of run positions (see sampling.py). Each position names a manifest row
+and a draw (frames, crop, flip). A file that fails to decode is skipped and replaced by another
+row chosen deterministically from (seed, epoch, row, attempt), so every layout and every resumed
+run sees the same replacements. PyAV decodes in DataLoader worker processes; DALI decodes in a
+prefetching thread (its own threads do the work), and a failing DALI batch is rebuilt from the
+good samples plus replacements.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from dataloaders.manifest import Manifest
+from dataloaders.pyav_decode import DecodeError, read_frames
+from dataloaders.sampling import Draw, Sampling, position_row
+from dataloaders.transform import to_clip
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 16
+
+
+class DataError(RuntimeError):
+    """The data cannot feed the run (too many bad files); the message says what to do."""
+
+
+@dataclass
+class Batch:
+    """One micro-batch of clips and what it cost: files skipped (path, reason) and decodes tried."""
+
+    video: torch.Tensor  # [B, 3, T, size, size]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    attempts: int = 0
+
+
+class Clips:
+    """Manifest rows to clips: the draws, the decode with either backend, the replacements."""
+
+    def __init__(self, manifest: Manifest, sampling: Sampling, size: int, normalize: str,
+                 decode_threads: int = 1) -> None:
+        self.manifest = manifest
+        self.sampling = sampling
+        self.size = size
+        self.normalize = normalize
+        self.decode_threads = decode_threads
+
+    def _draw(self, epoch: int, row: int) -> Draw:
+        m = self.manifest
+        return self.sampling.draw(epoch, row, m.num_frames[row], m.heights[row], m.widths[row])
+
+    def _candidates(self, position: int) -> Iterator[tuple[int, int]]:
+        """(epoch, row) for a position: its own row, then its replacements."""
+        epoch, row = position_row(self.sampling.seed, position, len(self.manifest))
+        yield epoch, row
+        for attempt in range(MAX_ATTEMPTS - 1):
+            yield epoch, self.sampling.replacement(epoch, row, attempt, len(self.manifest))
+
+    def _exhausted(self, position: int) -> DataError:
+        return DataError(f"sample {position}: {MAX_ATTEMPTS} files in a row failed to decode; "
+                         f"check the manifest {self.manifest.path} (python -m launch.manifest "
+                         "probes every file again).")
+
+    def load_pyav(self, positions: list[int]) -> Batch:
+        """Decode with PyAV on this process's CPU."""
+        clips, skipped, attempts = [], [], 0
+        for position in positions:
+            for epoch, row in self._candidates(position):
+                attempts += 1
+                draw = self._draw(epoch, row)
+                path = self.manifest.paths[row]
+                try:
+                    frames = read_frames(path, draw.frames, self.decode_threads)
+                except DecodeError as e:
+                    skipped.append((path, str(e)))
+                    continue
+                clips.append(to_clip(frames, draw.crop, self.size, self.normalize))
+                break
+            else:
+                raise self._exhausted(position)
+        return Batch(torch.stack(clips), skipped, attempts)
+
+    def load_dali(self, positions: list[int], decoder) -> Batch:
+        """Decode with a DaliDecoder; failing samples are replaced and the batch run again."""
+        candidates = [self._candidates(p) for p in positions]
+        current = [next(c) for c in candidates]
+        skipped, attempts = [], len(current)
+        while True:
+            draws = [self._draw(epoch, row) for epoch, row in current]
+            paths = [self.manifest.paths[row] for _, row in current]
+            encoded, failed = [], {}
+            for i, path in enumerate(paths):
+                try:
+                    data = np.fromfile(path, dtype=np.uint8)
+                except OSError as e:
+                    data, failed[i] = np.zeros(0, np.uint8), f"unreadable ({e})"
+                if data.size == 0 and i not in failed:
+                    failed[i] = "empty file"
+                encoded.append(data)
+            video = None
+            if not failed:
+                video, failed = decoder.decode(encoded, draws)
+            if video is not None:
+                return Batch(video, skipped, attempts)
+            for i, reason in sorted(failed.items()):
+                skipped.append((paths[i], reason))
+                replacement = next(candidates[i], None)
+                if replacement is None:
+                    raise self._exhausted(positions[i])
+                current[i] = replacement
+                attempts += 1
+
+
+class _Keyed(torch.utils.data.Dataset):
+    """For a DataLoader: key (step, micro) -> that micro-batch's Batch, decoded with PyAV."""
+
+    def __init__(self, clips: Clips, positions) -> None:
+        self.clips, self.positions = clips, positions
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[tuple[int, int], Batch]:
+        return key, self.clips.load_pyav(self.positions(*key))
+
+    def __len__(self) -> int:
+        raise TypeError("keyed by (step, micro-batch)")
+
+
+def _as_is(item):
+    return item
+
+
+def _threaded(produce, keys: list[tuple[int, int]], depth: int) -> Iterator:
+    """Run ``produce(key)`` for each key in a background thread, ``depth`` ahead."""
+    results: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+
+    def work() -> None:
+        for key in keys:
+            try:
+                results.put((key, produce(key)))
+            except Exception as e:  # handed to the consumer, raised there
+                results.put((key, e))
+                return
+
+    threading.Thread(target=work, daemon=True, name="megavideo-dali").start()
+    for _ in keys:
+        key, item = results.get()
+        if isinstance(item, Exception):
+            raise item
+        yield key, item
+
+
+@dataclass
+class Feed:
+    """Where this rank's micro-batches come from: which positions, which backend, how parallel."""
+
+    clips: Clips
+    global_batch: int
+    micro_batch: int
+    dp_rank: int
+    dp: int
+    backend: str  # "pyav" or "dali"
+    workers: int = 2
+    prefetch: int = 2
+    dali_device_id: int | None = None
+    offset: int = 0  # consumed samples minus step * global batch (non-zero if the batch changed)
+
+    def positions(self, step: int, micro: int) -> list[int]:
+        start = (step * self.global_batch + self.dp_rank * (self.global_batch // self.dp)
+                 + micro * self.micro_batch + self.offset)
+        return list(range(start, start + self.micro_batch))
+
+    def iterate(self, start_step: int, steps: int, consumed_samples: int) -> Iterator[Batch]:
+        """Micro-batches of steps ``start_step`` .. ``steps - 1`` in order; ``consumed_samples``
+        (from the checkpoint) is where the data of ``start_step`` begins."""
+        self.offset = consumed_samples - start_step * self.global_batch
+        micro = self.global_batch // (self.micro_batch * self.dp)
+        keys = [(s, m) for s in range(start_step, steps) for m in range(micro)]
+        if self.backend == "dali":
+            from dataloaders.dali import DaliDecoder
+
+            decoder = DaliDecoder(self.clips.size, self.clips.normalize, self.micro_batch,
+                                  self.workers, self.dali_device_id)
+            log.info("video decode: %s, %d threads", decoder.name, self.workers)
+            stream = _threaded(lambda key: self.clips.load_dali(self.positions(*key), decoder),
+                               keys, self.prefetch)
+        elif self.workers > 0:
+            log.info("video decode: PyAV on the CPU, %d worker processes", self.workers)
+            stream = iter(torch.utils.data.DataLoader(
+                _Keyed(self.clips, self.positions), sampler=keys, batch_size=None,
+                num_workers=self.workers, prefetch_factor=self.prefetch,
+                multiprocessing_context="spawn", persistent_workers=False,
+                collate_fn=_as_is))
+        else:
+            log.info("video decode: PyAV on the CPU, in the training process")
+            stream = ((key, self.clips.load_pyav(self.positions(*key))) for key in keys)
+        for expected, (key, batch) in zip(keys, stream, strict=True):
+            assert tuple(key) == expected, (key, expected)
+            yield batch
+
+
+__all__ = ["Batch", "Clips", "DataError", "Feed"]

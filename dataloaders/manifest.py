@@ -1,0 +1,270 @@
+"""Manifests: one JSON line per usable clip, probed once, so training never has to guess.
+
+A row holds the path, frame count (counted from the demuxed packets: DALI has no frame-count
+operator and containers' headers are often wrong), fps, duration, codec, width, height, whether
+there is audio, and the caption or label of the annotation it came from. Files that cannot be
+used go to ``rejected.jsonl`` beside the manifest, with the reason.
+
+Inputs: a directory (searched for video files), or an annotation file in the official
+InternVideo2 formats: JSON / JSON Lines with ``video`` (or ``path``) and ``caption`` or
+``label``, or CSV/TXT lines ``path label`` (space- or comma-separated, optionally with a header).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import av
+
+VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".ts"}
+PATH_KEYS = ("video", "path", "filename", "file")
+CARRIED_KEYS = ("caption", "label", "text")
+
+
+class ProbeError(Exception):
+    """Why a file cannot be used."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One input item: a file and what its annotation says about it."""
+
+    path: str
+    extra: dict = field(default_factory=dict)
+
+
+def _entries_of_rows(rows: Iterable[dict], root: Path) -> Iterator[Entry]:
+    for row in rows:
+        key = next((k for k in PATH_KEYS if k in row), None)
+        if key is None:
+            raise ValueError(f"an annotation row has none of the keys {', '.join(PATH_KEYS)}: "
+                             f"{json.dumps(row)[:120]}")
+        yield Entry(str(root / row[key]), {k: row[k] for k in CARRIED_KEYS if k in row})
+
+
+def _entries_of_table(path: Path, root: Path) -> Iterator[Entry]:
+    with open(path, newline="") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    if not lines:
+        return
+    delimiter = "," if "," in lines[0] else None
+    first = [c.strip() for c in (lines[0].split(delimiter))]
+    if first[0].lower() in PATH_KEYS:  # a header
+        reader = csv.DictReader(lines, delimiter=delimiter or " ", skipinitialspace=True)
+        yield from _entries_of_rows(({k.strip().lower(): v for k, v in r.items() if k}
+                                     for r in reader), root)
+        return
+    for line in lines:
+        cells = line.split(delimiter, 1) if delimiter else line.split(None, 1)
+        label = cells[1].strip() if len(cells) > 1 else None
+        extra = {}
+        if label is not None:
+            extra["label"] = int(label) if label.lstrip("-").isdigit() else label
+        yield Entry(str(root / cells[0].strip()), extra)
+
+
+def read_entries(source: str | Path, root: str | Path = "") -> list[Entry]:
+    """The files named by a directory or an annotation file (paths relative to ``root``, or to
+    the annotation's own directory when ``root`` is empty)."""
+    source = Path(source)
+    if source.is_dir():
+        return [Entry(str(p)) for p in sorted(source.rglob("*"))
+                if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()]
+    if not source.is_file():
+        raise FileNotFoundError(f"{source} is neither a directory nor a file")
+    base = Path(root) if root else source.parent
+    suffix = source.suffix.lower()
+    if suffix == ".json":
+        return list(_entries_of_rows(json.loads(source.read_text()), base))
+    if suffix == ".jsonl":
+        return list(_entries_of_rows((json.loads(line) for line in
+                                      source.read_text().splitlines() if line.strip()), base))
+    return list(_entries_of_table(source, base))
+
+
+def _count_frames(container, stream) -> int:
+    return sum(1 for p in container.demux(stream) if p.pts is not None and p.size > 0)
+
+
+def probe(path: str) -> dict:
+    """The manifest fields of one file, or ProbeError with the reason it cannot be used."""
+    if not os.path.isfile(path):
+        raise ProbeError("no such file")
+    if os.path.getsize(path) == 0:
+        raise ProbeError("empty file")
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise ProbeError("no video stream")
+            stream = container.streams.video[0]
+            codec = stream.codec_context.name if stream.codec_context else ""
+            if not codec or codec not in av.codecs_available:
+                raise ProbeError(f"unsupported codec {codec or 'unknown'}")
+            frames = _count_frames(container, stream)
+            if frames == 0:
+                raise ProbeError("zero frames")
+            container.seek(0)
+            first = next(container.decode(stream), None)
+            if first is None:
+                raise ProbeError("no frame decodes")
+            rate = stream.average_rate or stream.guessed_rate
+            duration = (float(stream.duration * stream.time_base) if stream.duration else
+                        container.duration / 1e6 if container.duration else
+                        frames / float(rate) if rate else 0.0)
+            fps = float(rate) if rate else (frames / duration if duration else 0.0)
+            return {"path": path, "num_frames": frames, "fps": round(fps, 4),
+                    "duration": round(duration, 4), "codec": codec, "width": first.width,
+                    "height": first.height, "audio": bool(container.streams.audio)}
+    except ProbeError:
+        raise
+    except (av.FFmpegError, OSError, StopIteration, ValueError) as e:
+        raise ProbeError(f"unreadable ({type(e).__name__}: {e})") from e
+
+
+def _probe_entry(item: tuple[int, Entry]) -> tuple[int, dict, str | None]:
+    index, entry = item
+    try:
+        return index, probe(entry.path) | entry.extra, None
+    except ProbeError as e:
+        return index, {"path": entry.path} | entry.extra, str(e)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by an interrupted run: probe that file again
+            continue
+    return rows
+
+
+def _write_sorted(path: Path, rows: list[dict], order: dict[str, int]) -> None:
+    rows = sorted(rows, key=lambda r: order.get(r["path"], len(order)))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+class Progress:
+    """A one-line progress bar on a terminal, a log line every 10 s otherwise."""
+
+    def __init__(self, total: int, done: int) -> None:
+        self.total, self.done, self.rejected = total, done, 0
+        self.start = self.shown = time.monotonic()
+        self.tty = sys.stderr.isatty()
+        self.first = done
+
+    def update(self, rejected: bool) -> None:
+        self.done += 1
+        self.rejected += rejected
+        now = time.monotonic()
+        if self.done == self.total or now - self.shown > (0.2 if self.tty else 10):
+            self.shown = now
+            rate = (self.done - self.first) / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / rate if rate else 0
+            width = 30
+            bar = "#" * int(width * self.done / max(self.total, 1))
+            line = (f"[{bar:<{width}}] {self.done}/{self.total} probed, {self.rejected} rejected, "
+                    f"{rate:.1f} files/s, eta {eta:.0f} s")
+            print(("\r" + line) if self.tty else line, end="" if self.tty else "\n",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def build_manifest(source: str | Path, out: str | Path, rejected: str | Path | None = None,
+                   root: str | Path = "", workers: int = 0, progress: bool = True
+                   ) -> tuple[int, int]:
+    """Probe every file of ``source`` into ``out`` (and ``rejected``); returns (kept, rejected).
+
+    Resumable: rows already in either file are kept and their files not probed again. Rows are
+    appended as they come, then both files are rewritten atomically in input order.
+    """
+    out = Path(out)
+    rejected = Path(rejected) if rejected else out.with_name("rejected.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    entries = read_entries(source, root)
+    order = {e.path: i for i, e in enumerate(entries)}
+    kept, bad = _read_jsonl(out), _read_jsonl(rejected)
+    done = {r["path"] for r in kept + bad}
+    todo = [(i, e) for i, e in enumerate(entries) if e.path not in done]
+    bar = Progress(len(entries), len(entries) - len(todo)) if progress else None
+    workers = workers or os.cpu_count() or 1
+    with open(out, "a") as good_file, open(rejected, "a") as bad_file:
+        if workers > 1 and len(todo) > 1:
+            pool = get_context("spawn").Pool(workers)
+            results = pool.imap_unordered(_probe_entry, todo, chunksize=4)
+        else:
+            pool, results = None, map(_probe_entry, todo)
+        try:
+            for _, row, reason in results:
+                if reason is None:
+                    kept.append(row)
+                    good_file.write(json.dumps(row) + "\n")
+                    good_file.flush()
+                else:
+                    bad.append(row | {"reason": reason})
+                    bad_file.write(json.dumps(bad[-1]) + "\n")
+                    bad_file.flush()
+                if bar:
+                    bar.update(reason is not None)
+        finally:
+            if pool is not None:
+                pool.terminate()
+    if bar:
+        bar.close()
+    _write_sorted(out, kept, order)
+    _write_sorted(rejected, bad, order)
+    return len(kept), len(bad)
+
+
+class Manifest:
+    """The columns training needs, compact enough for millions of rows in every rank."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.paths: list[str] = []
+        self.num_frames: list[int] = []
+        self.heights: list[int] = []
+        self.widths: list[int] = []
+        codecs: dict[str, str] = {}
+        self.codecs: list[str] = []
+        digest = hashlib.blake2b(digest_size=8)
+        with open(self.path) as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    fields = (row["path"], int(row["num_frames"]), int(row["height"]),
+                              int(row["width"]), str(row["codec"]))
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                    raise ValueError(f"{self.path}:{number} is not a manifest row "
+                                     f"({type(e).__name__}: {e})") from e
+                self.paths.append(fields[0])
+                self.num_frames.append(fields[1])
+                self.heights.append(fields[2])
+                self.widths.append(fields[3])
+                self.codecs.append(codecs.setdefault(fields[4], fields[4]))
+                digest.update(f"{fields[0]}\0{fields[1]}\n".encode())
+        self.digest = digest.hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+__all__ = ["Entry", "Manifest", "ProbeError", "build_manifest", "probe", "read_entries"]
