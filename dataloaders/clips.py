@@ -38,8 +38,9 @@ def read_index(rgb: np.ndarray) -> int:
 
 
 def write_clip(path: str | Path, codec: str = "vp9", frames: int = 32, width: int = 160,
-               height: int = 96, fps: int = 25, vfr: bool = False) -> Path:
-    """Write a clip whose frame ``i`` shows index ``i``; ``vfr`` varies the frame spacing.
+               height: int = 96, fps: int = 25, vfr: bool = False, gop: int = 8) -> Path:
+    """Write a clip whose frame ``i`` shows index ``i``; ``vfr`` varies the frame spacing, ``gop``
+    is the key-frame interval.
 
     ``path`` gets the codec's container suffix when it has none.
     """
@@ -56,9 +57,9 @@ def write_clip(path: str | Path, codec: str = "vp9", frames: int = 32, width: in
         ticks = 3 if vfr else 1  # a VFR clip's frames are 1 or 3 ticks apart
         stream.codec_context.time_base = Fraction(1, fps * ticks)
         if codec == "h264":
-            stream.options = {"crf": "18", "g": "8", "bf": "2"}
+            stream.options = {"crf": "18", "g": str(gop), "bf": "2"}
         elif codec == "vp9":
-            stream.options = {"crf": "20", "b": "0", "g": "8", "deadline": "realtime",
+            stream.options = {"crf": "20", "b": "0", "g": str(gop), "deadline": "realtime",
                               "cpu-used": "8"}
         pts = 0
         for i in range(frames):
