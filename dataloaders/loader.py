@@ -22,6 +22,7 @@ import torch
 from dataloaders.manifest import Manifest
 from dataloaders.pyav_decode import DecodeError, read_frames
 from dataloaders.sampling import Draw, Sampling, position_row
+from dataloaders.synthetic import global_indices
 from dataloaders.transform import to_clip
 
 log = logging.getLogger(__name__)
@@ -125,8 +126,11 @@ class _Keyed(torch.utils.data.Dataset):
     def __init__(self, clips: Clips, positions) -> None:
         self.clips, self.positions = clips, positions
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[tuple[int, int], Batch]:
-        return key, self.clips.load_pyav(self.positions(*key))
+    def __getitem__(self, key: tuple[int, int]) -> tuple[tuple[int, int], Batch | DataError]:
+        try:
+            return key, self.clips.load_pyav(self.positions(*key))
+        except DataError as e:  # raised in the training process, with its own message
+            return key, e
 
     def __len__(self) -> int:
         raise TypeError("keyed by (step, micro-batch)")
@@ -137,7 +141,8 @@ def _as_is(item):
 
 
 def _threaded(produce, keys: list[tuple[int, int]], depth: int) -> Iterator:
-    """Run ``produce(key)`` for each key in a background thread, ``depth`` ahead."""
+    """Run ``produce(key)`` for each key in a background thread, ``depth`` ahead; an exception
+    is handed over in place of the result and ends the thread."""
     results: queue.Queue = queue.Queue(maxsize=max(depth, 1))
 
     def work() -> None:
@@ -151,9 +156,9 @@ def _threaded(produce, keys: list[tuple[int, int]], depth: int) -> Iterator:
     threading.Thread(target=work, daemon=True, name="megavideo-dali").start()
     for _ in keys:
         key, item = results.get()
-        if isinstance(item, Exception):
-            raise item
         yield key, item
+        if isinstance(item, Exception):
+            return
 
 
 @dataclass
@@ -172,9 +177,8 @@ class Feed:
     offset: int = 0  # consumed samples minus step * global batch (non-zero if the batch changed)
 
     def positions(self, step: int, micro: int) -> list[int]:
-        start = (step * self.global_batch + self.dp_rank * (self.global_batch // self.dp)
-                 + micro * self.micro_batch + self.offset)
-        return list(range(start, start + self.micro_batch))
+        return [p + self.offset for p in global_indices(step, self.global_batch, self.dp_rank,
+                                                         self.dp, micro, self.micro_batch)]
 
     def iterate(self, start_step: int, steps: int, consumed_samples: int) -> Iterator[Batch]:
         """Micro-batches of steps ``start_step`` .. ``steps - 1`` in order; ``consumed_samples``
@@ -202,6 +206,8 @@ class Feed:
             stream = ((key, self.clips.load_pyav(self.positions(*key))) for key in keys)
         for expected, (key, batch) in zip(keys, stream, strict=True):
             assert tuple(key) == expected, (key, expected)
+            if isinstance(batch, Exception):
+                raise batch
             yield batch
 
 

@@ -79,10 +79,13 @@ def feed(cfg: Config, dp_rank: int, dp: int, device: torch.device) -> Feed:
 class SkipBudget:
     """Counts failed decodes over the run and stops it past ``data.max_skip_rate``."""
 
-    def __init__(self, max_rate: float, min_attempts: int, skipped: int = 0,
-                 attempts: int = 0) -> None:
+    def __init__(self, max_rate: float, min_attempts: int) -> None:
         self.max_rate, self.min_attempts = max_rate, min_attempts
-        self.skipped, self.attempts = skipped, attempts
+        self.skipped = self.attempts = 0
+
+    def restore(self, state: dict) -> None:
+        """Continue the counts of a checkpoint's ``data`` entry."""
+        self.skipped, self.attempts = state.get("skipped", 0), state.get("attempts", 0)
 
     def add(self, step: int, skipped: int, attempts: int) -> None:
         self.skipped += skipped

@@ -186,8 +186,7 @@ def run(cfg: Config) -> list[dict]:
     if manifest is not None:
         trainer.data_identity = {"manifest_rows": len(manifest), "manifest_digest": manifest.digest}
         saved = resumed.get("data", {})
-        trainer.skips.skipped = saved.get("skipped", 0)
-        trainer.skips.attempts = saved.get("attempts", 0)
+        trainer.skips.restore(saved)
         if saved.get("manifest_digest", manifest.digest) != manifest.digest:
             log.warning("the manifest changed since the checkpoint (%d rows, now %d): the order "
                         "of the current epoch changes from here on", saved.get("manifest_rows", 0),

@@ -210,6 +210,9 @@ def test_a_manifest_of_only_bad_files_stops_with_a_clear_message(videos, tmp_pat
     clips = _clips_over([str(videos["empty"])] * 3, tmp_path)
     with pytest.raises(DataError, match=f"{MAX_ATTEMPTS} files in a row failed to decode"):
         clips.load_pyav([0])
+    # from a worker process too, as the same one sentence (not DataLoader's wrapped traceback)
+    with pytest.raises(DataError, match=f"^sample 0: {MAX_ATTEMPTS} files in a row"):
+        list(Feed(clips, 1, 1, 0, 1, "pyav", workers=1).iterate(0, 1, 0))
 
 
 def test_a_resumed_feed_continues_with_the_next_unseen_clip(videos, tmp_path):
