@@ -101,10 +101,11 @@ def test_train_from_video_files_on_tp2_dp2_skips_and_counts_broken_files(tmp_pat
     assert all(r["data/attempts"] == 8 + r["data/skipped"] for r in rows)  # global batch 8
     assert rows[-1]["data/skip_rate"] == pytest.approx(skipped / (8 * steps + skipped))
     assert all(r["loss"] == r["loss"] and r["data/wait_s"] >= 0 for r in rows)
-    logged = [line.split("skipped ", 1)[1].split(":")[0] for line in proc.stderr.splitlines()
-              if "megavideo.stages.stage1: skipped " in line]
+    lines = [line for line in proc.stderr.splitlines() if "megavideo.stages.stage1: skipped " in line]
+    logged = [line.split("skipped ", 1)[1].split(":")[0] for line in lines]
     assert logged and {Path(p).stem for p in logged} <= {"broken_truncated", "broken_empty"}
-    # each file once per decoding rank (tp rank 0 of each of the 2 data-parallel ranks)
+    # only TP rank 0 of each data-parallel rank decodes (global ranks 0 and 2), each file once
+    assert {re.search(r"rank (\d+)\]", line).group(1) for line in lines} <= {"0", "2"}
     assert all(logged.count(p) <= 2 for p in logged)
 
 
@@ -116,3 +117,22 @@ def test_a_run_past_the_skip_rate_stops_with_a_clear_message(tmp_path, stale_man
     assert "clip decodes failed" in proc.stderr and "above data.max_skip_rate=0.01" in proc.stderr
     assert re.search(r"exitcode\s*:\s*4\b", proc.stderr)  # launch.train's data exit code
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_run_resumed_from_video_files_continues_with_the_next_unseen_clips(tmp_path,
+                                                                            stale_manifest):
+    """Stop after 2 steps, resume to 3: step 2 sees the clips (and replacements) that an
+    uninterrupted run sees, so its loss and data counts are the same bit for bit."""
+    common = ("parallel.tp=1", "parallel.pp=1", "parallel.sp=false", "data.source=manifest",
+              f"data.manifest={stale_manifest}", "data.max_skip_rate=0.5", "data.workers=0",
+              "train.global_batch=4", "train.micro_batch=2")
+    rows = {}
+    for name, legs in (("whole", (3,)), ("resumed", (2, 3))):
+        for steps in legs:
+            proc = _train(tmp_path / name, 2, *common, f"train.steps={steps}")
+            assert proc.returncode == 0, proc.stderr[-4000:]
+        rows[name] = [json.loads(line) for line in
+                      (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows["resumed"]] == [0, 1, 2]
+    for key in ("loss", "data/skipped", "data/attempts", "data/skip_rate"):
+        assert rows["resumed"][2][key] == rows["whole"][2][key], key
