@@ -9,6 +9,7 @@ when that skips work, and decodes forward from there.
 from __future__ import annotations
 
 import bisect
+import os
 
 import av
 import numpy as np
@@ -34,6 +35,8 @@ def _timestamps(container: av.container.InputContainer, stream) -> tuple[list[in
 
 def read_frames(path: str, indices: list[int], threads: int = 1) -> np.ndarray:
     """Frames ``indices`` of the clip at ``path`` as uint8 RGB [len(indices), H, W, 3]."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise DecodeError("empty file")
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]

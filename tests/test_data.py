@@ -98,8 +98,10 @@ def test_pyav_decodes_exactly_the_sampled_frames(videos, name):
 
 
 def test_pyav_reports_bad_files(videos):
-    with pytest.raises(DecodeError, match="Invalid data"):
+    with pytest.raises(DecodeError, match="empty file"):
         read_frames(str(videos["empty"]), [0])
+    with pytest.raises(DecodeError, match="Invalid data"):
+        read_frames(__file__, [0])
     with pytest.raises(DecodeError, match="asked of a clip with"):
         read_frames(str(videos["truncated"]), [39])
 
@@ -202,7 +204,7 @@ def test_bad_files_are_replaced_deterministically_and_counted(videos, tmp_path):
     assert a.skipped == b.skipped and len(a.skipped) >= 2
     assert a.attempts == 8 + len(a.skipped)
     reasons = dict(a.skipped)
-    assert "Invalid data" in reasons[str(videos["empty"])]
+    assert reasons[str(videos["empty"])] == "empty file"
     assert "asked of a clip with" in reasons[str(videos["truncated"])]
 
 
@@ -314,3 +316,16 @@ def test_dali_without_a_gpu_refuses_h264_manifests_before_starting(stale_manifes
         "data.source=manifest", f"data.manifest={stale_manifest}", "data.backend=dali"])
     with pytest.raises(ConfigError, match=r"decodes only VP8, VP9 and MJPEG, but 5 clips .* h264"):
         check(cfg)
+
+
+@needs_dali
+def test_the_dali_feed_prefetches_the_same_micro_batches_as_the_pyav_feed(videos, tmp_path):
+    clips = _clips_over([str(videos[n]) for n in ("vp9", "vp9_odd", "empty", "vp9_vfr")], tmp_path)
+    pyav = list(Feed(clips, 4, 2, 0, 1, "pyav", workers=0).iterate(0, 3, 0))
+    dali_feed = list(Feed(clips, 4, 2, 0, 1, "dali", workers=1, prefetch=2).iterate(0, 3, 0))
+    assert len(dali_feed) == len(pyav) == 6
+    for a, b in zip(pyav, dali_feed, strict=True):
+        assert [p for p, _ in a.skipped] == [p for p, _ in b.skipped]
+        assert a.attempts == b.attempts
+        assert (a.video - b.video).abs().mean() < 0.05
+    assert sum(len(b.skipped) for b in dali_feed) >= 1
