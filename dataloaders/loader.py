@@ -56,7 +56,8 @@ class Clips:
 
     def _draw(self, epoch: int, row: int) -> Draw:
         m = self.manifest
-        return self.sampling.draw(epoch, row, m.num_frames[row], m.heights[row], m.widths[row])
+        return self.sampling.draw(epoch, row, int(m.num_frames[row]), int(m.heights[row]),
+                                  int(m.widths[row]))
 
     def _candidates(self, position: int) -> Iterator[tuple[int, int]]:
         """(epoch, row) for a position: its own row, then its replacements."""
@@ -67,7 +68,7 @@ class Clips:
 
     def _exhausted(self, position: int) -> DataError:
         return DataError(f"sample {position}: {MAX_ATTEMPTS} files in a row failed to decode; "
-                         f"check the manifest {self.manifest.path} (python -m launch.manifest "
+                         f"check the manifest {self.manifest.file} (python -m launch.manifest "
                          "probes every file again).")
 
     def load_pyav(self, positions: list[int]) -> Batch:
@@ -77,7 +78,7 @@ class Clips:
             for epoch, row in self._candidates(position):
                 attempts += 1
                 draw = self._draw(epoch, row)
-                path = self.manifest.paths[row]
+                path = self.manifest.path(row)
                 try:
                     frames = read_frames(path, draw.frames, self.decode_threads)
                 except DecodeError as e:
@@ -96,7 +97,7 @@ class Clips:
         skipped, attempts = [], len(current)
         while True:
             draws = [self._draw(epoch, row) for epoch, row in current]
-            paths = [self.manifest.paths[row] for _, row in current]
+            paths = [self.manifest.path(row) for _, row in current]
             encoded, failed = [], {}
             for i, path in enumerate(paths):
                 try:

@@ -94,12 +94,12 @@ def main(argv: list[str] | None = None) -> None:
         manifest = Manifest(args.manifest or _clips(Path(tmp)))
         sampling = Sampling(args.frames, seed=0)
         results = []
-        for codec in sorted(set(manifest.codecs)):
-            rows = [r for r in range(len(manifest)) if manifest.codecs[r] == codec]
+        for codec in sorted(manifest.codec_counts()):
+            rows = [r for r in range(len(manifest)) if manifest.codec(r) == codec]
             picks = [rows[i % len(rows)] for i in range(args.samples)]
-            paths = [manifest.paths[r] for r in picks]
-            draws = [sampling.draw(i, r, manifest.num_frames[r], manifest.heights[r],
-                                   manifest.widths[r]) for i, r in enumerate(picks)]
+            paths = [manifest.path(r) for r in picks]
+            draws = [sampling.draw(i, r, int(manifest.num_frames[r]), int(manifest.heights[r]),
+                                   int(manifest.widths[r])) for i, r in enumerate(picks)]
             backends: dict[str, Callable | str] = {"pyav+torch": _pyav(args.size, "imagenet")}
             try:
                 backends["decord+torch"] = _decord(args.size, "imagenet")

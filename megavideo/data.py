@@ -30,45 +30,41 @@ def backend(data: DataConfig, cuda: bool) -> str:
     return "pyav"
 
 
-def load_manifest(data: DataConfig) -> Manifest:
-    try:
-        manifest = Manifest(data.manifest)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"data.manifest: {e}.") from None
-    if not len(manifest):
-        raise ConfigError(f"data.manifest {data.manifest} lists no clips.")
-    return manifest
-
-
 def check(cfg: Config) -> Manifest | None:
     """Everything about the data that can be wrong before the run starts, as a ConfigError;
     returns the manifest when the run reads one."""
     data = cfg.data
     if data.source != "manifest":
         return None
-    manifest = load_manifest(data)
+    try:
+        manifest = Manifest(data.manifest)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.manifest: {e}.") from None
+    if not len(manifest):
+        raise ConfigError(f"data.manifest {data.manifest} lists no clips.")
     if data.backend != "dali":
         return manifest
     reason = dali.missing()
     if reason:
         raise ConfigError(f"data.backend=dali: {reason}.")
     if not torch.cuda.is_available():
-        others = sorted({c for c in manifest.codecs if c not in dali.CPU_CODECS})
+        counts = manifest.codec_counts()
+        others = sorted(c for c in counts if c not in dali.CPU_CODECS)
         if others:
-            count = sum(c in others for c in manifest.codecs)
+            count = sum(counts[c] for c in others)
             raise ConfigError(
                 f"data.backend=dali without a GPU decodes only VP8, VP9 and MJPEG, but {count} "
                 f"clips of {data.manifest} are {', '.join(others)}; use data.backend=pyav.")
     return manifest
 
 
-def feed(cfg: Config, dp_rank: int, dp: int, device: torch.device) -> Feed:
+def feed(cfg: Config, manifest: Manifest, dp_rank: int, dp: int, device: torch.device) -> Feed:
     """This data-parallel rank's feed of clips."""
     data, model = cfg.data, cfg.model
     sampling = Sampling(num_frames=model.mae_teacher.num_frames, seed=cfg.train.seed,
                         train=data.frame_sampling == "random", crop=data.crop,
                         scale=(data.crop_scale[0], data.crop_scale[1]), flip=data.flip)
-    clips = Clips(load_manifest(data), sampling, model.student.image_size, data.normalize,
+    clips = Clips(manifest, sampling, model.student.image_size, data.normalize,
                   data.decode_threads)
     cuda = device.type == "cuda"
     return Feed(clips, cfg.train.global_batch, cfg.train.micro_batch, dp_rank, dp,
@@ -102,4 +98,4 @@ class SkipBudget:
         return {"skipped": self.skipped, "attempts": self.attempts}
 
 
-__all__ = ["SkipBudget", "backend", "check", "feed", "load_manifest"]
+__all__ = ["SkipBudget", "backend", "check", "feed"]

@@ -191,7 +191,8 @@ def run(cfg: Config) -> list[dict]:
             log.warning("the manifest changed since the checkpoint (%d rows, now %d): the order "
                         "of the current epoch changes from here on", saved.get("manifest_rows", 0),
                         len(manifest))
-    trainer.stage.start_data(start, resumed.get("consumed_samples", start * cfg.train.global_batch))
+    trainer.stage.start_data(start, resumed.get("consumed_samples", start * cfg.train.global_batch),
+                             manifest)
     if start >= cfg.train.steps:
         log.info("nothing to do: the run is at step %d of train.steps=%d", start, cfg.train.steps)
     writer = MetricsWriter(cfg.run.dir, cfg.run.tensorboard, start) if dist.get_rank() == 0 else None

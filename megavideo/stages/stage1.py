@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from dataloaders.manifest import Manifest
 from dataloaders.synthetic import generator, global_indices, synthetic_video
 from megavideo import data
 from megavideo.config import Config
@@ -79,10 +80,12 @@ class Stage1:
         self._reported: set[str] = set()
         self.data_wait = 0.0  # seconds this step waited for decoded clips
 
-    def start_data(self, start_step: int, consumed_samples: int) -> None:
-        """Begin reading clips at ``start_step``, whose data starts at ``consumed_samples``."""
+    def start_data(self, start_step: int, consumed_samples: int,
+                   manifest: Manifest | None) -> None:
+        """Begin reading clips of ``manifest`` at ``start_step``, whose data starts at
+        ``consumed_samples``."""
         if self.decodes:
-            feed = data.feed(self.cfg, self.dp_rank, self.dp, self.device)
+            feed = data.feed(self.cfg, manifest, self.dp_rank, self.dp, self.device)
             self._batches = feed.iterate(start_step, self.cfg.train.steps, consumed_samples)
 
     def take_data_counts(self) -> torch.Tensor:
