@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dataloaders.dali import DaliDecoder
 from dataloaders.manifest import Manifest
 from dataloaders.pyav_decode import DecodeError, read_frames
 from dataloaders.sampling import Draw, Sampling, position_row
@@ -90,7 +91,7 @@ class Clips:
                 raise self._exhausted(position)
         return Batch(torch.stack(clips), skipped, attempts)
 
-    def load_dali(self, positions: list[int], decoder) -> Batch:
+    def load_dali(self, positions: list[int], decoder: DaliDecoder) -> Batch:
         """Decode with a DaliDecoder; failing samples are replaced and the batch run again."""
         candidates = [self._candidates(p) for p in positions]
         current = [next(c) for c in candidates]
@@ -188,8 +189,6 @@ class Feed:
         micro = self.global_batch // (self.micro_batch * self.dp)
         keys = [(s, m) for s in range(start_step, steps) for m in range(micro)]
         if self.backend == "dali":
-            from dataloaders.dali import DaliDecoder
-
             decoder = DaliDecoder(self.clips.size, self.clips.normalize, self.micro_batch,
                                   self.workers, self.dali_device_id)
             log.info("video decode: %s, %d threads", decoder.name, self.workers)
