@@ -38,9 +38,10 @@ def read_index(rgb: np.ndarray) -> int:
 
 
 def write_clip(path: str | Path, codec: str = "vp9", frames: int = 32, width: int = 160,
-               height: int = 96, fps: int = 25, vfr: bool = False, gop: int = 8) -> Path:
+               height: int = 96, fps: int = 25, vfr: bool = False, gop: int = 8,
+               audio: bool = False) -> Path:
     """Write a clip whose frame ``i`` shows index ``i``; ``vfr`` varies the frame spacing, ``gop``
-    is the key-frame interval.
+    is the key-frame interval, ``audio`` adds a silent track.
 
     ``path`` gets the codec's container suffix when it has none.
     """
@@ -61,6 +62,10 @@ def write_clip(path: str | Path, codec: str = "vp9", frames: int = 32, width: in
         elif codec == "vp9":
             stream.options = {"crf": "20", "b": "0", "g": str(gop), "deadline": "realtime",
                               "cpu-used": "8"}
+        sound = None
+        if audio:  # every stream exists before the first packet is written
+            sound = container.add_stream("libopus" if codec == "vp9" else "aac", rate=48000)
+            sound.layout = "mono"
         pts = 0
         for i in range(frames):
             frame = av.VideoFrame.from_ndarray(frame_pixels(i, width, height), format="rgb24")
@@ -68,7 +73,20 @@ def write_clip(path: str | Path, codec: str = "vp9", frames: int = 32, width: in
             pts += (1 + 2 * (i % 2)) if vfr else 1
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
+        if sound is not None:
+            _silence(container, sound, frames / fps)
     return path
+
+
+def _silence(container, stream, seconds: float) -> None:
+    rate = stream.codec_context.sample_rate
+    size = stream.codec_context.frame_size or 1024
+    for start in range(0, int(seconds * rate), size):
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, size), np.float32), format="fltp",
+                                           layout="mono")
+        frame.sample_rate, frame.pts = rate, start
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode())
 
 
 def truncate(path: str | Path, keep: float = 0.5) -> Path:

@@ -22,6 +22,8 @@ def videos(tmp_path_factory) -> dict[str, Path]:
         "h264_vfr": write_clip(d / "h264_vfr", "h264", frames=30, width=96, height=64, vfr=True),
         "vp9_vfr": write_clip(d / "vp9_vfr", "vp9", frames=30, width=96, height=64, vfr=True),
         "mjpeg": write_clip(d / "mjpeg", "mjpeg", frames=12, width=64, height=48),
+        "h264_audio": write_clip(d / "h264_audio", "h264", frames=20, audio=True),
+        "vp9_audio": write_clip(d / "vp9_audio", "vp9", frames=20, audio=True),
     }
     clips["truncated"] = truncate(write_clip(d / "truncated", "vp9", frames=40), 0.3)
     clips["empty"] = d / "empty.mp4"

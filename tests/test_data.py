@@ -85,7 +85,8 @@ def test_data_parallel_ranks_get_disjoint_shards_of_each_global_batch():
 
 # -- decoding ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["h264", "vp9_odd", "vp9_short", "h264_vfr", "vp9_vfr", "mjpeg"])
+@pytest.mark.parametrize("name", ["h264", "vp9_odd", "vp9_short", "h264_vfr", "vp9_vfr", "mjpeg",
+                                  "h264_audio"])
 def test_pyav_decodes_exactly_the_sampled_frames(videos, name):
     path = str(videos[name])
     length = probe(path)["num_frames"]
@@ -121,7 +122,7 @@ def test_cpu_transform_shape_normalisation_and_flip(videos):
 
 
 @needs_dali
-@pytest.mark.parametrize("name", ["vp9", "vp9_odd", "vp9_short", "vp9_vfr", "mjpeg"])
+@pytest.mark.parametrize("name", ["vp9", "vp9_odd", "vp9_short", "vp9_vfr", "mjpeg", "vp9_audio"])
 def test_dali_cpu_decodes_the_sampled_frames_and_matches_pyav(videos, name):
     """PyAV + torch vs DALI's CPU pipeline on the same draws, in 8-bit levels. Measured: mean
     absolute difference 0.2 to 1.9, largest single difference 18 (MJPEG's full-range chroma at
@@ -240,7 +241,7 @@ def test_worker_processes_give_the_same_batches_as_the_main_process(videos, tmp_
 
 def test_manifest_cli_probes_rejects_with_reasons_and_resumes(videos, tmp_path):
     root = videos["h264"].parent
-    names = ["h264", "vp9_odd", "vp9_short", "h264_vfr", "empty"]
+    names = ["h264", "vp9_odd", "vp9_short", "h264_vfr", "vp9_audio", "empty"]
     annotation = tmp_path / "train.json"
     annotation.write_text(json.dumps(
         [{"video": videos[n].name, "caption": f"clip {n}"} for n in names]
@@ -253,7 +254,7 @@ def test_manifest_cli_probes_rejects_with_reasons_and_resumes(videos, tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     rejected = [json.loads(line) for line in (out.parent / "rejected.jsonl").read_text().splitlines()]
-    assert [Path(r["path"]).stem for r in rows] == names[:4]  # input order
+    assert [Path(r["path"]).stem for r in rows] == names[:5]  # input order
     by = {Path(r["path"]).stem: r for r in rows}
     assert by["h264"] | {"path": ""} == {"path": "", "num_frames": 40, "fps": 25.0, "duration": 1.6,
                                           "codec": "h264", "width": 142, "height": 78,
@@ -261,12 +262,20 @@ def test_manifest_cli_probes_rejects_with_reasons_and_resumes(videos, tmp_path):
     assert (by["vp9_odd"]["width"], by["vp9_odd"]["height"], by["vp9_odd"]["codec"]) == (97, 55,
                                                                                        "vp9")
     assert by["vp9_short"]["num_frames"] == 5 and by["h264_vfr"]["num_frames"] == 30
+    assert by["vp9_audio"]["audio"] is True and by["vp9_audio"]["num_frames"] == 20
     assert {Path(r["path"]).name: r["reason"] for r in rejected} == {
         "empty.mp4": "empty file", "missing.mp4": "no such file"}
-    assert "5 probed" not in proc.stderr and "4 clips" in proc.stderr
-    # resumable: nothing is probed again, and new inputs are added in order
+    assert "5 clips" in proc.stderr and "2 rejected" in proc.stderr
+    # resumable: nothing is probed again, and a new input is probed and put in input order
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and out.read_text().count("\n") == 4
+    assert again.returncode == 0 and out.read_text().count("\n") == 5
+    assert "probed" not in again.stderr  # no progress: nothing was left to probe
+    annotation.write_text(json.dumps([{"video": videos["vp9"].name, "caption": "new"}]
+                                     + json.loads(annotation.read_text())))
+    third = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0 and "8/8 probed" in third.stderr  # 7 known, 1 probed
+    assert [Path(json.loads(line)["path"]).stem for line in out.read_text().splitlines()] == [
+        "vp9"] + names[:5]
     table = tmp_path / "labels.csv"
     table.write_text(f"{videos['vp9'].name} 7\ngarbage.mp4 3\n")
     kept, bad = build_manifest(table, tmp_path / "k.jsonl", root=tmp_path, progress=False,
