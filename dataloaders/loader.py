@@ -134,9 +134,6 @@ class _Keyed(torch.utils.data.Dataset):
         except DataError as e:  # raised in the training process, with its own message
             return key, e
 
-    def __len__(self) -> int:
-        raise TypeError("keyed by (step, micro-batch)")
-
 
 def _as_is(item):
     return item

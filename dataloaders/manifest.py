@@ -26,6 +26,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from dataloaders.pyav_decode import timestamps
+
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".ts"}
 PATH_KEYS = ("video", "path", "filename", "file")
 CARRIED_KEYS = ("caption", "label", "text")
@@ -92,10 +94,6 @@ def read_entries(source: str | Path, root: str | Path = "") -> list[Entry]:
     return list(_entries_of_table(source, base))
 
 
-def _count_frames(container, stream) -> int:
-    return sum(1 for p in container.demux(stream) if p.pts is not None and p.size > 0)
-
-
 def probe(path: str) -> dict:
     """The manifest fields of one file, or ProbeError with the reason it cannot be used."""
     if not os.path.isfile(path):
@@ -110,7 +108,7 @@ def probe(path: str) -> dict:
             codec = stream.codec_context.name if stream.codec_context else ""
             if not codec or codec not in av.codecs_available:
                 raise ProbeError(f"unsupported codec {codec or 'unknown'}")
-            frames = _count_frames(container, stream)
+            frames = len(timestamps(container, stream)[0])
             if frames == 0:
                 raise ProbeError("zero frames")
             container.seek(0)
@@ -242,7 +240,6 @@ class Manifest:
         self.file = Path(path)
         paths, frames, heights, widths, codes = bytearray(), [], [], [], []
         ends = []
-        self.codec_names: list[str] = []
         index: dict[str, int] = {}
         digest = hashlib.blake2b(digest_size=8)
         with open(self.file) as f:
@@ -263,7 +260,7 @@ class Manifest:
                 widths.append(w)
                 codes.append(index.setdefault(codec, len(index)))
                 digest.update(f"{name}\0{n}\n".encode())
-        self.codec_names = list(index)
+        self.codec_names: list[str] = list(index)
         self._paths = bytes(paths)
         self._ends = np.array(ends, np.int64)
         self.num_frames = np.array(frames, np.int32)

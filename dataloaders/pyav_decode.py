@@ -19,8 +19,9 @@ class DecodeError(Exception):
     """A clip that cannot give the frames asked of it; the message says why."""
 
 
-def _timestamps(container: av.container.InputContainer, stream) -> tuple[list[int], list[int]]:
-    """The presentation timestamps of every frame (sorted) and of the key frames."""
+def timestamps(container: av.container.InputContainer, stream) -> tuple[list[int], list[int]]:
+    """The presentation timestamps of every frame (sorted) and of the key frames, from the
+    demuxed packets: what frame ``i`` means here and the frame count of a manifest."""
     frames, keys = [], []
     for packet in container.demux(stream):
         if packet.pts is None or packet.size == 0:
@@ -48,7 +49,7 @@ def read_frames(path: str, indices: list[int], threads: int = 1) -> np.ndarray:
 
 
 def _decode(container, stream, indices: list[int]) -> np.ndarray:
-    frames, keys = _timestamps(container, stream)
+    frames, keys = timestamps(container, stream)
     if not frames:
         raise DecodeError("the clip has no frames")
     if max(indices) >= len(frames):
@@ -78,4 +79,4 @@ def _decode(container, stream, indices: list[int]) -> np.ndarray:
     return np.stack([got[frames[i]] for i in indices])
 
 
-__all__ = ["DecodeError", "read_frames"]
+__all__ = ["DecodeError", "read_frames", "timestamps"]

@@ -83,7 +83,8 @@ class SkipBudget:
         """Continue the counts of a checkpoint's ``data`` entry."""
         self.skipped, self.attempts = state.get("skipped", 0), state.get("attempts", 0)
 
-    def add(self, step: int, skipped: int, attempts: int) -> None:
+    def add(self, step: int, skipped: int, attempts: int) -> float:
+        """Count a step's decodes; returns the run's skip rate so far."""
         self.skipped += skipped
         self.attempts += attempts
         if self.attempts >= self.min_attempts and self.skipped > self.max_rate * self.attempts:
@@ -93,6 +94,7 @@ class SkipBudget:
                 f"{self.max_rate:g}; the decoding ranks logged each file ('skipped ...'): fix "
                 "them or probe the manifest again (python -m launch.manifest), or raise "
                 "data.max_skip_rate.")
+        return self.skipped / max(self.attempts, 1)
 
     def state(self) -> dict:
         return {"skipped": self.skipped, "attempts": self.attempts}

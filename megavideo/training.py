@@ -16,6 +16,7 @@ from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from dataloaders.manifest import Manifest
 from megavideo import data
 from megavideo.checkpoint import EXIT_REQUEUE, Checkpointer, StopSignal
 from megavideo.config import Config, validate_world
@@ -81,7 +82,7 @@ class Trainer:
         self.pp_group = parallel_state.get_pipeline_model_parallel_group()
         self.dp_group = parallel_state.get_data_parallel_group()
         self.skips = data.SkipBudget(cfg.data.max_skip_rate, train.global_batch)
-        self.data_identity: dict = {}  # the manifest's size and digest, saved with checkpoints
+        self.manifest: Manifest | None = None
 
     def _finalize_grads(self, model, num_tokens=None, **kwargs) -> None:
         finalize_model_grads(model, num_tokens, **kwargs)
@@ -128,7 +129,24 @@ class Trainer:
 
     def data_state(self) -> dict:
         """What a checkpoint keeps of the data: the skip counts and which manifest it was."""
-        return self.skips.state() | self.data_identity
+        if self.manifest is None:
+            return self.skips.state()
+        return self.skips.state() | {"manifest_rows": len(self.manifest),
+                                     "manifest_digest": self.manifest.digest}
+
+    def start_data(self, start: int, resumed: dict, manifest: Manifest | None) -> None:
+        """Feed from step ``start`` on, continuing the data state of the checkpoint ``resumed``
+        (its metadata; empty for a new run)."""
+        self.manifest = manifest
+        if manifest is not None:
+            saved = resumed.get("data", {})
+            self.skips.restore(saved)
+            if saved.get("manifest_digest", manifest.digest) != manifest.digest:
+                log.warning("the manifest changed since the checkpoint (%d rows, now %d): the "
+                            "order of the current epoch changes from here on",
+                            saved.get("manifest_rows", 0), len(manifest))
+        consumed = resumed.get("consumed_samples", start * self.cfg.train.global_batch)
+        self.stage.start_data(start, consumed, manifest)
 
     def train_step(self, step: int) -> dict[str, float]:
         start = time.perf_counter()
@@ -182,17 +200,7 @@ def run(cfg: Config) -> list[dict]:
     trainer = Trainer(cfg)
     checkpointer = Checkpointer(cfg, trainer)
     start = checkpointer.restore()
-    resumed = checkpointer.resumed
-    if manifest is not None:
-        trainer.data_identity = {"manifest_rows": len(manifest), "manifest_digest": manifest.digest}
-        saved = resumed.get("data", {})
-        trainer.skips.restore(saved)
-        if saved.get("manifest_digest", manifest.digest) != manifest.digest:
-            log.warning("the manifest changed since the checkpoint (%d rows, now %d): the order "
-                        "of the current epoch changes from here on", saved.get("manifest_rows", 0),
-                        len(manifest))
-    trainer.stage.start_data(start, resumed.get("consumed_samples", start * cfg.train.global_batch),
-                             manifest)
+    trainer.start_data(start, checkpointer.resumed, manifest)
     if start >= cfg.train.steps:
         log.info("nothing to do: the run is at step %d of train.steps=%d", start, cfg.train.steps)
     writer = MetricsWriter(cfg.run.dir, cfg.run.tensorboard, start) if dist.get_rank() == 0 else None
@@ -203,8 +211,8 @@ def run(cfg: Config) -> list[dict]:
             metrics = trainer.train_step(step)
             _check_finite(step, metrics, trainer.locally_finite, checkpointer)
             if "data/skipped" in metrics:
-                trainer.skips.add(step, metrics["data/skipped"], metrics["data/attempts"])
-                metrics["data/skip_rate"] = trainer.skips.skipped / max(trainer.skips.attempts, 1)
+                metrics["data/skip_rate"] = trainer.skips.add(step, metrics["data/skipped"],
+                                                              metrics["data/attempts"])
             history.append(metrics)
             if writer is not None:
                 writer.write(step, metrics)
