@@ -29,6 +29,6 @@ setup(
         "mpi": ["mpi4py"],
         # the decoder the official InternVideo2 code uses, for launch.bench_data's baseline
         "bench": ["decord"],
-        "dev": ["pytest", "ruff", "nvidia-dali-cuda120"],
+        "dev": ["pytest", "ruff", "nvidia-dali-cuda120", "mpi4py"],
     },
 )

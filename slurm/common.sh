@@ -1,0 +1,90 @@
+# Sourced by every sbatch script in slurm/: the environment of a training job and its one srun.
+#
+# The job step runs one task per GPU: `srun python -m launch.train CONFIG [key=value ...]`. No
+# torchrun: each task starts its process group from SLURM's variables (SLURM_PROCID, SLURM_NTASKS,
+# SLURM_LOCALID, the first host of the node list; parallel/distributed.py).
+#
+# Preemption and time limits: the scripts ask for `--signal=B:USR1@<seconds>`, which reaches this
+# batch shell; it forwards USR1 to the step, the ranks save a checkpoint at the next step boundary
+# and exit 75, and the job requeues itself (`scontrol requeue`). The requeued job runs the same
+# command, which resumes from <checkpoint dir>/latest. SIGTERM from a preemption reaches the tasks
+# directly and ends the same way.
+#
+# Settings, from the environment of `sbatch` (exported to the job by default):
+#   MEGAVIDEO_HOME       the MegaVideo checkout (default: the directory sbatch was run from)
+#   MEGAVIDEO_CONTAINER  a container image for pyxis/enroot (e.g. a squashfs built from the NGC
+#                        PyTorch container, see docs/cluster.md); unset: no container
+#   MEGAVIDEO_CONTAINER_MOUNTS  extra mounts for it, "src:dst[,src:dst]" (data, checkpoints)
+#   MEGAVIDEO_PYTHON     the Python to run (default: $MEGAVIDEO_HOME/.venv/bin/python if it exists,
+#                        else python3; in a container: python)
+#   MEGAVIDEO_SITE       a file sourced first, for site settings: modules, NCCL_SOCKET_IFNAME ...
+#   MEGAVIDEO_SRUN_ARGS  extra srun options, e.g. "--mpi=pmix" or "--cpu-bind=none"
+#   MEGAVIDEO_MAX_RESTARTS  stop requeueing after this many restarts (default 100)
+
+MEGAVIDEO_HOME=${MEGAVIDEO_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
+cd "$MEGAVIDEO_HOME" || exit 2
+# shellcheck disable=SC1090
+[ -n "${MEGAVIDEO_SITE:-}" ] && source "$MEGAVIDEO_SITE"
+
+# --- NCCL and network: every communication setting lives here ---------------------------------
+# megatron-core orders its tensor/sequence-parallel communication on one CUDA work queue
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+# a failed or timed-out collective aborts the process instead of hanging the job
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+# InfiniBand: a longer retry timeout survives congested fabrics at 32+ nodes
+export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
+# Site-specific, set in MEGAVIDEO_SITE when the defaults pick the wrong devices:
+#   NCCL_SOCKET_IFNAME (bootstrap interface, e.g. ib0 or eth0), NCCL_IB_HCA (e.g. mlx5),
+#   GLOO_SOCKET_IFNAME (CPU runs), NCCL_NET_GDR_LEVEL
+# CPU threads per rank for PyTorch's own ops (decode runs in separate worker processes)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export PYTHONUNBUFFERED=1
+
+megavideo_launcher() {
+    # the command prefix that runs Python in every task of the step
+    launcher=(srun --wait=120)
+    # shellcheck disable=SC2206
+    [ -n "${MEGAVIDEO_SRUN_ARGS:-}" ] && launcher+=($MEGAVIDEO_SRUN_ARGS)
+    if [ -n "${MEGAVIDEO_CONTAINER:-}" ]; then
+        launcher+=(--container-image="$MEGAVIDEO_CONTAINER"
+                   --container-mounts="$MEGAVIDEO_HOME:$MEGAVIDEO_HOME${MEGAVIDEO_CONTAINER_MOUNTS:+,$MEGAVIDEO_CONTAINER_MOUNTS}"
+                   --container-workdir="$MEGAVIDEO_HOME"
+                   "${MEGAVIDEO_PYTHON:-python}")
+    elif [ -n "${MEGAVIDEO_PYTHON:-}" ]; then
+        launcher+=("$MEGAVIDEO_PYTHON")
+    elif [ -x "$MEGAVIDEO_HOME/.venv/bin/python" ]; then
+        launcher+=("$MEGAVIDEO_HOME/.venv/bin/python")
+    else
+        launcher+=(python3)
+    fi
+}
+
+# megavideo_train CONFIG [key=value ...]: one training step; requeue the job when it saved on a
+# signal (exit code 75), else end the job with the step's exit code
+megavideo_train() {
+    local config=$1
+    shift
+    megavideo_launcher
+    echo "[megavideo] $(date '+%F %T') job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}:" \
+         "${SLURM_JOB_NUM_NODES:-1} nodes, ${SLURM_NTASKS:-1} tasks: ${launcher[*]} -m launch.train $config $*"
+    "${launcher[@]}" -m launch.train "$config" "$@" &
+    local step=$!
+    trap 'echo "[megavideo] $(date +%T) USR1: the step checkpoints and stops"; kill -USR1 '"$step" USR1
+    # a trapped signal ends `wait` early: wait until the step has really exited
+    while kill -0 "$step" 2>/dev/null; do wait "$step" || true; done
+    local rc=0
+    wait "$step" || rc=$?
+    trap - USR1
+    if [ "$rc" = 75 ]; then
+        if [ "${SLURM_RESTART_COUNT:-0}" -ge "${MEGAVIDEO_MAX_RESTARTS:-100}" ]; then
+            echo "[megavideo] saved, but not requeued: restart ${SLURM_RESTART_COUNT} reached MEGAVIDEO_MAX_RESTARTS" >&2
+            exit 75
+        fi
+        echo "[megavideo] $(date +%T) checkpoint saved: requeueing job $SLURM_JOB_ID"
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
+    echo "[megavideo] $(date +%T) training exited with code $rc"
+    exit "$rc"
+}
