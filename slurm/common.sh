@@ -42,7 +42,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export PYTHONUNBUFFERED=1
 
 megavideo_launcher() {
-    # the command prefix that runs Python in every task of the step
+    # the command prefix that runs Python in every task of the step; --wait: when one task has
+    # ended (a crash), the others are killed 120 s later instead of hanging in a collective
     launcher=(srun --wait=120)
     # shellcheck disable=SC2206
     [ -n "${MEGAVIDEO_SRUN_ARGS:-}" ] && launcher+=($MEGAVIDEO_SRUN_ARGS)

@@ -50,30 +50,37 @@ def _same_metrics(rows: list[dict], reference: list[dict], keys: tuple = COMPARE
             assert row[key] == ref[key], (row["step"], key, row[key], ref[key])
 
 
-class Reference:
-    """The uninterrupted run under torchrun (4 ranks, tp 2 x dp 2), started in the background."""
+class Background:
+    """A training run started in the background (4 ranks, tp 2 x dp 2)."""
 
-    def __init__(self, run_dir: Path, *overrides: str) -> None:
+    def __init__(self, launcher: list[str], run_dir: Path, *overrides: str) -> None:
         self.run_dir = run_dir
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-               "-m", "launch.train", "configs/stage1_tiny.yaml", *overrides, f"run.dir={run_dir}"]
+        cmd = [*launcher, sys.executable, "-m", "launch.train", "configs/stage1_tiny.yaml",
+               *LAYOUT, *overrides, f"run.dir={run_dir}"]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, "OMP_NUM_THREADS": "1"})
+        self.output = ""
 
     def rows(self) -> list[dict]:
-        out, _ = self.proc.communicate(timeout=600)
-        assert self.proc.returncode == 0, out[-4000:]
+        if self.proc.returncode is None:
+            self.output, _ = self.proc.communicate(timeout=600)
+        assert self.proc.returncode == 0, self.output[-4000:]
         return _metrics(self.run_dir)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Reference:
-    ref = Reference(tmp_path_factory.mktemp("torchrun"), *LAYOUT, "checkpoint.save_at_end=false")
+def reference(tmp_path_factory) -> Background:
+    """The uninterrupted run, under torchrun."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
+                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "--no-python"]
+    ref = Background(torchrun, tmp_path_factory.mktemp("torchrun"), "checkpoint.save_at_end=false")
     yield ref
-    if ref.proc.poll() is None:
-        ref.proc.kill()
+    ref.kill()
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +135,9 @@ class Job:
 
 
 @pytest.fixture(scope="module")
-def jobs(cluster, reference, tmp_path_factory) -> dict[str, Job]:
+def jobs(cluster, reference, tmp_path_factory) -> dict:
     """A two-stage chain (a: 2 nodes x 2 tasks -> b, from a's checkpoint), both under
-    `srun --mpi=pmix`, and a job that gets USR1 after its first step ("preempted")."""
+    `srun --mpi=pmix`, a job that gets USR1 after its first step ("p"), and a run under mpirun."""
     tmp = tmp_path_factory.mktemp("slurm")
     out = f"--sbatch=--output={tmp}/%j.out"
     chain = _run([sys.executable, "-m", "launch.submit",
@@ -151,7 +158,13 @@ def jobs(cluster, reference, tmp_path_factory) -> dict[str, Job]:
             pytest.fail(f"job {made['p'].id} logged no step:\n{made['p'].text()[-3000:]}")
         time.sleep(0.2)
     _run(["scancel", "--signal=USR1", "--batch", made["p"].id], cluster)
-    return made
+    # the mpirun run (start.sh installed Open MPI) uses the cores while job p waits to requeue
+    mpirun = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "4",
+              "-x", "OMP_NUM_THREADS=1"]
+    made["mpirun"] = Background(mpirun, tmp / "mpirun", "train.steps=2",
+                                "checkpoint.save_at_end=false")
+    yield made
+    made["mpirun"].kill()
 
 
 def test_a_2x2_sbatch_job_trains_like_torchrun(jobs, reference):
@@ -225,25 +238,11 @@ def test_chain_refuses_a_layout_that_does_not_fit_its_job_before_submitting(tmp_
         "of train.micro_batch x data-parallel size (8 x 6).")
 
 
-@pytest.fixture(scope="module")
-def mpirun() -> str:
-    if os.geteuid() != 0:
-        _unavailable("installing Open MPI needs root (slurm/local/start.sh --install-only).")
-    proc = subprocess.run([ROOT / "slurm/local/start.sh", "--install-only"], capture_output=True,
-                          text=True, timeout=600)
-    if proc.returncode:
-        _unavailable(f"Open MPI could not be installed: {proc.stderr.strip()}")
-    return "mpirun"
-
-
-def test_mpirun_starts_the_same_training(mpirun, reference, tmp_path):
+def test_mpirun_starts_the_same_training(jobs, reference):
     """4 ranks under mpirun (mpi4py broadcasts the master's address): 2 steps, the losses of
     the torchrun run."""
-    cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "4", "-x", "OMP_NUM_THREADS=1",
-           sys.executable, "-m", "launch.train", "configs/stage1_tiny.yaml", *LAYOUT,
-           "train.steps=2", "checkpoint.save_at_end=false", f"run.dir={tmp_path}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "4 ranks via mpi" in proc.stderr
+    run = jobs["mpirun"]
+    rows = run.rows()
+    assert "4 ranks via mpi" in run.output
     # the learning rate of step 1 follows the shorter schedule; what step 1 computes does not
-    _same_metrics(_metrics(tmp_path), reference.rows()[:2], keys=COMPARED[:-1])
+    _same_metrics(rows, reference.rows()[:2], keys=COMPARED[:-1])
