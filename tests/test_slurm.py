@@ -135,9 +135,10 @@ class Job:
 
 
 @pytest.fixture(scope="module")
-def jobs(cluster, reference, tmp_path_factory) -> dict:
+def jobs(reference, cluster, tmp_path_factory) -> dict:
     """A two-stage chain (a: 2 nodes x 2 tasks -> b, from a's checkpoint), both under
-    `srun --mpi=pmix`, a job that gets USR1 after its first step ("p"), and a run under mpirun."""
+    `srun --mpi=pmix`, a job that gets USR1 after its first step ("p"), and a run under mpirun.
+    The reference run starts first, beside the cluster's start-up."""
     tmp = tmp_path_factory.mktemp("slurm")
     out = f"--sbatch=--output={tmp}/%j.out"
     chain = _run([sys.executable, "-m", "launch.submit",
@@ -153,7 +154,8 @@ def jobs(cluster, reference, tmp_path_factory) -> dict:
             for name, job in zip(("a", "b", "p"), (*ids, preempted.strip()), strict=True)}
     # USR1 to the batch shell (what --signal=B:USR1@<s> sends) once the first step is logged
     deadline = time.monotonic() + 300
-    while not _metrics(made["p"].run_dir):
+    metrics = made["p"].run_dir / "metrics.jsonl"
+    while "\n" not in (metrics.read_text() if metrics.exists() else ""):  # a whole line
         if time.monotonic() > deadline or job_fields(made["p"].id, cluster)["JobState"] in ENDED:
             pytest.fail(f"job {made['p'].id} logged no step:\n{made['p'].text()[-3000:]}")
         time.sleep(0.2)

@@ -2,7 +2,8 @@
 # A real two-node SLURM cluster on this machine, for MegaVideo's SLURM and MPI tests: slurmctld and
 # two slurmd (nodes n1 and n2, both 127.0.0.1, each in its own UTS namespace so that `hostname`
 # inside a job is the node's name) with munge, started without systemd. Installs Debian's slurmctld,
-# slurmd, slurm-client, munge, libpmix2 (srun --mpi=pmix) and openmpi-bin first when missing.
+# slurmd, slurm-client, munge, libpmix2 and libpmix-dev (srun --mpi=pmix) and openmpi-bin first
+# when missing.
 # Needs root. Idempotent: a running cluster is left as it is. slurm/local/stop.sh stops only what
 # this script started (the pid files under the state directory).
 #
@@ -16,7 +17,8 @@ set -euo pipefail
 DIR=${MEGAVIDEO_SLURM_DIR:-/tmp/megavideo-slurm}
 CPUS=${MEGAVIDEO_SLURM_CPUS:-4}
 CONF=$DIR/slurm.conf
-PACKAGES=(slurmctld slurmd slurm-client munge libpmix2 openmpi-bin)
+# libpmix-dev: slurm's mpi/pmix plugin loads the unversioned libpmix.so it holds
+PACKAGES=(slurmctld slurmd slurm-client munge libpmix2 libpmix-dev openmpi-bin)
 HOSTS_TAG="# megavideo-local-slurm"
 
 fail() { echo "error: $*" >&2; exit 1; }
