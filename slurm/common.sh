@@ -83,8 +83,10 @@ megavideo_train() {
             exit 75
         fi
         echo "[megavideo] $(date +%T) checkpoint saved: requeueing job $SLURM_JOB_ID"
-        scontrol requeue "$SLURM_JOB_ID"
-        exit 0
+        # a requeued job is not done: stages chained with afterok keep waiting for it
+        scontrol requeue "$SLURM_JOB_ID" && exit 0
+        echo "[megavideo] scontrol requeue failed: the job ends unfinished (code 75)" >&2
+        exit 75
     fi
     echo "[megavideo] $(date +%T) training exited with code $rc"
     exit "$rc"
