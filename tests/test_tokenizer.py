@@ -1,0 +1,56 @@
+"""The WordPiece tokenizer on a vocab built here (BERT's own examples where they exist)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dataloaders.tokenizer import SPECIAL, VocabError, WordPiece, basic_tokens
+
+WORDS = ["un", "##aff", "##able", "the", "red", "square", "moves", "left", "a", "cafe", ",", ".",
+         "!", "$", "5", "##0", "run", "##ning", "\u4e2d", "\u6587", "'", "s", "dog"]
+
+
+@pytest.fixture(scope="module")
+def vocab_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    path.write_text("\n".join([*SPECIAL, *WORDS]) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(vocab_file) -> WordPiece:
+    return WordPiece.from_file(vocab_file)
+
+
+def test_basic_tokenization_lowercases_strips_accents_and_splits_punctuation():
+    assert basic_tokens(" \tHeLLo!how  \n Are yoU?  ") == ["hello", "!", "how", "are", "you", "?"]
+    assert basic_tokens("H\u00e9llo Caf\u00e9") == ["hello", "cafe"]
+    assert basic_tokens("a\u4e2d\u6587b") == ["a", "\u4e2d", "\u6587", "b"]
+    assert basic_tokens("it's $50\x00\ufffd") == ["it", "'", "s", "$", "50"]
+
+
+def test_wordpiece_takes_the_longest_pieces_from_the_left(tokenizer):
+    assert tokenizer.tokenize("unaffable") == ["un", "##aff", "##able"]
+    assert tokenizer.tokenize("The red square, running!") == [
+        "the", "red", "square", ",", "run", "##ning", "!"]
+    assert tokenizer.tokenize("$50 \u4e2d\u6587") == ["$", "5", "##0", "\u4e2d", "\u6587"]
+    # a word with a piece missing from the vocab is one [UNK], not a partial split
+    assert tokenizer.tokenize("unaffably dogs") == ["[UNK]", "[UNK]"]
+    assert tokenizer.tokenize("a" * 101) == ["[UNK]"]
+
+
+def test_encode_batch_adds_cls_sep_truncates_and_pads(tokenizer):
+    ids, mask = tokenizer.encode_batch(["the red square moves left", "a dog"], length=5)
+    v = tokenizer.vocab
+    assert ids.tolist() == [[v["[CLS]"], v["the"], v["red"], v["square"], v["[SEP]"]],
+                            [v["[CLS]"], v["a"], v["dog"], v["[SEP]"], v["[PAD]"]]]
+    assert mask.tolist() == [[True] * 5, [True] * 4 + [False]]
+    assert ids.dtype == torch.long and (tokenizer.pad, tokenizer.mask) == (0, 4)
+
+
+def test_a_vocab_without_its_special_tokens_or_file_is_one_sentence(tmp_path):
+    with pytest.raises(VocabError, match=r"^the vocab has no \[MASK\] token\(s\)\.$"):
+        WordPiece(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the"])
+    with pytest.raises(VocabError, match="cannot read the vocab file .*missing.txt: No such file"):
+        WordPiece.from_file(tmp_path / "missing.txt")
