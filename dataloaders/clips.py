@@ -39,9 +39,9 @@ def read_index(rgb: np.ndarray) -> int:
 
 def write_clip(path: str | Path, codec: str = "vp9", frames: int = 32, width: int = 160,
                height: int = 96, fps: int = 25, vfr: bool = False, gop: int = 8,
-               audio: bool = False) -> Path:
+               audio: bool = False, tone: float = 0.0) -> Path:
     """Write a clip whose frame ``i`` shows index ``i``; ``vfr`` varies the frame spacing, ``gop``
-    is the key-frame interval, ``audio`` adds a silent track.
+    is the key-frame interval, ``audio`` adds a sound track: silence, or a sine of ``tone`` Hz.
 
     ``path`` gets the codec's container suffix when it has none.
     """
@@ -74,16 +74,17 @@ def write_clip(path: str | Path, codec: str = "vp9", frames: int = 32, width: in
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
         if sound is not None:
-            _silence(container, sound, frames / fps)
+            _sound(container, sound, frames / fps, tone)
     return path
 
 
-def _silence(container, stream, seconds: float) -> None:
+def _sound(container, stream, seconds: float, tone: float) -> None:
     rate = stream.codec_context.sample_rate
     size = stream.codec_context.frame_size or 1024
     for start in range(0, int(seconds * rate), size):
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, size), np.float32), format="fltp",
-                                           layout="mono")
+        t = (start + np.arange(size)) / rate
+        wave = (0.5 * np.sin(2 * np.pi * tone * t)).astype(np.float32)[None]
+        frame = av.AudioFrame.from_ndarray(wave, format="fltp", layout="mono")
         frame.sample_rate, frame.pts = rate, start
         container.mux(stream.encode(frame))
     container.mux(stream.encode())
