@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from launch.submit import sbatch_directives, task_count
 from tests.distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -228,6 +229,24 @@ def test_chain_dry_run_prints_dependent_sbatch_commands(tmp_path):
         assert lines[n - 1].startswith(f"JOB{n}=$(sbatch --parsable --dependency=afterok:$JOB{n - 1} "
                                        "--kill-on-invalid-dep=yes --time=2:00:00 ")
         assert f"checkpoint.load={tmp_path / f's{n - 1}' / 'checkpoints'})" in lines[n - 1]
+
+
+@pytest.mark.parametrize(("options", "tasks"), [
+    (["--nodes=32", "--ntasks-per-node=8"], 256),
+    (["--nodes", "2", "--ntasks-per-node", "2", "-N4"], 8),  # later options win
+    (["-N", "3", "--ntasks=5"], 5),
+    (["--nodes=2-4", "--ntasks-per-node=8"], None),  # a range: not known before the job runs
+    ([], 1),
+])
+def test_task_count_reads_sbatch_options(options, tasks):
+    assert task_count(options) == tasks
+
+
+def test_sbatch_directives_stop_at_the_first_command(tmp_path):
+    script = tmp_path / "job.sbatch"
+    script.write_text("#!/bin/bash\n# a comment\n#SBATCH --nodes=2 --time=1:00:00  # two\n"
+                      "#SBATCH -J 'my job'\necho hi\n#SBATCH --nodes=9\n")
+    assert sbatch_directives(script) == ["--nodes=2", "--time=1:00:00", "-J", "my job"]
 
 
 def test_chain_refuses_a_layout_that_does_not_fit_its_job_before_submitting(tmp_path):
