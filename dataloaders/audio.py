@@ -76,12 +76,14 @@ def read_audio(path: str | Path, start: float, seconds: float) -> torch.Tensor |
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         if start > 0:
             container.seek(int(start / stream.time_base), stream=stream, backward=True)
-        chunks, first = [], None
+        chunks, first, count = [], None, 0
         for frame in container.decode(stream):
             if first is None:
                 first = float(frame.pts * stream.time_base) if frame.pts is not None else 0.0
-            chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(frame))
-            if first + sum(map(len, chunks)) / SAMPLE_RATE >= start + seconds:
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray().reshape(-1))
+                count += len(chunks[-1])
+            if first + count / SAMPLE_RATE >= start + seconds:
                 break
         chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(None))
     samples = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
