@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import traceback
 
 import torch.multiprocessing as mp
@@ -13,6 +14,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def torchrun(nproc: int) -> list[str]:
+    """The command prefix that starts ``nproc`` ranks on 127.0.0.1 under torchrun."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
 
 
 def _entry(rank: int, world: int, port: int, fn, args, errors) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.distributed import free_port
+from tests.distributed import free_port, torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "configs/stage1_tiny.yaml"
@@ -33,9 +33,7 @@ ONE_RANK = ["parallel.tp=1", "parallel.pp=1", "parallel.sp=false"]
 
 
 def _cmd(nproc: int, overrides: list[str], module: str = "launch.train") -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", module, TINY,
-            *overrides]
+    return [*torchrun(nproc), "-m", module, TINY, *overrides]
 
 
 def _train(nproc: int, overrides: list[str]) -> subprocess.CompletedProcess:

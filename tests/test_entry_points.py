@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed import free_port
+from tests.distributed import torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,9 +48,7 @@ def test_describe_reports_pipeline_shards_in_a_table():
 
 def test_train_on_four_ranks_tp2_pp2_logs_metrics_and_learns(tmp_path):
     steps = 8
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           "-m", "launch.train", "configs/stage1_tiny.yaml",
+    cmd = [*torchrun(4), "-m", "launch.train", "configs/stage1_tiny.yaml",
            f"train.steps={steps}", "train.warmup_steps=1", f"run.dir={tmp_path}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={"PATH": "", "OMP_NUM_THREADS": "1"})
@@ -64,9 +62,7 @@ def test_train_on_four_ranks_tp2_pp2_logs_metrics_and_learns(tmp_path):
 
 
 def test_train_bf16_with_the_distributed_optimizer(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           "-m", "launch.train", "configs/stage1_tiny.yaml", "parallel.tp=1", "parallel.pp=1",
+    cmd = [*torchrun(2), "-m", "launch.train", "configs/stage1_tiny.yaml", "parallel.tp=1", "parallel.pp=1",
            "parallel.sp=false", "parallel.distributed_optimizer=true", "train.precision=bf16",
            "train.steps=3", "train.warmup_steps=1", f"run.dir={tmp_path}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -79,9 +75,7 @@ def test_train_bf16_with_the_distributed_optimizer(tmp_path):
 
 
 def _train(tmp_path, nproc: int, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           "-m", "launch.train", "configs/stage1_tiny.yaml", "train.warmup_steps=1",
+    cmd = [*torchrun(nproc), "-m", "launch.train", "configs/stage1_tiny.yaml", "train.warmup_steps=1",
            f"run.dir={tmp_path}", *overrides]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={"PATH": "", "OMP_NUM_THREADS": "1"})

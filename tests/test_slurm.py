@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from launch.submit import sbatch_directives, task_count
-from tests.distributed import free_port
+from tests.distributed import torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
 SLURM_DIR = Path(os.environ.get("MEGAVIDEO_SLURM_DIR", "/tmp/megavideo-slurm"))
@@ -77,9 +77,8 @@ class Background:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Background:
     """The uninterrupted run, under torchrun."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
-                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "--no-python"]
-    ref = Background(torchrun, tmp_path_factory.mktemp("torchrun"), "checkpoint.save_at_end=false")
+    ref = Background([*torchrun(4), "--no-python"], tmp_path_factory.mktemp("torchrun"),
+                     "checkpoint.save_at_end=false")
     yield ref
     ref.kill()
 
