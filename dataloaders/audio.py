@@ -48,21 +48,29 @@ def povey_window() -> torch.Tensor:
     return (0.5 - 0.5 * torch.cos(2 * math.pi * n / (FRAME - 1))).pow(0.85).float()
 
 
-def log_mel(waveform: torch.Tensor) -> torch.Tensor:
-    """[samples] at 16 kHz (16-bit range) -> [frames, 128] log filterbank energies."""
+def log_mel(waveform: torch.Tensor, bins: int = MEL_BINS) -> torch.Tensor:
+    """[samples] at 16 kHz (16-bit range) -> [frames, bins] log filterbank energies."""
     if waveform.numel() < FRAME:
-        return torch.empty(0, MEL_BINS)
+        return torch.empty(0, bins)
     frames = waveform.float().unfold(0, FRAME, HOP)  # [T, 400]
     frames = frames - frames.mean(dim=1, keepdim=True)
     previous = torch.cat([frames[:, :1], frames[:, :-1]], dim=1)
     frames = (frames - 0.97 * previous) * povey_window()
     power = torch.fft.rfft(frames, n=NFFT).abs().pow(2)  # [T, 257]
-    return (power @ mel_banks().T).clamp(min=LOG_FLOOR).log()
+    return (power @ mel_banks(bins).T).clamp(min=LOG_FLOOR).log()
 
 
-def beats_fbank(waveform: torch.Tensor) -> torch.Tensor:
-    """[samples] in [-1, 1] at 16 kHz -> [frames, 128] normalised as BEATs was trained."""
-    return (log_mel(waveform * 2**15) - BEATS_MEAN) / (2 * BEATS_STD)
+def beats_fbank(waveform: torch.Tensor, bins: int = MEL_BINS) -> torch.Tensor:
+    """[samples] in [-1, 1] at 16 kHz -> [frames, bins] normalised as BEATs was trained
+    (InternVideo2's stage 2 uses 64 bins)."""
+    return (log_mel(waveform * 2**15, bins) - BEATS_MEAN) / (2 * BEATS_STD)
+
+
+def fit_frames(fbank: torch.Tensor, frames: int) -> torch.Tensor:
+    """Cut or zero-pad a filterbank [T, bins] to ``frames`` rows (as the official loader pads)."""
+    if fbank.shape[0] >= frames:
+        return fbank[:frames]
+    return torch.cat([fbank, fbank.new_zeros(frames - fbank.shape[0], fbank.shape[1])])
 
 
 def read_audio(path: str | Path, start: float, seconds: float) -> torch.Tensor | None:

@@ -36,3 +36,41 @@ def global_indices(step: int, global_batch: int, dp_rank: int, dp: int, micro: i
     """Global sample indices of one micro-batch of one data-parallel rank."""
     start = step * global_batch + dp_rank * (global_batch // dp) + micro * micro_batch
     return list(range(start, start + micro_batch))
+
+
+# Stage 2's synthetic captioned clips: the first half of the frames is one colour, the second
+# half another, and the caption names them ("red then blue"). Items sharing a pattern are the
+# same item (positives of each other); a clip's sound is a tone per pattern, absent on every
+# fourth item so that clips without audio are exercised.
+COLOURS = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0),
+           "yellow": (1.0, 1.0, -1.0), "purple": (1.0, -1.0, 1.0), "cyan": (-1.0, 1.0, 1.0)}
+PATTERNS = len(COLOURS) ** 2
+CAPTION_WORDS = (*COLOURS, "then")
+
+
+def pattern_of(seed: int, index: int) -> int:
+    """The colour pattern (item id) of global sample ``index``."""
+    return sample_seed(seed, 0, index, "pattern") % PATTERNS
+
+
+def pattern_caption(pattern: int) -> str:
+    names = list(COLOURS)
+    return f"{names[pattern // len(names)]} then {names[pattern % len(names)]}"
+
+
+def pattern_video(seed: int, step: int, index: int, pattern: int, frames: int,
+                  size: int) -> torch.Tensor:
+    """[3, frames, size, size]: the pattern's two colours plus noise of this sample and step."""
+    names = list(COLOURS)
+    first, second = (torch.tensor(COLOURS[names[c]]) for c in divmod(pattern, len(names)))
+    colours = torch.stack([first if t < frames // 2 else second for t in range(frames)], dim=1)
+    noise = torch.randn(3, frames, size, size, generator=generator(seed, step, index, "video"))
+    return colours[:, :, None, None] + 0.5 * noise
+
+
+def pattern_tone(pattern: int, seconds: float, rate: int = 16000) -> torch.Tensor | None:
+    """The pattern's sound: a sine at a frequency per pattern; None for every fourth pattern."""
+    if pattern % 4 == 3:
+        return None
+    t = torch.arange(int(seconds * rate), dtype=torch.float64) / rate
+    return (0.5 * torch.sin(2 * torch.pi * (200.0 + 50.0 * pattern) * t)).float()

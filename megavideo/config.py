@@ -17,6 +17,8 @@ from typing import Any
 import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+VOCAB_MULTIPLE = 128  # the text vocabulary is padded to a multiple of this, whatever the tp
+STAGE2_TERMS = ("vtc", "vtm", "mlm", "avtc", "avtm", "avmlm")
 
 
 class ConfigError(ValueError):
@@ -24,20 +26,13 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class ViTConfig:
-    """One vision transformer: the student or a teacher."""
+class EncoderConfig:
+    """The transformer shape every encoder shares (the video ViTs, the text and audio encoders)."""
 
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4
     mlp_hidden_size: int = 256
-    patch_size: int = 14
-    tubelet_size: int = 1
-    image_size: int = 224
-    num_frames: int = 8
-    per_frame: bool = False  # image model applied to each frame (the CLIP teacher)
-    cls_token: bool = True
-    learnable_pos_embed: bool = True
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     norm_eps: float = 1e-6
     qk_norm: bool = True
@@ -45,13 +40,26 @@ class ViTConfig:
     layer_scale_init: float = 0.0  # 0 disables layer scale
     drop_path: float = 0.0
     activation: str = "gelu_tanh"  # gelu_tanh | gelu
-    final_norm: bool = False
-    pool_heads: int = 0  # attention-pool head; 0 disables it
-    pool_dim: int = 768
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+
+@dataclass
+class ViTConfig(EncoderConfig):
+    """One vision transformer: the student or a teacher."""
+
+    patch_size: int = 14
+    tubelet_size: int = 1
+    image_size: int = 224
+    num_frames: int = 8
+    per_frame: bool = False  # image model applied to each frame (the CLIP teacher)
+    cls_token: bool = True
+    learnable_pos_embed: bool = True
+    final_norm: bool = False
+    pool_heads: int = 0  # attention-pool head; 0 disables it
+    pool_dim: int = 768
 
     @property
     def patches_per_frame(self) -> int:
@@ -63,8 +71,86 @@ class ViTConfig:
 
 
 @dataclass
+class TextConfig(EncoderConfig):
+    """The stage-2 text encoder: BERT (post-norm), its last ``fusion_layers`` layers cross-attend
+    to the video (or audio-video) tokens."""
+
+    preset: str = ""
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 4
+    mlp_hidden_size: int = 256
+    norm: str = "layernorm"
+    norm_eps: float = 1e-12
+    qk_norm: bool = False
+    qkv_bias: bool = True
+    activation: str = "gelu"
+    fusion_layers: int = 2
+    vocab_file: str = ""  # BERT's vocab.txt (uncased WordPiece)
+    max_length: int = 40  # tokens per caption, [CLS] and [SEP] included
+    max_positions: int = 512
+    type_vocab_size: int = 2
+
+
+@dataclass
+class AudioConfig(EncoderConfig):
+    """The stage-2 audio encoder: BEATs (post-norm with DeepNorm residual scaling) on 16 kHz
+    log-mel filterbanks, 16x16 patches of a [frames, mel_bins] image."""
+
+    preset: str = ""
+    enabled: bool = False
+    frozen: bool = True
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    mlp_hidden_size: int = 256
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    qk_norm: bool = False
+    qkv_bias: bool = True
+    activation: str = "gelu"
+    patch_size: int = 16
+    patch_dim: int = 512  # width of the patch convolution, projected to hidden_size
+    mel_bins: int = 128
+    seconds: float = 10.0  # audio per clip: longer is cut, shorter padded and masked
+    pos_conv_kernel: int = 128
+    pos_conv_groups: int = 16
+    deep_norm: bool = True
+
+    @property
+    def frames(self) -> int:
+        """Filterbank frames of ``seconds`` of audio (25 ms windows every 10 ms), whole patches."""
+        frames = int((self.seconds * 1000 - 25) // 10) + 1
+        return frames // self.patch_size * self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return (self.frames // self.patch_size) * (self.mel_bins // self.patch_size)
+
+
+@dataclass
+class ObjectivesConfig:
+    """Stage 2's losses and their weights (a weight of 0 skips the term)."""
+
+    embed_dim: int = 768  # contrastive projection width
+    fusion_dim: int = 0  # video (and audio) tokens projected to this width for the fusion
+    # layers (Linear + LayerNorm, InternVideo2-6B: 768); 0: the video tokens as they are (1B)
+    temperature: float = 0.07  # initial value; learnable
+    learn_temperature: bool = True
+    mlm_probability: float = 0.15
+    vtc: float = 1.0
+    vtm: float = 1.0
+    mlm: float = 1.0
+    avtc: float = 1.0  # the audio-video variants: need model.audio.enabled
+    avtm: float = 1.0
+    avmlm: float = 1.0
+
+
+@dataclass
 class ModelConfig:
-    """The stage-1 model: the student, the two frozen teachers and the aligners between them."""
+    """The model of the run's stage. Stage 1: the student, the two frozen teachers and the
+    aligners between them. Stage 2: the student as video encoder, the text and audio encoders and
+    the objectives."""
 
     preset: str = ""
     student: ViTConfig = field(default_factory=ViTConfig)
@@ -75,6 +161,9 @@ class ModelConfig:
     mask_ratio: float = 0.8
     loss_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # clip, final, mae
     aligner_norm_eps: float = 1e-5
+    text: TextConfig = field(default_factory=TextConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
 
 
 @dataclass
@@ -118,6 +207,9 @@ class DataConfig:
     prefetch: int = 2  # micro-batches decoded ahead
     decode_threads: int = 1  # FFmpeg threads per PyAV decode
     max_skip_rate: float = 0.05  # stop when more of the decodes fail (after a global batch)
+    # stage 2: manifest keys a clip's caption is drawn from (uniformly among those it has), e.g.
+    # caption, audio_caption, asr (speech), fused_caption
+    captions: list[str] = field(default_factory=lambda: ["caption"])
 
 
 @dataclass
@@ -138,6 +230,7 @@ class RunConfig:
 
 @dataclass
 class Config:
+    stage: int = 1  # 1: distillation from the teachers; 2: video-audio-text alignment
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -238,17 +331,30 @@ def _build(cls: type, data: dict, where: str) -> Any:
     return cls(**kwargs)
 
 
-def _resolve_preset(raw: dict, config_dir: Path) -> dict:
-    model = raw.get("model", {})
-    if not isinstance(model, dict) or not model.get("preset"):
-        return raw
-    name = model["preset"]
+def _preset_file(name: str, kind: str, config_dir: Path) -> dict:
     for directory in (config_dir / "models", CONFIG_DIR / "models"):
         path = directory / f"{name}.yaml"
         if path.is_file():
-            preset = _read_yaml(path)
-            return {**raw, "model": _merge(preset.get("model", preset), model)}
-    raise ConfigError(f"unknown model preset '{name}' (no file models/{name}.yaml).")
+            return _read_yaml(path)
+    raise ConfigError(f"unknown {kind} preset '{name}' (no file models/{name}.yaml).")
+
+
+def _resolve_preset(raw: dict, config_dir: Path) -> dict:
+    """``model.preset`` names a whole model file (its ``model`` mapping); ``model.text.preset`` and
+    ``model.audio.preset`` name an encoder file (its ``text`` or ``audio`` mapping). The run's own
+    keys sit over the preset's."""
+    model = raw.get("model", {})
+    if not isinstance(model, dict):
+        return raw
+    if model.get("preset"):
+        preset = _preset_file(model["preset"], "model", config_dir)
+        model = _merge(preset.get("model", preset), model)
+    for section in ("text", "audio"):
+        sub = model.get(section)
+        if isinstance(sub, dict) and sub.get("preset"):
+            preset = _preset_file(sub["preset"], section, config_dir)
+            model = {**model, section: _merge(preset.get(section, preset), sub)}
+    return {**raw, "model": model}
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -304,6 +410,104 @@ def _validate_vit(vit: ViTConfig, name: str, tp: int) -> None:
         )
 
 
+def _validate_stage1(model: ModelConfig, tp: int) -> None:
+    student = model.student
+    for name in ("clip_teacher", "mae_teacher"):
+        _validate_vit(getattr(model, name), name, tp)
+    if not model.clip_teacher.pool_heads or not model.clip_teacher.per_frame:
+        raise ConfigError(
+            "model.clip_teacher must be a per-frame image model with an attention pool "
+            "(per_frame: true, pool_heads > 0)."
+        )
+    if model.clip_teacher.pool_dim != student.pool_dim:
+        raise ConfigError(
+            f"model.student.pool_dim ({student.pool_dim}) must equal the CLIP teacher's "
+            f"pool_dim ({model.clip_teacher.pool_dim})."
+        )
+    for name, width in (("clip_teacher", model.clip_teacher.hidden_size),
+                        ("mae_teacher", model.mae_teacher.hidden_size)):
+        if width % tp:
+            raise ConfigError(
+                f"model.{name}.hidden_size ({width}) must be divisible by parallel.tp ({tp})."
+            )
+    frames = student.num_frames * model.mae_teacher.tubelet_size
+    if model.mae_teacher.num_frames != frames or model.clip_teacher.num_frames != student.num_frames:
+        raise ConfigError(
+            f"frame counts disagree: the student sees {student.num_frames} frames, the CLIP teacher "
+            f"must see the same and the MAE teacher (tubelet {model.mae_teacher.tubelet_size}) "
+            f"{frames}."
+        )
+    grids = {(v.image_size, v.patch_size) for v in (student, model.clip_teacher, model.mae_teacher)}
+    if len(grids) != 1:
+        raise ConfigError("the student and both teachers must share image_size and patch_size.")
+    if not 1 <= model.clip_layers <= min(student.num_layers, model.clip_teacher.num_layers):
+        raise ConfigError(
+            f"model.clip_layers ({model.clip_layers}) must be between 1 and the layer count of "
+            "the student and of the CLIP teacher."
+        )
+    if not 1 <= model.mae_layers <= min(student.num_layers, model.mae_teacher.num_layers):
+        raise ConfigError(
+            f"model.mae_layers ({model.mae_layers}) must be between 1 and the layer count of "
+            "the student and of the MAE teacher."
+        )
+    if len(model.loss_weights) != 3:
+        raise ConfigError("model.loss_weights must list 3 weights: clip, final, mae.")
+
+
+def _validate_encoder(enc: EncoderConfig, name: str, tp: int) -> None:
+    if enc.hidden_size % enc.num_heads or enc.num_heads % tp:
+        raise ConfigError(
+            f"model.{name}.num_heads ({enc.num_heads}) must divide hidden_size "
+            f"({enc.hidden_size}) and be divisible by parallel.tp ({tp})."
+        )
+    if enc.mlp_hidden_size % tp:
+        raise ConfigError(f"model.{name}.mlp_hidden_size ({enc.mlp_hidden_size}) must be divisible "
+                          f"by parallel.tp ({tp}).")
+    if enc.norm not in ("rmsnorm", "layernorm") or enc.activation not in ("gelu", "gelu_tanh"):
+        raise ConfigError(f"model.{name}: norm must be rmsnorm or layernorm and activation gelu or "
+                          "gelu_tanh.")
+
+
+def _validate_stage2(model: ModelConfig, tp: int) -> None:
+    text, audio, obj = model.text, model.audio, model.objectives
+    _validate_encoder(text, "text", tp)
+    if not 1 <= text.fusion_layers <= text.num_layers:
+        raise ConfigError(f"model.text.fusion_layers ({text.fusion_layers}) must be between 1 and "
+                          f"model.text.num_layers ({text.num_layers}).")
+    if not text.vocab_file:
+        raise ConfigError("model.text.vocab_file must name BERT's vocab.txt (uncased WordPiece).")
+    if not Path(text.vocab_file).is_file():
+        raise ConfigError(f"model.text.vocab_file: no such file {text.vocab_file}.")
+    if not 3 <= text.max_length <= text.max_positions:
+        raise ConfigError(f"model.text.max_length ({text.max_length}) must be between 3 and "
+                          f"model.text.max_positions ({text.max_positions}).")
+    if VOCAB_MULTIPLE % tp:
+        raise ConfigError(f"parallel.tp ({tp}) must divide {VOCAB_MULTIPLE}: the text vocabulary "
+                          f"is padded to a multiple of {VOCAB_MULTIPLE}.")
+    if audio.enabled:
+        if not obj.fusion_dim:
+            raise ConfigError("model.audio.enabled needs model.objectives.fusion_dim: audio and "
+                              "video tokens are projected to one width for the fusion layers.")
+        _validate_encoder(audio, "audio", tp)
+        if audio.mel_bins % audio.patch_size or audio.frames < audio.patch_size:
+            raise ConfigError(f"model.audio: mel_bins ({audio.mel_bins}) must be a multiple of "
+                              f"patch_size ({audio.patch_size}) and seconds ({audio.seconds:g}) "
+                              "must give at least one patch of frames.")
+        if audio.hidden_size % audio.pos_conv_groups:
+            raise ConfigError(f"model.audio.pos_conv_groups ({audio.pos_conv_groups}) must divide "
+                              f"hidden_size ({audio.hidden_size}).")
+    if obj.embed_dim % tp or obj.fusion_dim % tp:
+        raise ConfigError(f"model.objectives.embed_dim ({obj.embed_dim}) and fusion_dim "
+                          f"({obj.fusion_dim}) must be divisible by parallel.tp ({tp}).")
+    if obj.temperature <= 0 or not 0 < obj.mlm_probability < 1:
+        raise ConfigError("model.objectives.temperature must be positive and mlm_probability in "
+                          "(0, 1).")
+    weights = [getattr(obj, name) for name in STAGE2_TERMS]
+    if min(weights) < 0 or not any(weights[:3]):
+        raise ConfigError("model.objectives weights must be >= 0 and one of vtc, vtm, mlm "
+                          "positive.")
+
+
 def validate(config: Config, world_size: int | None = None) -> None:
     """Raise ConfigError for the first rule the config breaks; world_size is checked when given."""
     par, model, train = config.parallel, config.model, config.train
@@ -332,55 +536,26 @@ def validate(config: Config, world_size: int | None = None) -> None:
                 f"parallel.pipeline_layout sums to {sum(par.pipeline_layout)} layers but the "
                 f"student has {student.num_layers}."
             )
-    for name in ("student", "clip_teacher", "mae_teacher"):
-        _validate_vit(getattr(model, name), name, par.tp)
+    if config.stage not in (1, 2):
+        raise ConfigError(f"stage must be 1 or 2, got {config.stage}.")
+    _validate_vit(student, "student", par.tp)
     if not student.pool_heads:
-        raise ConfigError("model.student.pool_heads must be set: stage 1 needs the attention pool.")
-    if not model.clip_teacher.pool_heads or not model.clip_teacher.per_frame:
-        raise ConfigError(
-            "model.clip_teacher must be a per-frame image model with an attention pool "
-            "(per_frame: true, pool_heads > 0)."
-        )
-    if model.clip_teacher.pool_dim != student.pool_dim:
-        raise ConfigError(
-            f"model.student.pool_dim ({student.pool_dim}) must equal the CLIP teacher's "
-            f"pool_dim ({model.clip_teacher.pool_dim})."
-        )
-    for name, width in (("clip_teacher", model.clip_teacher.hidden_size),
-                        ("mae_teacher", model.mae_teacher.hidden_size)):
-        if width % par.tp:
-            raise ConfigError(
-                f"model.{name}.hidden_size ({width}) must be divisible by parallel.tp ({par.tp})."
-            )
+        raise ConfigError("model.student.pool_heads must be set: every stage needs the attention "
+                          "pool.")
     if student.hidden_size % par.tp:
         raise ConfigError(
             f"model.student.hidden_size ({student.hidden_size}) must be divisible by "
             f"parallel.tp ({par.tp})."
         )
-    frames = student.num_frames * model.mae_teacher.tubelet_size
-    if model.mae_teacher.num_frames != frames or model.clip_teacher.num_frames != student.num_frames:
-        raise ConfigError(
-            f"frame counts disagree: the student sees {student.num_frames} frames, the CLIP teacher "
-            f"must see the same and the MAE teacher (tubelet {model.mae_teacher.tubelet_size}) "
-            f"{frames}."
-        )
-    grids = {(v.image_size, v.patch_size) for v in (student, model.clip_teacher, model.mae_teacher)}
-    if len(grids) != 1:
-        raise ConfigError("the student and both teachers must share image_size and patch_size.")
-    if not 1 <= model.clip_layers <= min(student.num_layers, model.clip_teacher.num_layers):
-        raise ConfigError(
-            f"model.clip_layers ({model.clip_layers}) must be between 1 and the layer count of "
-            "the student and of the CLIP teacher."
-        )
-    if not 1 <= model.mae_layers <= min(student.num_layers, model.mae_teacher.num_layers):
-        raise ConfigError(
-            f"model.mae_layers ({model.mae_layers}) must be between 1 and the layer count of "
-            "the student and of the MAE teacher."
-        )
     if not 0.0 <= model.mask_ratio < 1.0:
         raise ConfigError(f"model.mask_ratio must be in [0, 1), got {model.mask_ratio}.")
-    if len(model.loss_weights) != 3:
-        raise ConfigError("model.loss_weights must list 3 weights: clip, final, mae.")
+    if config.stage == 1:
+        _validate_stage1(model, par.tp)
+    else:
+        _validate_stage2(model, par.tp)
+        if config.data.source != "synthetic":
+            raise ConfigError("stage 2 reads synthetic captioned clips only so far "
+                              "(data.source=synthetic); captioned manifests are issue 6's next step.")
     if train.precision not in ("fp32", "bf16"):
         raise ConfigError(f"train.precision must be fp32 or bf16, got '{train.precision}'.")
     if train.recompute not in ("none", "selective", "full"):
@@ -429,6 +604,8 @@ def _validate_data(data: DataConfig) -> None:
                           f"{data.crop_scale}.")
     if data.workers < 0 or data.prefetch < 1 or data.decode_threads < 1:
         raise ConfigError("data.workers must be >= 0, data.prefetch and data.decode_threads >= 1.")
+    if not data.captions:
+        raise ConfigError("data.captions must name at least one caption key.")
     if not 0 <= data.max_skip_rate <= 1:
         raise ConfigError(f"data.max_skip_rate must be in [0, 1], got {data.max_skip_rate}.")
 
@@ -463,10 +640,14 @@ __all__ = [
     "CheckpointConfig",
     "Config",
     "ConfigError",
+    "AudioConfig",
     "DataConfig",
+    "EncoderConfig",
     "ModelConfig",
+    "ObjectivesConfig",
     "ParallelConfig",
     "RunConfig",
+    "TextConfig",
     "TrainConfig",
     "ViTConfig",
     "load_config",

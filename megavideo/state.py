@@ -37,14 +37,15 @@ def canonical_params(chunks) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 def full_state(chunks, grads: bool = False) -> dict[str, torch.Tensor]:
-    """Whole, unpadded tensors of this pipeline rank's parameters (or of their ``main_grad``).
+    """Whole, unpadded tensors of this pipeline rank's parameters (or of the trainable ones'
+    ``main_grad``).
 
     Every rank of the TP group joins; every TP and DP rank gets the same result.
     """
     tp_group = parallel_state.get_tensor_model_parallel_group()
     state = {}
     for name, param in canonical_params(chunks):
-        if getattr(param, "shared", False) and name in state:
+        if getattr(param, "shared", False) and name in state or grads and not param.requires_grad:
             continue
         local = param.main_grad if grads else param.data
         state[name] = gather_full(param, local, tp_group).detach().float().cpu().clone()

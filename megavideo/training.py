@@ -22,12 +22,13 @@ from megavideo.checkpoint import EXIT_REQUEUE, Checkpointer, StopSignal
 from megavideo.config import Config, validate_world
 from megavideo.metrics import MetricsWriter
 from megavideo.stages.stage1 import Stage1
+from megavideo.stages.stage2 import Stage2
 from parallel.comm import all_reduce_tied_grads
 from parallel.distributed import detect_launch, device, init_distributed, init_model_parallel
 
 log = logging.getLogger(__name__)
 
-TERMS = ("clip", "final", "mae")
+STAGES = {1: Stage1, 2: Stage2}
 
 
 def _no_weight_decay() -> dict:
@@ -38,7 +39,7 @@ def _no_weight_decay() -> dict:
 
 
 class Trainer:
-    """Everything one rank needs to run stage-1 steps for a validated config."""
+    """Everything one rank needs to run the steps of a validated config's stage."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -52,7 +53,7 @@ class Trainer:
 
         model_parallel_cuda_manual_seed(train.seed + 100 * pp_rank)
         self.device = device()
-        self.stage = Stage1(cfg, self.device)
+        self.stage = STAGES[cfg.stage](cfg, self.device)
         config = self.stage.config
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
@@ -93,12 +94,13 @@ class Trainer:
         (averaged over micro-batches and data-parallel ranks, summed over pipeline stages)."""
         stage = self.stage
         batches = stage.micro_batches(step)
-        sums = torch.zeros(len(TERMS), dtype=torch.float64)
+        terms_names = stage.TERMS
+        sums = torch.zeros(len(terms_names), dtype=torch.float64)
 
         def forward_step(data_iterator, model):
             output, terms = model(next(data_iterator))
             for name, value in terms.items():
-                sums[TERMS.index(name)] += value.double().item()
+                sums[terms_names.index(name)] += value.double().item()
             return output, lambda out: (out, {})
 
         single = len(self.chunks) == 1
@@ -119,12 +121,15 @@ class Trainer:
         dist.all_reduce(totals, group=self.pp_group)
         dist.all_reduce(totals, group=self.dp_group)
         totals = totals.cpu()
-        sums = totals[: len(TERMS)] / parallel_state.get_data_parallel_world_size()
-        weights = self.cfg.model.loss_weights
-        terms = {f"loss/{name}": float(v) for name, v in zip(TERMS, sums, strict=False)}
-        terms["loss"] = float(sum(w * v for w, v in zip(weights, sums, strict=False)))
+        sums = totals[: len(terms_names)] / parallel_state.get_data_parallel_world_size()
+        weights = stage.loss_weights
+        terms = {f"loss/{name}": float(v) for name, v in zip(terms_names, sums, strict=True)
+                 if weights[name]}
+        terms["loss"] = float(sum(weights[name] * v for name, v in zip(terms_names, sums,
+                                                                        strict=True)))
         if self.cfg.data.source == "manifest":
-            terms["data/skipped"], terms["data/attempts"] = (int(v) for v in totals[len(TERMS):])
+            terms["data/skipped"], terms["data/attempts"] = (
+                int(v) for v in totals[len(terms_names):])
         return terms
 
     def data_state(self) -> dict:
@@ -217,10 +222,10 @@ def run(cfg: Config) -> list[dict]:
             if writer is not None:
                 writer.write(step, metrics)
                 if step % cfg.run.log_interval == 0:
-                    log.info("step %d  loss %.4f  (clip %.4f final %.4f mae %.4f)  grad_norm %.3f  "
-                             "%.2f samples/s", step, metrics["loss"], metrics["loss/clip"],
-                             metrics["loss/final"], metrics["loss/mae"], metrics["grad_norm"],
-                             metrics["samples_per_s"])
+                    parts = " ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items()
+                                     if k.startswith("loss/"))
+                    log.info("step %d  loss %.4f  (%s)  grad_norm %.3f  %.2f samples/s", step,
+                             metrics["loss"], parts, metrics["grad_norm"], metrics["samples_per_s"])
             done = step + 1
             stopping = stop.agreed()
             at_end = done == cfg.train.steps and cfg.checkpoint.save_at_end

@@ -123,3 +123,73 @@ def all_reduce_tied_grads(modules, tied: dict[str, tuple[int, ...]], pp_group, d
             dist.all_reduce(grad, group=pp_group)
         for param in copies:
             param.main_grad.copy_(grad)
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather [b, ...] -> [ranks * b, ...] in rank order; backward: this rank's rows of the
+    gradient summed over the ranks (every rank's loss uses every rank's rows)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group, ctx.rows, ctx.rank = group, x.shape[0], dist.get_rank(group)
+        parts = [torch.empty_like(x) for _ in range(group.size())]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
+
+
+def all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
+    """Autograd-aware all-gather along dim 0 (identity for a group of one)."""
+    if group_size(group) == 1:
+        return x
+    return _GatherRows.apply(x, group)
+
+
+class _FetchRows(torch.autograd.Function):
+    """Rows of a tensor split over ranks by blocks of ``b`` rows, picked by global row index."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, group) -> torch.Tensor:
+        ranks, rank, b = group.size(), dist.get_rank(group), x.shape[0]
+        wanted = [torch.empty_like(index) for _ in range(ranks)]
+        dist.all_gather(wanted, index, group=group)
+        # rows of mine each rank asked for, in its order; the rows I asked for, by owner
+        sends = [w[w // b == rank] - rank * b for w in wanted]
+        owner = index // b
+        order = torch.argsort(owner, stable=True)
+        send_counts = [len(s) for s in sends]
+        recv_counts = [int((owner == r).sum()) for r in range(ranks)]
+        rows = torch.cat(sends)
+        received = x.new_empty((len(index), *x.shape[1:]))
+        dist.all_to_all_single(received, x[rows].contiguous(), recv_counts, send_counts,
+                               group=group)
+        out = torch.empty_like(received)
+        out[order] = received
+        ctx.save_for_backward(rows, order)
+        ctx.group, ctx.counts, ctx.shape = group, (send_counts, recv_counts), x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        rows, order = ctx.saved_tensors
+        send_counts, recv_counts = ctx.counts
+        back = grad.new_empty((len(rows), *grad.shape[1:]))
+        dist.all_to_all_single(back, grad[order].contiguous(), send_counts, recv_counts,
+                               group=ctx.group)
+        out = grad.new_zeros(ctx.shape)
+        out.index_add_(0, rows, back)
+        return out, None, None
+
+
+def fetch_rows(x: torch.Tensor, index: torch.Tensor, group) -> torch.Tensor:
+    """``cat(all ranks' x)[index]`` without gathering everything: each rank sends only the rows
+    others ask for (all-to-all), and gradients flow back to the owners. ``x`` holds the same
+    number of rows on every rank; every rank asks for the same number of rows."""
+    if group_size(group) == 1:
+        return x[index]
+    return _FetchRows.apply(x, index, group)

@@ -18,13 +18,16 @@ BASE = ["train.steps=3", "train.warmup_steps=0", "train.global_batch=8", "train.
         "run.tensorboard=false", "parallel.tp=1", "parallel.pp=1", "parallel.sp=false"]
 
 
-def trainer(overrides: list[str]) -> Trainer:
-    return Trainer(load_config(CONFIG, BASE + overrides))
+def trainer(overrides: list[str], config: str | None = None) -> Trainer:
+    return Trainer(load_config(config or CONFIG, BASE + overrides))
 
 
-def reference(rank: int, world: int, out: str, steps: int) -> None:
-    tr = trainer([])
-    result = {"params": full_state(tr.chunks), "teachers": full_state([tr.stage.teachers])}
+def reference(rank: int, world: int, out: str, steps: int, config: str | None = None,
+              base: tuple[str, ...] = ()) -> None:
+    tr = trainer(list(base), config)
+    result = {"params": full_state(tr.chunks)}
+    if tr.stage.teachers is not None:
+        result["teachers"] = full_state([tr.stage.teachers])
     result["loss"] = tr.forward_backward(step=0)
     result["grads"] = full_state(tr.chunks, grads=True)
     result["losses"] = [tr.train_step(step)["loss"] for step in range(steps)]
@@ -48,12 +51,13 @@ def _padding_max(tr: Trainer) -> float:
     return worst
 
 
-def layouts(rank: int, world: int, ref: str, cases: list[tuple[str, list[str], int]], out: str) -> None:
+def layouts(rank: int, world: int, ref: str, cases: list[tuple[str, list[str], int]], out: str,
+            config: str | None = None, base: tuple[str, ...] = ()) -> None:
     """For each (name, overrides, optimizer steps): load the reference weights, run the step,
     write this pipeline rank's loss terms and gradients (or parameters after the steps)."""
     reference_state = torch.load(ref)
     for name, overrides, steps in cases:
-        tr = trainer(overrides)
+        tr = trainer(list(base) + overrides, config)
         load_full_state(tr.chunks, reference_state["params"])
         if tr.stage.teachers is not None:
             load_full_state([tr.stage.teachers], reference_state["teachers"])

@@ -15,7 +15,12 @@ import torch
 import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import (
+    CrossAttention,
+    CrossAttentionSubmodules,
+    SelfAttention,
+    SelfAttentionSubmodules,
+)
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -26,7 +31,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayerSubmodul
 
 from kernels.backends import layer_backend
 from kernels.norms import NORMS
-from megavideo.config import ParallelConfig, TrainConfig, ViTConfig
+from megavideo.config import EncoderConfig, ParallelConfig, TrainConfig, ViTConfig
 from parallel.layout import megatron_layout, padded_heads, split_layers
 
 INIT_STD = 0.02  # trunc_normal(std=0.02) in the official code: the truncation at +-2 never bites
@@ -40,6 +45,7 @@ class ViTTransformerConfig(TransformerConfig):
     full_width_qk_norm: bool = False
     layer_scale_init: float = 0.0
     drop_path_rate: float = 0.0
+    residual_scale: float = 1.0  # DeepNorm's alpha on post-norm residuals (BEATs)
 
 
 def _init_normal(tensor: torch.Tensor) -> torch.Tensor:
@@ -47,14 +53,15 @@ def _init_normal(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def transformer_config(
-    vit: ViTConfig,
+    vit: EncoderConfig,
     parallel: ParallelConfig,
     train: TrainConfig,
     *,
     pipelined: bool,
     sequence_parallel: bool,
 ) -> ViTTransformerConfig:
-    """The config of one ViT's block stack. Teachers are not pipelined and run without SP."""
+    """The config of one encoder's layers. Only the video encoder is pipelined and runs with SP;
+    the teachers and the text and audio encoders are whole on their pipeline stage."""
     heads = padded_heads(vit.num_heads, parallel.tp)
     bf16 = train.precision == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -166,5 +173,60 @@ def vit_layer_spec(vit: ViTConfig, attn_mask_type: AttnMaskType) -> ModuleSpec:
             pre_mlp_layernorm=norm,
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)),
             mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def _kv_from(linear: type, width: int) -> type:
+    """``linear`` whose input width is ``width``: megatron-core's CrossAttention builds its key/value
+    projection from the layer's own width, BERT's reads the video tokens' (``encoder_width``)."""
+
+    class KVLinear(linear):
+        def __init__(self, input_size: int, output_size: int, **kwargs) -> None:
+            del input_size
+            super().__init__(width, output_size, **kwargs)
+
+    return KVLinear
+
+
+def post_norm_layer_spec(enc: EncoderConfig, cross_width: int = 0) -> ModuleSpec:
+    """A post-norm encoder layer (BERT, BEATs), with cross-attention to ``cross_width``-wide
+    tokens when it is set. The three norm slots of megatron-core's layer hold the norms *after*
+    self-attention, cross-attention and the MLP."""
+    from megavideo.models.encoders import PostNormLayer
+
+    if layer_backend() == "te":
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear,
+            TEDotProductAttention,
+            TERowParallelLinear,
+        )
+
+        column, row, core = TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
+    else:
+        column, row, core = ColumnParallelLinear, RowParallelLinear, DotProductAttention
+    norm = NORMS[enc.norm]
+    cross = IdentityOp
+    if cross_width:
+        cross = ModuleSpec(
+            module=CrossAttention,
+            params={"attn_mask_type": AttnMaskType.padding},
+            submodules=CrossAttentionSubmodules(linear_q=column, linear_kv=_kv_from(column, cross_width),
+                                                core_attention=core, linear_proj=row),
+        )
+    return ModuleSpec(
+        module=PostNormLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.padding},
+                submodules=SelfAttentionSubmodules(linear_qkv=column, core_attention=core,
+                                                   linear_proj=row),
+            ),
+            pre_cross_attn_layernorm=norm if cross_width else IdentityOp,
+            cross_attention=cross,
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
         ),
     )

@@ -20,39 +20,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from megatron.core.enums import ModelType
-from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
 from megavideo.config import ModelConfig
-from megavideo.models.embedding import VideoEmbedding, num_visible, seq_length, sincos_3d
-from megavideo.models.heads import AttentionPool, ClipAligner, MaeAligner, cosine_loss
+from megavideo.models.embedding import sincos_3d
+from megavideo.models.heads import ClipAligner, MaeAligner, cosine_loss
 from megavideo.models.specs import ViTTransformerConfig, without_sequence_parallel
-from megavideo.models.vit import block_stack
-from parallel.comm import attach_loss, from_sequence_parallel, to_sequence_parallel
+from megavideo.models.video import Tokens, VideoChunk
+from parallel.comm import attach_loss
 from parallel.layout import Chunk
-
-
-@dataclass(frozen=True)
-class Tokens:
-    """The student's token sequence: CLS + visible patches, padded for sequence parallelism."""
-
-    real: int
-    length: int
-
-    @classmethod
-    def of(cls, model: ModelConfig, tp: int, sequence_parallel: bool) -> Tokens:
-        student = model.student
-        real = 1 + student.num_frames * num_visible(student.patches_per_frame, model.mask_ratio)
-        return cls(real, seq_length(real, tp) if sequence_parallel else real)
-
-    def attention_mask(self, batch: int, device) -> torch.Tensor | None:
-        """[b, 1, 1, s], True on padding keys; None when there is no padding."""
-        if self.length == self.real:
-            return None
-        mask = torch.zeros(batch, 1, 1, self.length, dtype=torch.bool, device=device)
-        mask[..., self.real:] = True
-        return mask
 
 
 @dataclass
@@ -85,31 +61,17 @@ def _pos_param(table: torch.Tensor, dtype: torch.dtype, tied: str, owner: bool) 
     return param
 
 
-class Stage1Student(MegatronModule):
-    """One pipeline chunk of the stage-1 student."""
+class Stage1Student(VideoChunk):
+    """One pipeline chunk of the stage-1 student: the video encoder plus the aligners."""
 
     def __init__(self, model: ModelConfig, config: ViTTransformerConfig, chunk: Chunk, tokens: Tokens,
                  tp_group) -> None:
-        super().__init__(config=config)
+        super().__init__(model, config, chunk, tokens, tp_group)
         student = model.student
         self.model_config = model
-        self.tokens = tokens
-        self.tp_group = tp_group
-        self.pre_process, self.post_process = chunk.is_first, chunk.is_last
-        self.model_type = ModelType.encoder_or_decoder
-        self.share_embeddings_and_output_weights = False
-        self.input_tensor = None
         dtype = config.params_dtype
         heads = without_sequence_parallel(config)
         eps = model.aligner_norm_eps
-        if self.pre_process:
-            self.embed = VideoEmbedding(student, dtype)
-            self.embed.pos_embed.no_weight_decay = True
-            self.embed.cls_token.no_weight_decay = True
-        vp_stage = chunk.vp_stage if config.virtual_pipeline_model_parallel_size else None
-        self.blocks = block_stack(student, config, chunk.num_layers, padded=tokens.length > tokens.real,
-                                  pre_process=self.pre_process, post_process=self.post_process,
-                                  vp_stage=vp_stage)
         clip, mae = aligned_layers(model)
         self.clip_at = {layer: k for layer, k in clip.items() if layer in chunk.layers}
         self.mae_at = {layer: k for layer, k in mae.items() if layer in chunk.layers}
@@ -127,26 +89,8 @@ class Stage1Student(MegatronModule):
         self.mae_pos_embed = _pos_param(sincos_3d(d, grid, frames, False), dtype, "mae_pos_embed",
                                         owner) if self.mae_at else None
         if self.post_process:
-            self.pool = AttentionPool(heads, d, student.pool_heads, student.pool_dim, eps, tp_group)
             self.final_aligner = ClipAligner(heads, student.pool_dim, model.clip_teacher.pool_dim,
                                              eps, tp_group)
-
-    def set_input_tensor(self, input_tensor) -> None:
-        self.input_tensor = input_tensor[0] if isinstance(input_tensor, list) else input_tensor
-
-    def _embed(self, batch: Stage1Batch) -> torch.Tensor:
-        x = self.embed(batch.video)  # [B, 1 + N, C]
-        index = batch.visible[:, :, None].expand(-1, -1, x.shape[-1])
-        x = torch.gather(x, 1, index).transpose(0, 1)  # tokens masked after pos_embed: [n, B, C]
-        if self.tokens.length > self.tokens.real:
-            pad = x.new_zeros(self.tokens.length - self.tokens.real, *x.shape[1:])
-            x = torch.cat([x, pad])
-        return to_sequence_parallel(x.contiguous(), self.tp_group, self.config.sequence_parallel)
-
-    def _full(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The whole, unpadded sequence on every TP rank: [n, B, C]."""
-        full = from_sequence_parallel(hidden, self.tp_group, self.config.sequence_parallel)
-        return full[: self.tokens.real]
 
     def _aligner_losses(self, tapped: dict, batch: Stage1Batch) -> dict[str, torch.Tensor]:
         model = self.model_config
@@ -167,10 +111,8 @@ class Stage1Student(MegatronModule):
     def forward(self, batch: Stage1Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Returns (output, loss terms): the hidden state for the next chunk, or on the last chunk
         the micro-batch loss. The terms are this chunk's shares of the loss, for logging."""
-        hidden = self._embed(batch) if self.pre_process else self.input_tensor
-        mask = self.tokens.attention_mask(batch.drop_u.shape[0], hidden.device)
         taps = set(self.clip_at) | set(self.mae_at)
-        hidden, tapped = self.blocks(hidden, mask, batch.drop_u, taps)
+        hidden, tapped = self.encode(batch.video, batch.visible, batch.drop_u, taps)
         terms = self._aligner_losses(tapped, batch) if taps else {}
         if self.post_process:
             pooled = self.pool(self._full(hidden))

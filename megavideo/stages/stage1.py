@@ -23,10 +23,10 @@ from dataloaders.synthetic import generator, global_indices, synthetic_video
 from megavideo import data
 from megavideo.config import Config
 from megavideo.models.specs import transformer_config
-from megavideo.models.student import Stage1Batch, Stage1Student, Tokens, aligned_layers
+from megavideo.models.student import Stage1Batch, Stage1Student, aligned_layers
 from megavideo.models.teachers import Stage1Teachers
+from megavideo.stages.common import PipelineStage
 from parallel.comm import recv_from_stage, send_to_stage
-from parallel.layout import chunks_of, split_layers
 
 log = logging.getLogger(__name__)
 
@@ -44,23 +44,14 @@ class Needs:
         return bool(self.clip or self.mae or self.final)
 
 
-class Stage1:
+class Stage1(PipelineStage):
     """This rank's student chunks (and, on the first stage, the teachers) and its step inputs."""
 
+    TERMS = ("clip", "final", "mae")
+
     def __init__(self, cfg: Config, device: torch.device) -> None:
-        self.cfg = cfg
-        self.device = device
+        super().__init__(cfg, device)
         par, model = cfg.parallel, cfg.model
-        self.tp_group = parallel_state.get_tensor_model_parallel_group()
-        self.pp_group = parallel_state.get_pipeline_model_parallel_group()
-        self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-        self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.dp = parallel_state.get_data_parallel_world_size()
-        counts = split_layers(model.student.num_layers, par.pp, par.vpp, par.pipeline_layout)
-        self.layout = [chunks_of(r, counts, par.pp) for r in range(par.pp)]
-        self.tokens = Tokens.of(model, par.tp, par.sp)
-        self.config = transformer_config(model.student, par, cfg.train, pipelined=True,
-                                         sequence_parallel=par.sp)
         self.models = [Stage1Student(model, self.config, chunk, self.tokens, self.tp_group).to(device)
                        for chunk in self.layout[self.pp_rank]]
         self.teachers = None
@@ -75,10 +66,12 @@ class Stage1:
         # video files: decoded on the first stage by TP rank 0, broadcast to its TP peers
         self.from_files = cfg.data.source == "manifest" and self.pp_rank == 0
         self.decodes = self.from_files and parallel_state.get_tensor_model_parallel_rank() == 0
-        self.data_counts = torch.zeros(2, dtype=torch.float64)  # this step: skipped, attempts
         self._batches = None
         self._reported: set[str] = set()
-        self.data_wait = 0.0  # seconds this step waited for decoded clips
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        return dict(zip(self.TERMS, self.cfg.model.loss_weights, strict=True))
 
     def start_data(self, start_step: int, consumed_samples: int,
                    manifest: Manifest | None) -> None:
@@ -87,10 +80,6 @@ class Stage1:
         if self.decodes:
             feed = data.feed(self.cfg, manifest, self.dp_rank, self.dp, self.device)
             self._batches = feed.iterate(start_step, self.cfg.train.steps, consumed_samples)
-
-    def take_data_counts(self) -> torch.Tensor:
-        counts, self.data_counts = self.data_counts, torch.zeros(2, dtype=torch.float64)
-        return counts
 
     def _clips(self, step: int, indices: list[int]) -> torch.Tensor:
         """The micro-batch's clips [b, 3, frames, size, size] on this rank's device."""
@@ -139,17 +128,6 @@ class Stage1:
             if len(holders) > 1:
                 tied[name] = (tokens, student.hidden_size)
         return tied
-
-    @property
-    def num_microbatches(self) -> int:
-        train = self.cfg.train
-        return train.global_batch // (train.micro_batch * self.dp)
-
-    def _drop_u(self, step: int, indices: list[int]) -> torch.Tensor:
-        layers = self.cfg.model.student.num_layers
-        seed = self.cfg.train.seed
-        return torch.stack([torch.rand(layers, 2, generator=generator(seed, step, i, "drop_path"))
-                            for i in indices]).to(self.device)
 
     def _target_shapes(self, needs: Needs, b: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
         model, n = self.cfg.model, self.tokens.real

@@ -1,0 +1,70 @@
+"""Post-norm transformer layers (BERT, BEATs) on megatron-core's layer and its submodules.
+
+    x = norm1(a x + attn(x))                   self-attention
+    x = norm2(x + cross(x, memory))            cross-attention, in BERT's fusion layers only
+    x = norm3(a x + mlp(x))
+
+``a`` is DeepNorm's residual scale (BEATs: (2 N)^(1/4); 1 for BERT). megatron-core's layer is
+pre-norm; its three norm slots hold the norms after each branch here, so BERT's and BEATs' weights
+map one to one.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_layer import TransformerLayer
+from torch import nn
+
+from megavideo.config import EncoderConfig
+from megavideo.models.specs import ViTTransformerConfig, post_norm_layer_spec
+
+
+class PostNormLayer(TransformerLayer):
+    """One post-norm encoder layer (see the module docstring)."""
+
+    def _add(self, x: torch.Tensor, out_with_bias, scale: float) -> torch.Tensor:
+        out, bias = out_with_bias
+        if bias is not None:
+            out = out + bias
+        return x * scale + out if scale != 1.0 else x + out
+
+    def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None,
+                **_unused):
+        a = self.config.residual_scale
+        x = self.input_layernorm(self._add(
+            hidden_states, self.self_attention(hidden_states, attention_mask=attention_mask), a))
+        if context is not None:
+            x = self.pre_cross_attn_layernorm(self._add(
+                x, self.cross_attention(x, attention_mask=context_mask, key_value_states=context),
+                1.0))
+        return self.pre_mlp_layernorm(self._add(x, self.mlp(x), a))
+
+
+class EncoderLayers(nn.Module):
+    """``enc.num_layers`` post-norm layers; those from ``first_cross`` on cross-attend to
+    ``cross_width``-wide memory tokens. Run any contiguous range of them (BERT's text and fusion
+    modes); full recomputation checkpoints each layer."""
+
+    def __init__(self, enc: EncoderConfig, config: ViTTransformerConfig, first_cross: int | None = None,
+                 cross_width: int = 0) -> None:
+        super().__init__()
+        first_cross = enc.num_layers if first_cross is None else first_cross
+        self.layers = nn.ModuleList(
+            build_module(post_norm_layer_spec(enc, cross_width if i >= first_cross else 0),
+                         config=config, layer_number=i + 1)
+            for i in range(enc.num_layers))
+        self.recompute = config.recompute_granularity == "full"
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, start: int = 0,
+                stop: int | None = None, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [s, b, h]; mask [b, 1, 1, s] True on padding; context [m, b, w], context_mask
+        [b, 1, 1, m] True on absent memory tokens."""
+        for layer in self.layers[start:stop]:
+            if self.recompute and self.training:
+                x = tensor_parallel.checkpoint(layer, False, x, mask, context, context_mask)
+            else:
+                x = layer(x, mask, context, context_mask)
+        return x

@@ -1,0 +1,95 @@
+"""Stage 2's objectives: contrastive (VTC), matching with hard negatives (VTM), masked LM (MLM).
+
+All of them run on the last pipeline stage, per micro-batch, with negatives drawn from the whole
+data-parallel micro-batch: the contrast all-gathers the projections (gradients summed back to
+their owners), and matching fetches only the chosen negatives' tokens from the ranks that hold
+them. Every random draw comes from a generator of (run seed, step, global sample index, purpose),
+so any layout computes the same loss as one process holding the global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from parallel.comm import all_gather_rows, fetch_rows
+
+TEMPERATURE_RANGE = (0.001, 0.5)  # the official clamp of the learnable temperature
+
+
+def same_item(idx: torch.Tensor, idx_all: torch.Tensor) -> torch.Tensor:
+    """[b, G]: True where a local sample and a gathered one are the same item (positives)."""
+    return idx[:, None] == idx_all[None, :]
+
+
+def contrastive_loss(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, idx_all: torch.Tensor,
+                     temperature: torch.Tensor, dp_group) -> torch.Tensor:
+    """Symmetric InfoNCE of this rank's rows against the gathered micro-batch.
+
+    x, y [b, E] (e.g. video and text projections); samples sharing an ``idx`` are all positives
+    (targets spread evenly over them). Averaged over the data-parallel ranks this is the loss of
+    the whole micro-batch.
+    """
+    x, y = F.normalize(x.float(), dim=-1), F.normalize(y.float(), dim=-1)
+    x_all, y_all = all_gather_rows(x, dp_group), all_gather_rows(y, dp_group)
+    targets = same_item(idx, idx_all).float()
+    targets = targets / targets.sum(1, keepdim=True)
+    x_to_y = -(F.log_softmax(x @ y_all.T / temperature, dim=1) * targets).sum(1).mean()
+    y_to_x = -(F.log_softmax(y @ x_all.T / temperature, dim=1) * targets).sum(1).mean()
+    return (x_to_y + y_to_x) / 2
+
+
+def hard_negatives(sim: torch.Tensor, idx: torch.Tensor, idx_all: torch.Tensor,
+                   generators: list[torch.Generator]) -> torch.Tensor:
+    """One negative per local row, drawn with probability softmax(sim) over the gathered
+    micro-batch, never the same item; [b] global row indices. sim [b, G] (already / temperature)."""
+    weights = F.softmax(sim.detach().float().cpu(), dim=1)
+    weights[same_item(idx, idx_all).cpu()] = 0.0
+    out = []
+    for row, g in zip(weights, generators, strict=True):
+        if row.sum() <= 0:  # every sample is this item: any other row
+            row = torch.ones_like(row)
+        out.append(torch.multinomial(row, 1, generator=g))
+    return torch.cat(out).to(sim.device)
+
+
+def matching_loss(fuse, head, text: torch.Tensor, text_mask: torch.Tensor, memory: torch.Tensor,
+                  memory_mask: torch.Tensor, video_negatives: torch.Tensor,
+                  text_negatives: torch.Tensor, dp_group) -> torch.Tensor:
+    """VTM: positives, (text, negative video) and (negative text, video), 1:2, through the fusion
+    layers; cross entropy of ``head`` on the [CLS] output.
+
+    text [L, b, H], text_mask [b, L], memory [M, b, W], memory_mask [b, M]; the negatives are
+    global row indices (:func:`hard_negatives`).
+    """
+    b = text.shape[1]
+    neg_memory = fetch_rows(memory.transpose(0, 1), video_negatives, dp_group).transpose(0, 1)
+    neg_memory_mask = fetch_rows(memory_mask, video_negatives, dp_group)
+    neg_text = fetch_rows(text.transpose(0, 1), text_negatives, dp_group).transpose(0, 1)
+    neg_text_mask = fetch_rows(text_mask, text_negatives, dp_group)
+    texts = torch.cat([text, text, neg_text], dim=1)
+    texts_mask = torch.cat([text_mask, text_mask, neg_text_mask])
+    memories = torch.cat([memory, neg_memory, memory], dim=1)
+    memories_mask = torch.cat([memory_mask, neg_memory_mask, memory_mask])
+    logits = head(fuse(texts, texts_mask, memories, memories_mask)[0])  # [3b, 2]
+    labels = torch.zeros(3 * b, dtype=torch.long, device=logits.device)
+    labels[:b] = 1
+    return F.cross_entropy(logits.float(), labels)
+
+
+def mlm_inputs(ids: torch.Tensor, special: dict[str, int], vocab_size: int, probability: float,
+               generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking of [b, L] token ids: each token but [PAD] and [CLS] is chosen with
+    ``probability``; of the chosen, 80% become [MASK], 10% a random token, 10% stay. Returns
+    (masked ids, labels with -100 where not chosen)."""
+    masked, labels = ids.clone().cpu(), torch.full_like(ids, -100).cpu()
+    for row, label, g in zip(masked, labels, generators, strict=True):
+        draws = torch.rand(3, row.shape[0], generator=g)
+        random_ids = torch.randint(vocab_size, row.shape, generator=g)
+        chosen = (draws[0] < probability) & (row != special["pad"]) & (row != special["cls"])
+        label[chosen] = row[chosen]
+        to_mask = chosen & (draws[1] < 0.8)
+        to_random = chosen & ~to_mask & (draws[2] < 0.5)
+        row[to_random] = random_ids[to_random]
+        row[to_mask] = special["mask"]
+    return masked.to(ids.device), labels.to(ids.device)

@@ -1,0 +1,209 @@
+"""The stage-2 model: the video encoder aligned with a text encoder (and an audio encoder).
+
+Every pipeline chunk is a chunk of the video encoder (same layout as stage 1); the last chunk
+also holds the text and audio encoders, the projections and the heads, and computes the loss:
+
+    video tokens [n, B, C] -> attention pool -> vision_proj -> v            (contrast)
+                          -> (fusion_proj: Linear + LayerNorm) -> memory    (fusion layers)
+    caption ids -> BERT text layers -> [CLS] -> text_proj -> t
+    VTC   InfoNCE(v, t)                      VTM   matching head on fused [CLS], hard negatives
+    MLM   masked caption -> text layers -> fusion layers over the memory -> vocab-parallel CE
+    with audio: fbank -> BEATs -> mean -> audio_proj -> a;  av = av_fusion([a, v])
+          audio tokens -> fusion_proj -> [audio ; video] memory (absent audio masked out)
+    AVTC, AVTM, AVMLM   the same three with av and the audio-video memory
+
+The loss is the weighted sum of the terms (``model.objectives``); all share one learnable
+temperature (clamped to [0.001, 0.5]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+from torch import nn
+
+from kernels.norms import LayerNorm
+from megavideo.config import ModelConfig
+from megavideo.models.audio import AudioEncoder
+from megavideo.models.objectives import (
+    TEMPERATURE_RANGE,
+    contrastive_loss,
+    hard_negatives,
+    matching_loss,
+    mlm_inputs,
+)
+from megavideo.models.specs import INIT_STD, ViTTransformerConfig, without_sequence_parallel
+from megavideo.models.text import MLMHead, TextEncoder
+from megavideo.models.video import Tokens, VideoChunk
+from parallel.comm import group_size
+from parallel.layout import Chunk
+
+TERMS = ("vtc", "vtm", "mlm", "avtc", "avtm", "avmlm")
+
+
+@dataclass
+class Stage2Batch:
+    """What one chunk needs for one micro-batch (batch-first tensors)."""
+
+    drop_u: torch.Tensor  # [B, layers, 2] stochastic-depth draws
+    loss_scale: float
+    video: torch.Tensor | None = None  # [B, 3, T, H, W], first chunk
+    visible: torch.Tensor | None = None  # [B, n] token indices, first chunk
+    text_ids: torch.Tensor | None = None  # [B, L], last chunk
+    text_mask: torch.Tensor | None = None  # [B, L] 1 on real tokens
+    item: torch.Tensor | None = None  # [B] item ids: samples of one item are positives
+    generators: dict[str, list[torch.Generator]] | None = None  # purpose -> one per sample
+    fbank: torch.Tensor | None = None  # [B, frames, mel]
+    has_audio: torch.Tensor | None = None  # [B] bool
+
+
+def _projection(config, n_in: int, n_out: int, tp_group) -> ColumnParallelLinear:
+    return ColumnParallelLinear(n_in, n_out, config=config, init_method=config.init_method,
+                                bias=True, gather_output=True, tp_group=tp_group)
+
+
+def _head(config, width: int) -> nn.Linear:
+    head = nn.Linear(width, 2, dtype=config.params_dtype)
+    nn.init.normal_(head.weight, std=INIT_STD)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+class FusionProjection(nn.Module):
+    """Tokens to the fusion width: Linear + LayerNorm (the official ``av_concat_*_proj``)."""
+
+    def __init__(self, config, n_in: int, n_out: int, tp_group) -> None:
+        super().__init__()
+        self.linear = _projection(config, n_in, n_out, tp_group)
+        self.norm = LayerNorm(config, n_out, 1e-5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.linear(x)[0])
+
+
+class Stage2Model(VideoChunk):
+    """One pipeline chunk of the stage-2 model (see the module docstring)."""
+
+    def __init__(self, model: ModelConfig, config: ViTTransformerConfig, chunk: Chunk, tokens: Tokens,
+                 tp_group, dp_group, text_config: ViTTransformerConfig,
+                 audio_config: ViTTransformerConfig | None, vocab_size: int,
+                 special: dict[str, int]) -> None:
+        super().__init__(model, config, chunk, tokens, tp_group)
+        self.model_config = model
+        self.dp_group = dp_group
+        if not self.post_process:
+            return
+        obj, text, audio = model.objectives, model.text, model.audio
+        self.weights = {name: getattr(obj, name) for name in TERMS
+                        if getattr(obj, name) and (audio.enabled or not name.startswith("av"))}
+        self.special, self.vocab_size = special, vocab_size
+        heads = without_sequence_parallel(config)
+        video_width = model.student.hidden_size
+        fusion = obj.fusion_dim or video_width
+        self.temperature = nn.Parameter(torch.tensor(obj.temperature),
+                                        requires_grad=obj.learn_temperature)
+        self.temperature.no_weight_decay = True
+        self.vision_proj = _projection(heads, model.student.pool_dim, obj.embed_dim, tp_group)
+        self.fusion_proj = FusionProjection(heads, video_width, fusion, tp_group) \
+            if obj.fusion_dim else None
+        self.text = TextEncoder(text, text_config, vocab_size, fusion, tp_group)
+        self.text_proj = _projection(text_config, text.hidden_size, obj.embed_dim, tp_group)
+        self.itm_head = _head(text_config, text.hidden_size)
+        self.mlm_head = MLMHead(text, text_config, self.text, tp_group)
+        if audio.enabled:
+            self.audio = AudioEncoder(audio, audio_config)
+            if audio.frozen:
+                self.audio.requires_grad_(False)
+            self.audio_proj = _projection(audio_config, audio.hidden_size, obj.embed_dim, tp_group)
+            self.audio_fusion_proj = FusionProjection(audio_config, audio.hidden_size, fusion,
+                                                      tp_group)
+            self.av_fusion = _projection(heads, 2 * obj.embed_dim, obj.embed_dim, tp_group)
+            self.avtm_head = _head(text_config, text.hidden_size)
+
+    def forward(self, batch: Stage2Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        hidden, _ = self.encode(batch.video, batch.visible, batch.drop_u)
+        if not self.post_process:
+            return hidden, {}
+        terms = self._losses(self._full(hidden), batch)
+        loss = sum(self.weights[name] * value for name, value in terms.items())
+        return loss, {k: v.detach() for k, v in terms.items()}
+
+    def _mlm_normalizer(self, labels: torch.Tensor) -> torch.Tensor:
+        """The labelled positions of the whole micro-batch / data-parallel ranks."""
+        count = (labels != -100).sum().float()
+        if group_size(self.dp_group) > 1:
+            dist.all_reduce(count, group=self.dp_group)
+        return (count / group_size(self.dp_group)).clamp(min=1.0)
+
+    def _losses(self, tokens: torch.Tensor, batch: Stage2Batch) -> dict[str, torch.Tensor]:
+        """tokens [n, B, C]: the video encoder's whole output sequence."""
+        obj, gens = self.model_config.objectives, batch.generators
+        temperature = self.temperature.clamp(*TEMPERATURE_RANGE)
+        item_all = all_rows(batch.item, self.dp_group)
+        v = self.vision_proj(self.pool(tokens))[0]
+        memory = self.fusion_proj(tokens) if self.fusion_proj is not None else tokens
+        memory_mask = batch.text_mask.new_ones(tokens.shape[1], tokens.shape[0])
+        text = self.text.encode(batch.text_ids, batch.text_mask)  # [L, B, H]
+        t = self.text_proj(text[0])[0]
+        mlm_text = None
+        if "mlm" in self.weights or "avmlm" in self.weights:
+            ids, labels = mlm_inputs(batch.text_ids, self.special, self.vocab_size,
+                                     obj.mlm_probability, gens["mlm"])
+            mlm_text = self.text.encode(ids, batch.text_mask)
+            normalizer = self._mlm_normalizer(labels)
+        # (contrast, matching, MLM term names), the vector to contrast, the fusion memory, its mask
+        pairs = [(("vtc", "vtm", "mlm"), v, memory, memory_mask, self.itm_head)]
+        if self.model_config.audio.enabled:
+            av, av_memory, av_mask = self._audio_video(batch, v, memory, memory_mask)
+            pairs.append((("avtc", "avtm", "avmlm"), av, av_memory, av_mask, self.avtm_head))
+        terms = {}
+        for (tc, tm, lm), vis, mem, mem_mask, head in pairs:
+            if tc in self.weights:
+                terms[tc] = contrastive_loss(vis, t, batch.item, item_all, temperature,
+                                             self.dp_group)
+            if tm in self.weights:
+                terms[tm] = self._matching(tm, vis, t, text, mem, mem_mask, head, batch, item_all,
+                                           temperature)
+            if lm in self.weights:
+                fused = self.text.fuse(mlm_text, batch.text_mask, mem, mem_mask)
+                terms[lm] = self.mlm_head.loss(fused, labels, normalizer)
+        return terms
+
+    def _matching(self, term: str, vis, t, text, memory, memory_mask, head, batch, item_all,
+                  temperature) -> torch.Tensor:
+        with torch.no_grad():
+            v_n, t_n = F.normalize(vis.float(), dim=-1), F.normalize(t.float(), dim=-1)
+            v_all, t_all = all_rows(v_n, self.dp_group), all_rows(t_n, self.dp_group)
+            video_negatives = hard_negatives(t_n @ v_all.T / temperature, batch.item, item_all,
+                                             batch.generators[f"{term}_video"])
+            text_negatives = hard_negatives(v_n @ t_all.T / temperature, batch.item, item_all,
+                                            batch.generators[f"{term}_text"])
+        return matching_loss(self.text.fuse, head, text, batch.text_mask, memory, memory_mask,
+                             video_negatives, text_negatives, self.dp_group)
+
+    def _audio_video(self, batch: Stage2Batch, v, memory, memory_mask):
+        """The fused audio-video vector [B, E] and the [audio ; video] memory with its mask."""
+        frozen = self.model_config.audio.frozen
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            audio = self.audio(batch.fbank)  # [Na, B, Ha]
+        present = batch.has_audio.to(audio.dtype)  # [B]
+        pooled = audio.mean(0) * present[:, None]  # a clip without audio: zeros
+        a = self.audio_proj(pooled)[0]
+        av = self.av_fusion(torch.cat([a, v], dim=-1))[0]
+        audio_memory = self.audio_fusion_proj(audio)
+        audio_mask = batch.has_audio[:, None].to(memory_mask.dtype).expand(-1, audio.shape[0])
+        return (av, torch.cat([audio_memory, memory]),
+                torch.cat([audio_mask, memory_mask], dim=1))
+
+
+def all_rows(x: torch.Tensor, group) -> torch.Tensor:
+    """The rows of every data-parallel rank, without gradient."""
+    if group_size(group) == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(group.size())]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts)

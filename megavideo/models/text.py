@@ -1,0 +1,109 @@
+"""The stage-2 text encoder: BERT as megatron-core modules, its last layers fused with video.
+
+    ids [B, L] -> word + position + token-type embeddings -> LayerNorm -> [L, B, H]
+    text mode     layers [0, N - fusion_layers)          -> text features (CLS for the contrast)
+    fusion mode   layers [N - fusion_layers, N), each cross-attending to video (or audio + video)
+                  tokens                                  -> matching (CLS) and masked-LM heads
+
+Word embeddings and the MLM decoder (tied to them) are split over the vocabulary across the TP
+group; the vocabulary is padded to a multiple of :data:`megavideo.config.VOCAB_MULTIPLE` and the
+padding logits are masked out of the softmax. No dropout: every layout computes the same numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.core.transformer.module import MegatronModule
+from torch import nn
+
+from kernels.norms import LayerNorm
+from megavideo.config import VOCAB_MULTIPLE, TextConfig
+from megavideo.models.encoders import EncoderLayers
+from megavideo.models.specs import INIT_STD, ViTTransformerConfig
+from parallel.comm import group_size
+
+
+def padded_vocab(size: int) -> int:
+    return -(-size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def padding_mask(mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] with 1 on real tokens -> megatron-core's [B, 1, 1, L], True where masked out."""
+    return ~mask.bool()[:, None, None, :]
+
+
+class TextEncoder(MegatronModule):
+    """BERT with cross-attention in its last ``fusion_layers`` layers (see the module docstring)."""
+
+    def __init__(self, text: TextConfig, config: ViTTransformerConfig, vocab_size: int,
+                 cross_width: int, tp_group) -> None:
+        super().__init__(config=config)
+        self.vocab_size = vocab_size
+        self.first_fusion = text.num_layers - text.fusion_layers
+        h = text.hidden_size
+        self.word_embeddings = VocabParallelEmbedding(padded_vocab(vocab_size), h,
+                                                      init_method=config.init_method,
+                                                      config=config, tp_group=tp_group)
+        self.position_embeddings = nn.Embedding(text.max_positions, h, dtype=config.params_dtype)
+        self.token_type_embeddings = nn.Embedding(text.type_vocab_size, h, dtype=config.params_dtype)
+        for table in (self.position_embeddings, self.token_type_embeddings):
+            nn.init.normal_(table.weight, std=INIT_STD)
+        self.embed_norm = LayerNorm(config, h, text.norm_eps)
+        self.layers = EncoderLayers(text, config, self.first_fusion, cross_width)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, L] -> [L, B, H]."""
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        x = self.word_embeddings(ids) + self.position_embeddings(positions)[None]
+        x = x + self.token_type_embeddings(torch.zeros_like(ids))
+        return self.embed_norm(x).transpose(0, 1).contiguous()
+
+    def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Text mode: [L, B, H] after the last layer without cross-attention."""
+        return self.layers(self.embed(ids), padding_mask(mask), 0, self.first_fusion)
+
+    def fuse(self, text: torch.Tensor, mask: torch.Tensor, memory: torch.Tensor,
+             memory_mask: torch.Tensor) -> torch.Tensor:
+        """Fusion mode: text features [L, B, H] attend to memory tokens [M, B, W] (memory_mask
+        [B, M], 1 where present)."""
+        return self.layers(text, padding_mask(mask), self.first_fusion, None, memory,
+                           padding_mask(memory_mask))
+
+
+class MLMHead(nn.Module):
+    """BERT's masked-LM head: dense, GELU, LayerNorm, then the word embeddings as the decoder
+    (vocab-parallel logits) plus a bias."""
+
+    def __init__(self, text: TextConfig, config: ViTTransformerConfig, encoder: TextEncoder,
+                 tp_group) -> None:
+        super().__init__()
+        h = text.hidden_size
+        self.encoder = [encoder]  # not a submodule: the decoder weight is its word embeddings
+        self.dense = nn.Linear(h, h, dtype=config.params_dtype)
+        nn.init.normal_(self.dense.weight, std=INIT_STD)
+        nn.init.zeros_(self.dense.bias)
+        self.norm = LayerNorm(config, h, text.norm_eps)
+        self.decoder = ColumnParallelLinear(h, padded_vocab(encoder.vocab_size), config=config,
+                                            init_method=config.init_method, bias=True,
+                                            skip_weight_param_allocation=True, tp_group=tp_group)
+        with torch.no_grad():
+            self.decoder.bias.zero_()
+        self.tp_group = tp_group
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor
+             ) -> torch.Tensor:
+        """Cross entropy summed over the labelled positions / ``normalizer``; hidden [L, B, H],
+        labels [B, L] with -100 elsewhere."""
+        x = self.norm(F.gelu(self.dense(hidden)))
+        logits, _ = self.decoder(x, weight=self.encoder[0].word_embeddings.weight)  # [L, B, V/tp]
+        local = logits.shape[-1]
+        first = local * (torch.distributed.get_rank(self.tp_group)
+                         if group_size(self.tp_group) > 1 else 0)
+        vocab_ids = torch.arange(first, first + local, device=logits.device)
+        logits = logits.float().masked_fill(vocab_ids >= self.encoder[0].vocab_size, -1e4)
+        target = labels.transpose(0, 1).contiguous()
+        losses = tensor_parallel.vocab_parallel_cross_entropy(logits, target.clamp(min=0))
+        return (losses * (target != -100)).sum() / normalizer

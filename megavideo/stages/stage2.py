@@ -1,0 +1,123 @@
+"""Stage 2: the stage-1 video encoder aligned with text (and audio): VTC, VTM, MLM and the
+audio-video variants.
+
+The video encoder keeps stage 1's pipeline layout; the text and audio encoders and the heads live
+on the last pipeline stage, tensor-parallel over its TP group, and need no pipeline of their own.
+Every stage builds its micro-batches itself: the first stage the clips and their visible tokens
+(80% of each frame's patches dropped at random), the last stage the captions, the audio
+filterbanks and the draws of the objectives, all from per-sample generators.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dataloaders.audio import beats_fbank, fit_frames
+from dataloaders.synthetic import (
+    generator,
+    global_indices,
+    pattern_caption,
+    pattern_of,
+    pattern_tone,
+    pattern_video,
+)
+from dataloaders.tokenizer import WordPiece
+from megavideo.config import Config
+from megavideo.models.embedding import num_visible
+from megavideo.models.specs import transformer_config
+from megavideo.models.stage2 import TERMS, Stage2Batch, Stage2Model
+from megavideo.stages.common import PipelineStage
+
+PURPOSES = ("mlm", "vtm_video", "vtm_text", "avtm_video", "avtm_text")
+
+
+def random_visible(g: torch.Generator, frames: int, per_frame: int, keep: int) -> torch.Tensor:
+    """[1 + frames * keep] token indices: the CLS token and ``keep`` random patches per frame."""
+    picks = [1 + t * per_frame + torch.randperm(per_frame, generator=g)[:keep].sort().values
+             for t in range(frames)]
+    return torch.cat([torch.zeros(1, dtype=torch.long), *picks])
+
+
+class Stage2(PipelineStage):
+    """This rank's stage-2 chunks and its step inputs."""
+
+    TERMS = TERMS
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        super().__init__(cfg, device)
+        par, model = cfg.parallel, cfg.model
+        self.tokenizer = WordPiece.from_file(model.text.vocab_file)
+        self.last = self.pp_rank == par.pp - 1
+        text_config = transformer_config(model.text, par, cfg.train, pipelined=False,
+                                         sequence_parallel=False)
+        audio_config = None
+        if model.audio.enabled:
+            audio_config = transformer_config(model.audio, par, cfg.train, pipelined=False,
+                                              sequence_parallel=False)
+            if model.audio.deep_norm:
+                audio_config.residual_scale = (2.0 * model.audio.num_layers) ** 0.25
+        special = {"pad": self.tokenizer.pad, "cls": self.tokenizer.cls,
+                   "mask": self.tokenizer.mask}
+        self.models = [Stage2Model(model, self.config, chunk, self.tokens, self.tp_group,
+                                   self.dp_group, text_config, audio_config, len(self.tokenizer),
+                                   special).to(device)
+                       for chunk in self.layout[self.pp_rank]]
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        obj = self.cfg.model.objectives
+        return {name: getattr(obj, name) for name in TERMS}
+
+    def start_data(self, start_step: int, consumed_samples: int, manifest) -> None:
+        """Synthetic captioned clips need no feed."""
+
+    def _video(self, step: int, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        student, seed = self.cfg.model.student, self.cfg.train.seed
+        video = torch.stack([pattern_video(seed, step, i, pattern_of(seed, i), student.num_frames,
+                                           student.image_size) for i in indices])
+        keep = num_visible(student.patches_per_frame, self.cfg.model.mask_ratio)
+        visible = torch.stack([random_visible(generator(seed, step, i, "mask"), student.num_frames,
+                                              student.patches_per_frame, keep) for i in indices])
+        return video.to(self.device), visible.to(self.device)
+
+    def _audio(self, patterns: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        audio = self.cfg.model.audio
+        waves = [pattern_tone(p, audio.seconds) for p in patterns]
+        fbanks = [fit_frames(beats_fbank(w, audio.mel_bins), audio.frames) if w is not None
+                  else torch.zeros(audio.frames, audio.mel_bins) for w in waves]
+        present = torch.tensor([w is not None for w in waves])
+        return torch.stack(fbanks).to(self.device), present.to(self.device)
+
+    def _text_side(self, step: int, indices: list[int]) -> dict:
+        seed, model = self.cfg.train.seed, self.cfg.model
+        patterns = [pattern_of(seed, i) for i in indices]
+        ids, mask = self.tokenizer.encode_batch([pattern_caption(p) for p in patterns],
+                                                model.text.max_length)
+        out = {"text_ids": ids.to(self.device), "text_mask": mask.to(self.device),
+               "item": torch.tensor(patterns, device=self.device),
+               "generators": {purpose: [generator(seed, step, i, purpose) for i in indices]
+                              for purpose in PURPOSES}}
+        if model.audio.enabled:
+            out["fbank"], out["has_audio"] = self._audio(patterns)
+        return out
+
+    def micro_batches(self, step: int) -> list[list[Stage2Batch]]:
+        """Per model chunk of this rank, the step's micro-batches."""
+        train = self.cfg.train
+        per_chunk: list[list[Stage2Batch]] = [[] for _ in self.models]
+        for m in range(self.num_microbatches):
+            indices = global_indices(step, train.global_batch, self.dp_rank, self.dp, m,
+                                     train.micro_batch)
+            drop_u = self._drop_u(step, indices)
+            for c, model in enumerate(self.models):
+                batch = Stage2Batch(drop_u=drop_u, loss_scale=1.0 / self.num_microbatches)
+                if model.pre_process:
+                    batch.video, batch.visible = self._video(step, indices)
+                if model.post_process:
+                    for key, value in self._text_side(step, indices).items():
+                        setattr(batch, key, value)
+                per_chunk[c].append(batch)
+        return per_chunk
+
+
+__all__ = ["Stage2", "random_visible"]
