@@ -31,6 +31,7 @@ from megatron.core.dist_checkpointing import ShardedObject
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from megavideo.config import Config, ConfigError
+from megavideo.models.embedding import interpolate_frames
 from megavideo.state import canonical_params
 from parallel import optimizer_state
 from parallel.checkpointing import assemble, sharded_tensors
@@ -41,6 +42,13 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 EXIT_REQUEUE = 75  # saved on SIGUSR1/SIGTERM and stopped: requeue me (EX_TEMPFAIL)
 _MAIN = (0, 0, 0)
+VIDEO_ENCODER = ("embed", "blocks", "pool")  # what a later stage takes from an earlier one
+SHAPELESS = {"preset", "mask_ratio", "drop_path"}  # model keys that change no tensor
+# model config sections a stage does not build (a checkpoint is compared without them)
+OTHER_STAGES_SECTIONS = {
+    1: {"text", "audio", "objectives"},
+    2: {"clip_teacher", "mae_teacher", "clip_layers", "mae_layers", "loss_weights"},
+}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -97,7 +105,7 @@ def _model_differences(saved: dict, current: dict, prefix: str = "model") -> lis
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out += _model_differences(a, b, f"{prefix}.{key}")
-        elif a != b and key != "preset":
+        elif a != b and key not in SHAPELESS:
             out.append(f"{prefix}.{key} {a!r} != {b!r}")
     return out
 
@@ -191,6 +199,8 @@ class Checkpointer:
         distributed = optimizer_state.is_distributed(self.trainer.optimizer)
         out = {}
         for index, (name, param) in enumerate(self.params):
+            if not param.requires_grad:  # frozen (stage 2's audio encoder): no optimizer state
+                continue
             copy = 1 if getattr(param, "shared", False) else 0
             for state in names:
                 local = None
@@ -234,7 +244,7 @@ class Checkpointer:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".tmp_*"):
                 shutil.rmtree(stale)
-        if not _rank0_decides((self.root / "teachers").is_dir()):
+        if self.cfg.stage == 1 and not _rank0_decides((self.root / "teachers").is_dir()):
             teachers = self._teachers(saving=True)
             save_atomically(self.root, "teachers", {"meta": {"format": FORMAT}}
                            | ({"teachers": teachers} if teachers else {}))
@@ -289,6 +299,9 @@ class Checkpointer:
             return 0
         path = resolve(self.cfg.checkpoint.load)
         if (path / "metadata.json").is_file():
+            meta = dist_checkpointing.load_common_state_dict(str(path))["meta"]
+            if meta["config"].get("stage", 1) < self.cfg.stage:
+                return self.load_video_encoder(path, meta)
             return self.load(path, weights_only=True)
         teachers = Path(self.cfg.checkpoint.load) / "teachers"
         if not teachers.is_dir():
@@ -302,8 +315,10 @@ class Checkpointer:
         if not (path / "metadata.json").is_file():
             raise ConfigError(f"{path} is not a MegaVideo checkpoint (no metadata.json).")
         meta = dist_checkpointing.load_common_state_dict(str(path))["meta"]
-        saved_model = meta["config"]["model"]
-        differences = _model_differences(saved_model, self.cfg.to_dict()["model"])
+        other = OTHER_STAGES_SECTIONS[self.cfg.stage]
+        saved_model = {k: v for k, v in meta["config"]["model"].items() if k not in other}
+        current = {k: v for k, v in self.cfg.to_dict()["model"].items() if k not in other}
+        differences = _model_differences(saved_model, current)
         if differences:
             raise ConfigError(f"checkpoint {path} was written for another model: "
                               f"{'; '.join(differences[:3])}.")
@@ -330,10 +345,48 @@ class Checkpointer:
                  "weights" if weights_only else "checkpoint", path, meta["step"], meta.get("layout"))
         return step
 
-    def _apply(self, loaded: dict, states: tuple[str, ...], step: int) -> None:
+    def load_video_encoder(self, path: Path, meta: dict) -> int:
+        """Start a later stage from an earlier stage's checkpoint: its video encoder (the
+        student's ``embed``, ``blocks`` and ``pool``), at any layout, with the position
+        embedding resampled to this stage's frame count; everything else starts fresh."""
+        saved = meta["config"]["model"]["student"]
+        ignored = {"num_frames", "drop_path", "preset"}
+        differences = [d for d in _model_differences(saved, self.cfg.to_dict()["model"]["student"],
+                                                     "model.student")
+                       if d.split()[0].rsplit(".", 1)[-1] not in ignored]
+        if differences:
+            raise ConfigError(f"checkpoint {path} holds another video encoder: "
+                              f"{'; '.join(differences[:3])}.")
+        frames = (saved["num_frames"] // saved["tubelet_size"],
+                  self.cfg.model.student.num_frames // self.cfg.model.student.tubelet_size)
+        names = {name for name, _ in self.params if name.split(".")[0] in VIDEO_ENCODER}
+        request = {}
+        for index, (name, param) in enumerate(self.params):
+            if name not in names:
+                continue
+            local = None
+            if name == "embed.pos_embed" and frames[0] != frames[1]:
+                per_frame = (param.shape[0] - 1) // frames[1]
+                local = torch.empty(1 + per_frame * frames[0], param.shape[1], dtype=param.dtype)
+            request[name] = self._shards(checkpoint_key("student", name), param, local, index, 0,
+                                         saving=False)
+        loaded = dist_checkpointing.load({"model": request}, str(path))
+        pos = loaded["model"].get("embed.pos_embed")
+        if pos and frames[0] != frames[1]:
+            loaded["model"]["embed.pos_embed"] = [interpolate_frames(pos[0], *frames, True)]
+        self._apply(loaded, (), 0, names)
+        log.info("loaded the video encoder of stage %d from %s (%d tensors, %d -> %d frames); "
+                 "the rest of the stage-%d model starts fresh", meta["config"].get("stage", 1),
+                 path, len(names), *frames, self.cfg.stage)
+        return 0
+
+    def _apply(self, loaded: dict, states: tuple[str, ...], step: int,
+               only: set[str] | None = None) -> None:
         slots = optimizer_state.slots(self.trainer.optimizer)
         with torch.no_grad():
             for name, param in self.params:
+                if only is not None and name not in only:
+                    continue
                 # a rank holding only padding heads loads nothing for them
                 weights = assemble(param, loaded.get("model", {}).get(name, []), self.tp_rank)
                 param.copy_(weights.to(param.dtype))

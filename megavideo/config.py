@@ -207,9 +207,6 @@ class DataConfig:
     prefetch: int = 2  # micro-batches decoded ahead
     decode_threads: int = 1  # FFmpeg threads per PyAV decode
     max_skip_rate: float = 0.05  # stop when more of the decodes fail (after a global batch)
-    # stage 2: manifest keys a clip's caption is drawn from (uniformly among those it has), e.g.
-    # caption, audio_caption, asr (speech), fused_caption
-    captions: list[str] = field(default_factory=lambda: ["caption"])
 
 
 @dataclass
@@ -604,8 +601,6 @@ def _validate_data(data: DataConfig) -> None:
                           f"{data.crop_scale}.")
     if data.workers < 0 or data.prefetch < 1 or data.decode_threads < 1:
         raise ConfigError("data.workers must be >= 0, data.prefetch and data.decode_threads >= 1.")
-    if not data.captions:
-        raise ConfigError("data.captions must name at least one caption key.")
     if not 0 <= data.max_skip_rate <= 1:
         raise ConfigError(f"data.max_skip_rate must be in [0, 1], got {data.max_skip_rate}.")
 

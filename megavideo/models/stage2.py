@@ -59,6 +59,7 @@ class Stage2Batch:
     generators: dict[str, list[torch.Generator]] | None = None  # purpose -> one per sample
     fbank: torch.Tensor | None = None  # [B, frames, mel]
     has_audio: torch.Tensor | None = None  # [B] bool
+    evaluate: bool = False  # return the normalised video and text embeddings, no loss
 
 
 def _projection(config, n_in: int, n_out: int, tp_group) -> ColumnParallelLinear:
@@ -128,9 +129,17 @@ class Stage2Model(VideoChunk):
         hidden, _ = self.encode(batch.video, batch.visible, batch.drop_u)
         if not self.post_process:
             return hidden, {}
+        if batch.evaluate:
+            return hidden.new_zeros(()), self.embeddings(self._full(hidden), batch)
         terms = self._losses(self._full(hidden), batch)
         loss = sum(self.weights[name] * value for name, value in terms.items())
         return loss, {k: v.detach() for k, v in terms.items()}
+
+    def embeddings(self, tokens: torch.Tensor, batch: Stage2Batch) -> dict[str, torch.Tensor]:
+        """The L2-normalised contrastive embeddings of the clips and captions, [B, E] each."""
+        v = self.vision_proj(self.pool(tokens))[0]
+        t = self.text_proj(self.text.encode(batch.text_ids, batch.text_mask)[0])[0]
+        return {"video": F.normalize(v.float(), dim=-1), "text": F.normalize(t.float(), dim=-1)}
 
     def _mlm_normalizer(self, labels: torch.Tensor) -> torch.Tensor:
         """The labelled positions of the whole micro-batch / data-parallel ranks."""

@@ -71,10 +71,11 @@ class Stage2(PipelineStage):
     def start_data(self, start_step: int, consumed_samples: int, manifest) -> None:
         """Synthetic captioned clips need no feed."""
 
-    def _video(self, step: int, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _video(self, step: int, indices: list[int], patterns: list[int]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         student, seed = self.cfg.model.student, self.cfg.train.seed
-        video = torch.stack([pattern_video(seed, step, i, pattern_of(seed, i), student.num_frames,
-                                           student.image_size) for i in indices])
+        video = torch.stack([pattern_video(seed, step, i, p, student.num_frames, student.image_size)
+                             for i, p in zip(indices, patterns, strict=True)])
         keep = num_visible(student.patches_per_frame, self.cfg.model.mask_ratio)
         visible = torch.stack([random_visible(generator(seed, step, i, "mask"), student.num_frames,
                                               student.patches_per_frame, keep) for i in indices])
@@ -88,9 +89,8 @@ class Stage2(PipelineStage):
         present = torch.tensor([w is not None for w in waves])
         return torch.stack(fbanks).to(self.device), present.to(self.device)
 
-    def _text_side(self, step: int, indices: list[int]) -> dict:
+    def _text_side(self, step: int, indices: list[int], patterns: list[int]) -> dict:
         seed, model = self.cfg.train.seed, self.cfg.model
-        patterns = [pattern_of(seed, i) for i in indices]
         ids, mask = self.tokenizer.encode_batch([pattern_caption(p) for p in patterns],
                                                 model.text.max_length)
         out = {"text_ids": ids.to(self.device), "text_mask": mask.to(self.device),
@@ -101,22 +101,40 @@ class Stage2(PipelineStage):
             out["fbank"], out["has_audio"] = self._audio(patterns)
         return out
 
+    def _batch(self, model, step: int, indices: list[int], patterns: list[int],
+               drop_u: torch.Tensor, evaluate: bool = False) -> Stage2Batch:
+        batch = Stage2Batch(drop_u=drop_u, loss_scale=1.0 / self.num_microbatches,
+                            evaluate=evaluate)
+        if model.pre_process:
+            batch.video, batch.visible = self._video(step, indices, patterns)
+        if model.post_process:
+            for key, value in self._text_side(step, indices, patterns).items():
+                setattr(batch, key, value)
+        return batch
+
     def micro_batches(self, step: int) -> list[list[Stage2Batch]]:
         """Per model chunk of this rank, the step's micro-batches."""
-        train = self.cfg.train
+        train, seed = self.cfg.train, self.cfg.train.seed
         per_chunk: list[list[Stage2Batch]] = [[] for _ in self.models]
         for m in range(self.num_microbatches):
             indices = global_indices(step, train.global_batch, self.dp_rank, self.dp, m,
                                      train.micro_batch)
+            patterns = [pattern_of(seed, i) for i in indices]
             drop_u = self._drop_u(step, indices)
             for c, model in enumerate(self.models):
-                batch = Stage2Batch(drop_u=drop_u, loss_scale=1.0 / self.num_microbatches)
-                if model.pre_process:
-                    batch.video, batch.visible = self._video(step, indices)
-                if model.post_process:
-                    for key, value in self._text_side(step, indices).items():
-                        setattr(batch, key, value)
-                per_chunk[c].append(batch)
+                per_chunk[c].append(self._batch(model, step, indices, patterns, drop_u))
+        return per_chunk
+
+    def eval_micro_batches(self, patterns: list[int], size: int) -> list[list[Stage2Batch]]:
+        """Per model chunk, micro-batches of ``size`` held-out clips, one per listed pattern
+        (clip noise of step -1, never trained on), with their captions."""
+        per_chunk: list[list[Stage2Batch]] = [[] for _ in self.models]
+        for start in range(0, len(patterns), size):
+            chosen = patterns[start:start + size]
+            drop_u = torch.zeros(len(chosen), self.cfg.model.student.num_layers, 2)
+            for c, model in enumerate(self.models):
+                per_chunk[c].append(self._batch(model, -1, chosen, chosen, drop_u.to(self.device),
+                                                evaluate=True))
         return per_chunk
 
 
