@@ -3,6 +3,11 @@ objectives' building blocks."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,7 +15,9 @@ from megavideo.models.embedding import interpolate_frames
 from megavideo.models.objectives import contrastive_loss, hard_negatives, mlm_inputs
 from megavideo.stages.stage2 import random_visible
 from tests import stage2_worker
-from tests.distributed import spawn
+from tests.distributed import spawn, torchrun
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +86,35 @@ def test_random_visible_keeps_cls_and_a_share_of_each_frame():
     assert visible[0] == 0 and len(visible) == 13
     frames = (visible[1:] - 1) // 16
     assert frames.tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+
+
+def test_retrieval_learns_colour_patterns(tmp_path):
+    """150 steps of the tiny stage-2 model (one CPU rank, 16 clips a step, all six terms) on
+    synthetic clips whose caption names their two colours in order; then launch.evaluate on one
+    held-out clip per pattern. Chance is 1/36 = 2.8% R@1; the bar is 30% in both directions
+    (measured: 63.9% text->video, 58.3% video->text, R@5 100%)."""
+    layout = ["parallel.tp=1", "parallel.pp=1", "parallel.sp=false", f"run.dir={tmp_path}",
+              "run.tensorboard=false"]
+    train = subprocess.run(
+        [*torchrun(1), "-m", "launch.train", "configs/stage2_tiny.yaml", *layout,
+         "train.steps=150", "train.warmup_steps=10", "train.global_batch=16",
+         "train.micro_batch=16"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    evaluate = subprocess.run(
+        [*torchrun(1), "-m", "launch.evaluate", "configs/stage2_tiny.yaml",
+         str(tmp_path / "checkpoints"), *layout], cwd=ROOT, capture_output=True, text=True,
+        timeout=600)
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    result = json.loads((tmp_path / "retrieval.json").read_text())
+    assert result["t2v/R@1"] >= 30.0 and result["v2t/R@1"] >= 30.0, result
+    assert "text->video" in evaluate.stdout
+
+
+def test_evaluate_refuses_a_missing_checkpoint_in_one_sentence(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "launch.evaluate", "configs/stage2_tiny.yaml",
+                           str(tmp_path / "nothing"), "parallel.tp=1", "parallel.pp=1",
+                           "parallel.sp=false"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'nothing'} holds no MegaVideo checkpoint (no metadata.json).")
