@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
@@ -97,3 +98,27 @@ def read_audio(path: str | Path, start: float, seconds: float) -> torch.Tensor |
     samples = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
     skip = max(int(round((start - (first or 0.0)) * SAMPLE_RATE)), 0)
     return torch.from_numpy(samples[skip: skip + int(round(seconds * SAMPLE_RATE))].copy())
+
+
+@dataclass(frozen=True)
+class AudioSpec:
+    """What the audio encoder takes per clip: ``seconds`` of audio as a [frames, bins]
+    filterbank (cut or zero-padded)."""
+
+    seconds: float
+    bins: int
+    frames: int
+
+
+def clip_fbank(path: str | Path, start: float, spec: AudioSpec) -> tuple[torch.Tensor, str | None]:
+    """The filterbank of ``spec.seconds`` of a clip's audio from ``start``, and None; or zeros
+    and the reason when the clip has no audio or its audio does not decode (the clip is kept,
+    its audio masked)."""
+    empty = torch.zeros(spec.frames, spec.bins)
+    try:
+        wave = read_audio(path, start, spec.seconds)
+    except (av.FFmpegError, OSError, ValueError) as e:
+        return empty, f"audio does not decode ({type(e).__name__}: {e})"
+    if wave is None or wave.numel() < FRAME:
+        return empty, "no audio"
+    return fit_frames(beats_fbank(wave, spec.bins), spec.frames), None

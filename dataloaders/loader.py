@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dataloaders.audio import AudioSpec, clip_fbank
 from dataloaders.dali import DaliDecoder
 from dataloaders.manifest import Manifest
 from dataloaders.pyav_decode import DecodeError, read_frames
@@ -37,23 +38,45 @@ class DataError(RuntimeError):
 
 @dataclass
 class Batch:
-    """One micro-batch of clips and what it cost: files skipped (path, reason) and decodes tried."""
+    """One micro-batch of clips and what it cost: files skipped (path, reason) and decodes tried;
+    the manifest rows the clips came from; with audio, their filterbanks."""
 
     video: torch.Tensor  # [B, 3, T, size, size]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     attempts: int = 0
+    rows: list[int] = field(default_factory=list)
+    fbank: torch.Tensor | None = None  # [B, frames, bins], zeros where has_audio is False
+    has_audio: torch.Tensor | None = None  # [B] bool
 
 
 class Clips:
     """Manifest rows to clips: the draws, the decode with either backend, the replacements."""
 
     def __init__(self, manifest: Manifest, sampling: Sampling, size: int, normalize: str,
-                 decode_threads: int = 1) -> None:
+                 decode_threads: int = 1, audio: AudioSpec | None = None) -> None:
         self.manifest = manifest
         self.sampling = sampling
         self.size = size
         self.normalize = normalize
         self.decode_threads = decode_threads
+        self.audio = audio
+
+    def _with_audio(self, batch: Batch, draws: list[Draw]) -> Batch:
+        """Add the chosen rows' filterbanks from the first sampled frame on (decoded here, in
+        the decode worker); a clip without usable audio keeps zeros and is marked."""
+        if self.audio is None:
+            return batch
+        banks, present = [], []
+        for row, draw in zip(batch.rows, draws, strict=True):
+            fps = float(self.manifest.fps[row])
+            start = draw.frames[0] / fps if fps else 0.0
+            bank, reason = (clip_fbank(self.manifest.path(row), start, self.audio)
+                            if self.manifest.has_audio[row] else (None, "no audio"))
+            banks.append(bank if reason is None else torch.zeros(self.audio.frames,
+                                                                 self.audio.bins))
+            present.append(reason is None)
+        batch.fbank, batch.has_audio = torch.stack(banks), torch.tensor(present)
+        return batch
 
     def _draw(self, epoch: int, row: int) -> Draw:
         m = self.manifest
@@ -74,7 +97,7 @@ class Clips:
 
     def load_pyav(self, positions: list[int]) -> Batch:
         """Decode with PyAV on this process's CPU."""
-        clips, skipped, attempts = [], [], 0
+        clips, skipped, attempts, rows, draws = [], [], 0, [], []
         for position in positions:
             for epoch, row in self._candidates(position):
                 attempts += 1
@@ -86,10 +109,12 @@ class Clips:
                     skipped.append((path, str(e)))
                     continue
                 clips.append(to_clip(frames, draw.crop, self.size, self.normalize))
+                rows.append(row)
+                draws.append(draw)
                 break
             else:
                 raise self._exhausted(position)
-        return Batch(torch.stack(clips), skipped, attempts)
+        return self._with_audio(Batch(torch.stack(clips), skipped, attempts, rows), draws)
 
     def load_dali(self, positions: list[int], decoder: DaliDecoder) -> Batch:
         """Decode with a DaliDecoder; failing samples are replaced and the batch run again."""
@@ -112,7 +137,8 @@ class Clips:
             if not failed:
                 video, failed = decoder.decode(encoded, draws)
             if video is not None:
-                return Batch(video, skipped, attempts)
+                rows = [row for _, row in current]
+                return self._with_audio(Batch(video, skipped, attempts, rows), draws)
             for i, reason in sorted(failed.items()):
                 skipped.append((paths[i], reason))
                 replacement = next(candidates[i], None)

@@ -30,7 +30,15 @@ from dataloaders.pyav_decode import timestamps
 
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".ts"}
 PATH_KEYS = ("video", "path", "filename", "file")
-CARRIED_KEYS = ("caption", "label", "text")
+CARRIED_KEYS = ("label", "text")  # plus every key naming a caption or speech (see _carried)
+
+
+def _carried(row: dict) -> dict:
+    """What an annotation row says about its clip: ``label``, ``text`` and every caption or
+    speech transcript (keys containing ``caption`` or ``asr``: InternVideo2's ``caption``,
+    ``captions``, ``selected_audio_caption``, ``asr_captions``, ``avs_captions``, ...)."""
+    return {k: v for k, v in row.items()
+            if k in CARRIED_KEYS or "caption" in k or "asr" in k}
 
 
 class ProbeError(Exception):
@@ -51,7 +59,7 @@ def _entries_of_rows(rows: Iterable[dict], root: Path) -> Iterator[Entry]:
         if key is None:
             raise ValueError(f"an annotation row has none of the keys {', '.join(PATH_KEYS)}: "
                              f"{json.dumps(row)[:120]}")
-        yield Entry(str(root / row[key]), {k: row[k] for k in CARRIED_KEYS if k in row})
+        yield Entry(str(root / row[key]), _carried(row))
 
 
 def _entries_of_table(path: Path, root: Path) -> Iterator[Entry]:
@@ -239,7 +247,7 @@ class Manifest:
     def __init__(self, path: str | Path) -> None:
         self.file = Path(path)
         paths, frames, heights, widths, codes = bytearray(), [], [], [], []
-        ends = []
+        ends, fps, audio, texts, text_ends = [], [], [], bytearray(), []
         index: dict[str, int] = {}
         digest = hashlib.blake2b(digest_size=8)
         with open(self.file) as f:
@@ -259,6 +267,11 @@ class Manifest:
                 heights.append(h)
                 widths.append(w)
                 codes.append(index.setdefault(codec, len(index)))
+                fps.append(float(row.get("fps") or 0.0))
+                audio.append(bool(row.get("audio")))
+                carried = _carried(row)
+                texts += json.dumps(carried).encode() if carried else b""
+                text_ends.append(len(texts))
                 digest.update(f"{name}\0{n}\n".encode())
         self.codec_names: list[str] = list(index)
         self._paths = bytes(paths)
@@ -267,6 +280,10 @@ class Manifest:
         self.heights = np.array(heights, np.int32)
         self.widths = np.array(widths, np.int32)
         self.codec_ids = np.array(codes, np.uint8 if len(index) < 256 else np.int32)
+        self.fps = np.array(fps, np.float32)
+        self.has_audio = np.array(audio, np.bool_)
+        self._texts = bytes(texts)
+        self._text_ends = np.array(text_ends, np.int64)
         self.digest = digest.hexdigest()
 
     def __len__(self) -> int:
@@ -275,6 +292,12 @@ class Manifest:
     def path(self, row: int) -> str:
         start = int(self._ends[row - 1]) if row else 0
         return self._paths[start:int(self._ends[row])].decode()
+
+    def texts(self, row: int) -> dict:
+        """The row's captions, labels and transcripts (each a string or a list of strings)."""
+        start = int(self._text_ends[row - 1]) if row else 0
+        raw = self._texts[start:int(self._text_ends[row])]
+        return json.loads(raw) if raw else {}
 
     def codec(self, row: int) -> str:
         return self.codec_names[self.codec_ids[row]]

@@ -207,6 +207,9 @@ class DataConfig:
     prefetch: int = 2  # micro-batches decoded ahead
     decode_threads: int = 1  # FFmpeg threads per PyAV decode
     max_skip_rate: float = 0.05  # stop when more of the decodes fail (after a global batch)
+    # stage 2: manifest keys a clip's caption is drawn from, uniformly among every caption the
+    # listed keys hold for it (e.g. caption, captions, asr_captions, avs_captions)
+    captions: list[str] = field(default_factory=lambda: ["caption"])
 
 
 @dataclass
@@ -550,9 +553,6 @@ def validate(config: Config, world_size: int | None = None) -> None:
         _validate_stage1(model, par.tp)
     else:
         _validate_stage2(model, par.tp)
-        if config.data.source != "synthetic":
-            raise ConfigError("stage 2 reads synthetic captioned clips only so far "
-                              "(data.source=synthetic); captioned manifests are issue 6's next step.")
     if train.precision not in ("fp32", "bf16"):
         raise ConfigError(f"train.precision must be fp32 or bf16, got '{train.precision}'.")
     if train.recompute not in ("none", "selective", "full"):
@@ -601,6 +601,8 @@ def _validate_data(data: DataConfig) -> None:
                           f"{data.crop_scale}.")
     if data.workers < 0 or data.prefetch < 1 or data.decode_threads < 1:
         raise ConfigError("data.workers must be >= 0, data.prefetch and data.decode_threads >= 1.")
+    if not data.captions:
+        raise ConfigError("data.captions must name at least one caption key.")
     if not 0 <= data.max_skip_rate <= 1:
         raise ConfigError(f"data.max_skip_rate must be in [0, 1], got {data.max_skip_rate}.")
 

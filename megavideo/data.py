@@ -1,7 +1,9 @@
 """The run's video data: the checks made before any process group, the backend, the feed.
 
 Only the first pipeline stage needs pixels, and of its tensor-parallel peers only the first
-decodes; it broadcasts the clips to the others (see stages/stage1.py).
+decodes; it broadcasts the clips to the others (see stages/common.py). In stage 2 the first stage
+also hands the rows it decoded (replacements of bad files included) and their audio filterbanks
+to the last stage, which reads their captions.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import torch
 
 from dataloaders import dali
+from dataloaders.audio import AudioSpec
 from dataloaders.loader import Clips, DataError, Feed
 from dataloaders.manifest import Manifest
 from dataloaders.sampling import Sampling
@@ -42,6 +45,14 @@ def check(cfg: Config) -> Manifest | None:
         raise ConfigError(f"data.manifest: {e}.") from None
     if not len(manifest):
         raise ConfigError(f"data.manifest {data.manifest} lists no clips.")
+    if cfg.stage == 2:
+        uncaptioned = [row for row in range(len(manifest))
+                       if not captions_of(manifest, row, data.captions)]
+        if uncaptioned:
+            raise ConfigError(
+                f"{len(uncaptioned)} of {len(manifest)} clips of data.manifest {data.manifest} "
+                f"have no caption under data.captions={data.captions} (e.g. "
+                f"{manifest.path(uncaptioned[0])}, keys {sorted(manifest.texts(uncaptioned[0]))}).")
     if data.backend != "dali":
         return manifest
     reason = dali.missing()
@@ -58,14 +69,53 @@ def check(cfg: Config) -> Manifest | None:
     return manifest
 
 
+def captions_of(manifest: Manifest, row: int, keys: list[str]) -> list[str]:
+    """Every caption the listed keys hold for a row (a key's value: a string or a list)."""
+    texts = manifest.texts(row)
+    out = []
+    for key in keys:
+        value = texts.get(key)
+        out += [value] if isinstance(value, str) else [v for v in value or [] if isinstance(v, str)]
+    return [c for c in out if c.strip()]
+
+
+def caption(manifest: Manifest, row: int, keys: list[str], g: torch.Generator) -> str:
+    """One of the row's captions, drawn uniformly with ``g``."""
+    options = captions_of(manifest, row, keys)
+    return options[int(torch.randint(len(options), (1,), generator=g))]
+
+
+def frames(cfg: Config) -> int:
+    """Frames decoded per clip: stage 1 decodes the MAE teacher's (the student takes every
+    tubelet-th), later stages the video encoder's."""
+    return cfg.model.mae_teacher.num_frames if cfg.stage == 1 else cfg.model.student.num_frames
+
+
+def audio_spec(cfg: Config) -> AudioSpec | None:
+    audio = cfg.model.audio
+    if cfg.stage == 1 or not audio.enabled:
+        return None
+    return AudioSpec(audio.seconds, audio.mel_bins, audio.frames)
+
+
+def decoded_shapes(cfg: Config, b: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shapes and dtypes of what a decoding rank broadcasts for a micro-batch of ``b`` clips."""
+    size = cfg.model.student.image_size
+    out = {"video": ((b, 3, frames(cfg), size, size), torch.float32), "rows": ((b,), torch.long)}
+    spec = audio_spec(cfg)
+    if spec is not None:
+        out |= {"fbank": ((b, spec.frames, spec.bins), torch.float32), "has_audio": ((b,), torch.long)}
+    return out
+
+
 def feed(cfg: Config, manifest: Manifest, dp_rank: int, dp: int, device: torch.device) -> Feed:
     """This data-parallel rank's feed of clips."""
     data, model = cfg.data, cfg.model
-    sampling = Sampling(num_frames=model.mae_teacher.num_frames, seed=cfg.train.seed,
+    sampling = Sampling(num_frames=frames(cfg), seed=cfg.train.seed,
                         train=data.frame_sampling == "random", crop=data.crop,
                         scale=(data.crop_scale[0], data.crop_scale[1]), flip=data.flip)
     clips = Clips(manifest, sampling, model.student.image_size, data.normalize,
-                  data.decode_threads)
+                  data.decode_threads, audio_spec(cfg))
     cuda = device.type == "cuda"
     return Feed(clips, cfg.train.global_batch, cfg.train.micro_batch, dp_rank, dp,
                 backend(data, cuda), data.workers, data.prefetch,
@@ -100,4 +150,5 @@ class SkipBudget:
         return {"skipped": self.skipped, "attempts": self.attempts}
 
 
-__all__ = ["SkipBudget", "backend", "check", "feed"]
+__all__ = ["SkipBudget", "audio_spec", "backend", "caption", "captions_of", "check",
+           "decoded_shapes", "feed", "frames"]

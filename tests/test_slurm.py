@@ -138,8 +138,8 @@ class Job:
 def jobs(reference, cluster, tmp_path_factory) -> dict:
     """A job trained without interruption ("u"); a two-stage chain, p (stage 1) -> b (stage 2),
     both under `srun --mpi=pmix`, where p gets USR1 after its first step and b starts its video
-    encoder from p's final checkpoint; and a run under mpirun. The reference run starts first, beside the cluster's
-    start-up."""
+    encoder from p's final checkpoint; and a run under mpirun. The reference run starts first,
+    beside the cluster's start-up."""
     tmp = tmp_path_factory.mktemp("slurm")
     chain = _run([sys.executable, "-m", "launch.submit",
                   "slurm/stage1_tiny.sbatch", *LAYOUT, f"run.dir={tmp / 'p'}",

@@ -1,5 +1,5 @@
 """Stage 2 beyond parity: initialisation from a stage-1 checkpoint, clips without audio, the
-objectives' building blocks."""
+objectives' building blocks, captioned manifests, retrieval that learns."""
 
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from dataloaders.audio import AudioSpec, clip_fbank
+from dataloaders.clips import truncate, write_clip
+from dataloaders.manifest import Manifest, build_manifest
+from megavideo import data
+from megavideo.config import ConfigError, load_config
 from megavideo.models.embedding import interpolate_frames
 from megavideo.models.objectives import contrastive_loss, hard_negatives, mlm_inputs
 from megavideo.stages.stage2 import random_visible
@@ -118,3 +123,71 @@ def test_evaluate_refuses_a_missing_checkpoint_in_one_sentence(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'nothing'} holds no MegaVideo checkpoint (no metadata.json).")
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory) -> Path:
+    """Six captioned clips in InternVideo2's annotation format (``caption`` strings, ``captions``
+    lists, ``asr_captions``), four with a sound track, and one more that breaks after probing."""
+    d = tmp_path_factory.mktemp("captioned")
+    rows = []
+    for i in range(6):
+        name = write_clip(d / f"clip{i}", "vp9" if i % 2 else "h264", frames=16 + 2 * i,
+                          width=72, height=64, audio=i < 4, tone=300.0 + 100 * i).name
+        key = "caption" if i % 2 else "captions"
+        rows.append({"video": name, key: f"clip {i}" if i % 2 else [f"clip {i}", f"video {i}"],
+                     "asr_captions": "speech"})
+    broken = write_clip(d / "broken", "vp9", frames=30)
+    rows.append({"video": broken.name, "caption": "broken"})
+    (d / "annotations.json").write_text(json.dumps(rows))
+    manifest = d / "manifest.jsonl"
+    build_manifest(d / "annotations.json", manifest, root=d, workers=1, progress=False)
+    truncate(broken, 0.3)
+    return manifest
+
+
+def test_manifest_carries_every_caption_key_and_audio(captioned):
+    manifest = Manifest(captioned)
+    assert len(manifest) == 7
+    assert manifest.texts(0) == {"captions": ["clip 0", "video 0"], "asr_captions": "speech"}
+    assert manifest.texts(1) == {"caption": "clip 1", "asr_captions": "speech"}
+    assert manifest.has_audio.tolist() == [True] * 4 + [False] * 3
+    assert data.captions_of(manifest, 0, ["caption", "captions"]) == ["clip 0", "video 0"]
+    drawn = {data.caption(manifest, 0, ["captions"], torch.Generator().manual_seed(s))
+             for s in range(20)}
+    assert drawn == {"clip 0", "video 0"}
+
+
+def test_clip_fbank_of_a_clip_without_audio_is_zeros_and_says_why(captioned):
+    spec = AudioSpec(seconds=0.5, bins=32, frames=48)
+    manifest = Manifest(captioned)
+    bank, reason = clip_fbank(manifest.path(0), 0.0, spec)
+    assert reason is None and bank.shape == (48, 32) and bank.abs().sum() > 0
+    bank, reason = clip_fbank(manifest.path(5), 0.0, spec)
+    assert reason == "no audio" and not bank.any()
+
+
+def test_stage2_refuses_a_manifest_with_uncaptioned_clips(captioned):
+    cfg = load_config(ROOT / "configs/stage2_tiny.yaml", [
+        "data.source=manifest", f"data.manifest={captioned}", "data.captions=[caption]"])
+    with pytest.raises(ConfigError, match=r"^3 of 7 clips of data.manifest .* have no caption "
+                                          r"under data.captions=\['caption'\]"):
+        data.check(cfg)
+
+
+def test_stage2_trains_on_a_captioned_manifest_across_pipeline_stages(captioned, tmp_path):
+    """pp 2: the first stage decodes clips and audio (skipping the broken file), the last reads
+    their captions; every term is computed, the skip is counted."""
+    proc = subprocess.run(
+        [*torchrun(2), "-m", "launch.train", "configs/stage2_tiny.yaml", "parallel.tp=1",
+         "parallel.pp=2", "parallel.sp=false", "data.source=manifest", f"data.manifest={captioned}",
+         "data.captions=[caption,captions]", "data.workers=0", "data.max_skip_rate=1.0",
+         "train.steps=3", "train.warmup_steps=0", "train.global_batch=4", "train.micro_batch=2",
+         f"run.dir={tmp_path}", "run.tensorboard=false", "checkpoint.save_at_end=false"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    assert {"loss/vtc", "loss/vtm", "loss/mlm", "loss/avtc", "loss/avtm", "loss/avmlm"} <= set(rows[0])
+    assert sum(r["data/skipped"] for r in rows) >= 1
+    assert "broken" in proc.stderr

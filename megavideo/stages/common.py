@@ -1,16 +1,26 @@
 """What every stage's runner shares: the process groups, the video encoder's pipeline layout and
-token count, the micro-batch count, the per-sample stochastic-depth draws."""
+token count, the micro-batch count, the per-sample stochastic-depth draws, and the decoded clips
+(video files are decoded on the first pipeline stage by its TP rank 0, which broadcasts them to
+its TP peers)."""
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 
+from dataloaders.manifest import Manifest
 from dataloaders.synthetic import generator
+from megavideo import data
 from megavideo.config import Config
 from megavideo.models.specs import transformer_config
 from megavideo.models.video import Tokens
 from parallel.layout import chunks_of, split_layers
+
+log = logging.getLogger(__name__)
 
 
 class PipelineStage:
@@ -39,11 +49,54 @@ class PipelineStage:
         self.tied: dict[str, tuple[int, ...]] = {}
         self.data_counts = torch.zeros(2, dtype=torch.float64)  # this step: skipped, attempts
         self.data_wait = 0.0  # seconds this step waited for decoded clips
+        self.manifest: Manifest | None = None
+        self.from_files = cfg.data.source == "manifest" and self.pp_rank == 0
+        self.decodes = self.from_files and parallel_state.get_tensor_model_parallel_rank() == 0
+        self._batches = None
+        self._reported: set[str] = set()
 
     @property
     def num_microbatches(self) -> int:
         train = self.cfg.train
         return train.global_batch // (train.micro_batch * self.dp)
+
+    def start_data(self, start_step: int, consumed_samples: int,
+                   manifest: Manifest | None) -> None:
+        """Begin reading clips of ``manifest`` at ``start_step``, whose data starts at
+        ``consumed_samples``."""
+        self.manifest = manifest
+        if self.decodes:
+            feed = data.feed(self.cfg, manifest, self.dp_rank, self.dp, self.device)
+            self._batches = feed.iterate(start_step, self.cfg.train.steps, consumed_samples)
+
+    def _decoded(self, b: int) -> dict[str, torch.Tensor]:
+        """The next decoded micro-batch of ``b`` clips on every TP rank of the first stage:
+        ``video`` [b, 3, frames, size, size], ``rows`` [b] (the manifest rows, replacements
+        included) and, with audio, ``fbank`` [b, frames, bins] and ``has_audio`` [b]."""
+        counts = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if self.decodes:
+            start = time.perf_counter()
+            batch = next(self._batches)
+            self.data_wait += time.perf_counter() - start
+            out = {"video": batch.video, "rows": torch.tensor(batch.rows)}
+            if batch.fbank is not None:
+                out |= {"fbank": batch.fbank, "has_audio": batch.has_audio.long()}
+            out = {k: v.to(self.device, non_blocking=True) for k, v in out.items()}
+            counts += torch.tensor([len(batch.skipped), batch.attempts], dtype=torch.float64)
+            for path, reason in batch.skipped:
+                if path not in self._reported:
+                    self._reported.add(path)
+                    log.warning("skipped %s: %s", path, reason)
+        else:
+            out = {k: torch.empty(shape, dtype=dtype, device=self.device)
+                   for k, (shape, dtype) in data.decoded_shapes(self.cfg, b).items()}
+        if self.cfg.parallel.tp > 1:
+            src = parallel_state.get_tensor_model_parallel_src_rank()
+            for tensor in (*out.values(), counts):
+                dist.broadcast(tensor, src, group=self.tp_group)
+        self.data_counts += counts.cpu()
+        out["has_audio"] = out["has_audio"].bool() if "has_audio" in out else None
+        return out
 
     def take_data_counts(self) -> torch.Tensor:
         counts, self.data_counts = self.data_counts, torch.zeros(2, dtype=torch.float64)

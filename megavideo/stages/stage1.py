@@ -11,16 +11,11 @@ with the official layouts that is the last stage alone. Stages without aligners 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
 
-from dataloaders.manifest import Manifest
 from dataloaders.synthetic import generator, global_indices, synthetic_video
-from megavideo import data
 from megavideo.config import Config
 from megavideo.models.specs import transformer_config
 from megavideo.models.student import Stage1Batch, Stage1Student, aligned_layers
@@ -63,23 +58,10 @@ class Stage1(PipelineStage):
                                            teacher_cfg["mae_teacher"], self.tp_group).to(device)
         self.needs = [self._needs(r) for r in range(par.pp)]
         self.tied = self._tied()
-        # video files: decoded on the first stage by TP rank 0, broadcast to its TP peers
-        self.from_files = cfg.data.source == "manifest" and self.pp_rank == 0
-        self.decodes = self.from_files and parallel_state.get_tensor_model_parallel_rank() == 0
-        self._batches = None
-        self._reported: set[str] = set()
 
     @property
     def loss_weights(self) -> dict[str, float]:
         return dict(zip(self.TERMS, self.cfg.model.loss_weights, strict=True))
-
-    def start_data(self, start_step: int, consumed_samples: int,
-                   manifest: Manifest | None) -> None:
-        """Begin reading clips of ``manifest`` at ``start_step``, whose data starts at
-        ``consumed_samples``."""
-        if self.decodes:
-            feed = data.feed(self.cfg, manifest, self.dp_rank, self.dp, self.device)
-            self._batches = feed.iterate(start_step, self.cfg.train.steps, consumed_samples)
 
     def _clips(self, step: int, indices: list[int]) -> torch.Tensor:
         """The micro-batch's clips [b, 3, frames, size, size] on this rank's device."""
@@ -88,26 +70,7 @@ class Stage1(PipelineStage):
         if not self.from_files:
             return torch.stack([synthetic_video(seed, step, i, frames, student.image_size)
                                 for i in indices]).to(self.device)
-        shape = (len(indices), 3, frames, student.image_size, student.image_size)
-        counts = torch.zeros(2, dtype=torch.float64, device=self.device)
-        if self.decodes:
-            start = time.perf_counter()
-            batch = next(self._batches)
-            self.data_wait += time.perf_counter() - start
-            video = batch.video.to(self.device, non_blocking=True)
-            counts += torch.tensor([len(batch.skipped), batch.attempts], dtype=torch.float64)
-            for path, reason in batch.skipped:
-                if path not in self._reported:
-                    self._reported.add(path)
-                    log.warning("skipped %s: %s", path, reason)
-        else:
-            video = torch.empty(shape, device=self.device)
-        if self.cfg.parallel.tp > 1:
-            src = parallel_state.get_tensor_model_parallel_src_rank()
-            dist.broadcast(video, src, group=self.tp_group)
-            dist.broadcast(counts, src, group=self.tp_group)
-        self.data_counts += counts.cpu()
-        return video
+        return self._decoded(len(indices))["video"]
 
     def _needs(self, pp_rank: int) -> Needs:
         clip, mae = aligned_layers(self.cfg.model)

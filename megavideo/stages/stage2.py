@@ -22,11 +22,13 @@ from dataloaders.synthetic import (
     pattern_video,
 )
 from dataloaders.tokenizer import WordPiece
+from megavideo import data
 from megavideo.config import Config
 from megavideo.models.embedding import num_visible
 from megavideo.models.specs import transformer_config
 from megavideo.models.stage2 import TERMS, Stage2Batch, Stage2Model
 from megavideo.stages.common import PipelineStage
+from parallel.comm import recv_from_stage, send_to_stage
 
 PURPOSES = ("mlm", "vtm_video", "vtm_text", "avtm_video", "avtm_text")
 
@@ -68,61 +70,91 @@ class Stage2(PipelineStage):
         obj = self.cfg.model.objectives
         return {name: getattr(obj, name) for name in TERMS}
 
-    def start_data(self, start_step: int, consumed_samples: int, manifest) -> None:
-        """Synthetic captioned clips need no feed."""
-
-    def _video(self, step: int, indices: list[int], patterns: list[int]
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _visible(self, step: int, indices: list[int]) -> torch.Tensor:
         student, seed = self.cfg.model.student, self.cfg.train.seed
-        video = torch.stack([pattern_video(seed, step, i, p, student.num_frames, student.image_size)
-                             for i, p in zip(indices, patterns, strict=True)])
         keep = num_visible(student.patches_per_frame, self.cfg.model.mask_ratio)
-        visible = torch.stack([random_visible(generator(seed, step, i, "mask"), student.num_frames,
-                                              student.patches_per_frame, keep) for i in indices])
-        return video.to(self.device), visible.to(self.device)
+        return torch.stack([random_visible(generator(seed, step, i, "mask"), student.num_frames,
+                                           student.patches_per_frame, keep)
+                            for i in indices]).to(self.device)
 
-    def _audio(self, patterns: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        audio = self.cfg.model.audio
-        waves = [pattern_tone(p, audio.seconds) for p in patterns]
-        fbanks = [fit_frames(beats_fbank(w, audio.mel_bins), audio.frames) if w is not None
-                  else torch.zeros(audio.frames, audio.mel_bins) for w in waves]
-        present = torch.tensor([w is not None for w in waves])
-        return torch.stack(fbanks).to(self.device), present.to(self.device)
-
-    def _text_side(self, step: int, indices: list[int], patterns: list[int]) -> dict:
-        seed, model = self.cfg.train.seed, self.cfg.model
-        ids, mask = self.tokenizer.encode_batch([pattern_caption(p) for p in patterns],
-                                                model.text.max_length)
-        out = {"text_ids": ids.to(self.device), "text_mask": mask.to(self.device),
-               "item": torch.tensor(patterns, device=self.device),
-               "generators": {purpose: [generator(seed, step, i, purpose) for i in indices]
-                              for purpose in PURPOSES}}
-        if model.audio.enabled:
-            out["fbank"], out["has_audio"] = self._audio(patterns)
+    def _synthetic(self, step: int, indices: list[int], patterns: list[int], first: bool,
+                   last: bool) -> dict:
+        """A micro-batch of synthetic captioned clips: what the first and the last chunk need."""
+        student, audio, seed = self.cfg.model.student, self.cfg.model.audio, self.cfg.train.seed
+        out: dict = {"captions": [pattern_caption(p) for p in patterns], "item": patterns}
+        if first:
+            out["video"] = torch.stack([
+                pattern_video(seed, step, i, p, student.num_frames, student.image_size)
+                for i, p in zip(indices, patterns, strict=True)]).to(self.device)
+        if last and audio.enabled:
+            waves = [pattern_tone(p, audio.seconds) for p in patterns]
+            out["fbank"] = torch.stack([
+                fit_frames(beats_fbank(w, audio.mel_bins), audio.frames) if w is not None
+                else torch.zeros(audio.frames, audio.mel_bins) for w in waves]).to(self.device)
+            out["has_audio"] = torch.tensor([w is not None for w in waves], device=self.device)
         return out
 
-    def _batch(self, model, step: int, indices: list[int], patterns: list[int],
-               drop_u: torch.Tensor, evaluate: bool = False) -> Stage2Batch:
+    def _from_files(self, step: int, indices: list[int]) -> dict:
+        """A micro-batch of decoded clips (first stage), their manifest rows, captions and audio;
+        the first stage sends the rows and audio on to the last."""
+        pp = self.cfg.parallel.pp
+        audio = self.cfg.model.audio.enabled
+        out: dict = {}
+        if self.from_files:
+            out = self._decoded(len(indices))
+            if pp > 1:
+                sent = [out["rows"]] + ([out["has_audio"].long(), out["fbank"]] if audio else [])
+                send_to_stage(sent, pp - 1, self.pp_group)
+        elif self.last:
+            shapes = data.decoded_shapes(self.cfg, len(indices))
+            wanted = ["rows"] + (["has_audio", "fbank"] if audio else [])
+            got = recv_from_stage([shapes[k] for k in wanted], 0, self.pp_group, self.device)
+            out = dict(zip(wanted, got, strict=True))
+            if audio:
+                out["has_audio"] = out["has_audio"].bool()
+        if self.last:
+            rows = out["rows"].tolist()
+            seed = self.cfg.train.seed
+            out["captions"] = [data.caption(self.manifest, row, self.cfg.data.captions,
+                                            generator(seed, step, i, "caption"))
+                               for row, i in zip(rows, indices, strict=True)]
+            out["item"] = rows
+        return out
+
+    def _batch(self, model, step: int, indices: list[int], source: dict, drop_u: torch.Tensor,
+               evaluate: bool = False) -> Stage2Batch:
         batch = Stage2Batch(drop_u=drop_u, loss_scale=1.0 / self.num_microbatches,
                             evaluate=evaluate)
         if model.pre_process:
-            batch.video, batch.visible = self._video(step, indices, patterns)
+            batch.video, batch.visible = source["video"], self._visible(step, indices)
         if model.post_process:
-            for key, value in self._text_side(step, indices, patterns).items():
-                setattr(batch, key, value)
+            seed = self.cfg.train.seed
+            ids, mask = self.tokenizer.encode_batch(source["captions"],
+                                                    self.cfg.model.text.max_length)
+            batch.text_ids, batch.text_mask = ids.to(self.device), mask.to(self.device)
+            batch.item = torch.tensor(source["item"], device=self.device)
+            batch.generators = {purpose: [generator(seed, step, i, purpose) for i in indices]
+                                for purpose in PURPOSES}
+            batch.fbank, batch.has_audio = source.get("fbank"), source.get("has_audio")
         return batch
 
     def micro_batches(self, step: int) -> list[list[Stage2Batch]]:
         """Per model chunk of this rank, the step's micro-batches."""
         train, seed = self.cfg.train, self.cfg.train.seed
+        first = any(model.pre_process for model in self.models)
         per_chunk: list[list[Stage2Batch]] = [[] for _ in self.models]
+        self.data_wait = 0.0
         for m in range(self.num_microbatches):
             indices = global_indices(step, train.global_batch, self.dp_rank, self.dp, m,
                                      train.micro_batch)
-            patterns = [pattern_of(seed, i) for i in indices]
+            if self.cfg.data.source == "manifest":
+                source = self._from_files(step, indices)
+            else:
+                source = self._synthetic(step, indices, [pattern_of(seed, i) for i in indices],
+                                         first, self.last)
             drop_u = self._drop_u(step, indices)
             for c, model in enumerate(self.models):
-                per_chunk[c].append(self._batch(model, step, indices, patterns, drop_u))
+                per_chunk[c].append(self._batch(model, step, indices, source, drop_u))
         return per_chunk
 
     def eval_micro_batches(self, patterns: list[int], size: int) -> list[list[Stage2Batch]]:
@@ -132,8 +164,9 @@ class Stage2(PipelineStage):
         for start in range(0, len(patterns), size):
             chosen = patterns[start:start + size]
             drop_u = torch.zeros(len(chosen), self.cfg.model.student.num_layers, 2)
+            source = self._synthetic(-1, chosen, chosen, True, True)
             for c, model in enumerate(self.models):
-                per_chunk[c].append(self._batch(model, -1, chosen, chosen, drop_u.to(self.device),
+                per_chunk[c].append(self._batch(model, -1, chosen, source, drop_u.to(self.device),
                                                 evaluate=True))
         return per_chunk
 
