@@ -116,6 +116,21 @@ class Clips:
                 raise self._exhausted(position)
         return self._with_audio(Batch(torch.stack(clips), skipped, attempts, rows), draws)
 
+    def load_rows(self, rows: list[int]) -> Batch:
+        """Decode exactly these rows, no replacements (evaluation); DataError when one fails."""
+        clips, draws = [], []
+        for row in rows:
+            draw = self._draw(0, row)
+            path = self.manifest.path(row)
+            try:
+                frames = read_frames(path, draw.frames, self.decode_threads)
+            except DecodeError as e:
+                raise DataError(f"evaluation clip {path} does not decode ({e}); remove it from "
+                                f"the manifest {self.manifest.file}.") from None
+            clips.append(to_clip(frames, draw.crop, self.size, self.normalize))
+            draws.append(draw)
+        return self._with_audio(Batch(torch.stack(clips), rows=list(rows)), draws)
+
     def load_dali(self, positions: list[int], decoder: DaliDecoder) -> Batch:
         """Decode with a DaliDecoder; failing samples are replaced and the batch run again."""
         candidates = [self._candidates(p) for p in positions]

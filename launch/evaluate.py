@@ -1,10 +1,12 @@
 """Zero-shot video-text retrieval of a stage-2 checkpoint:
 ``torchrun --nproc-per-node N -m launch.evaluate CONFIG CHECKPOINT [key=value ...]``.
 
-Encodes one held-out clip per synthetic caption pattern whole (``model.mask_ratio`` is set to 0)
-at the config's layout, prints R@1/5/10 text->video and video->text and their mean, and writes
-them as JSON (``--json``, default ``<run.dir>/retrieval.json``). Exit code 2 on a bad config or
-checkpoint.
+Encodes whole clips (``model.mask_ratio`` is set to 0; middle frames, centre crop) at the
+config's layout: every clip of ``data.manifest`` with its first caption under ``data.captions``
+when ``data.source=manifest``, else one held-out clip per synthetic caption pattern. Prints
+R@1/5/10 text->video and video->text and their mean, and writes them as JSON (``--json``,
+default ``<run.dir>/retrieval.json``). Exit codes: 2 bad config or checkpoint, 4 a clip that
+does not decode.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+from dataloaders.loader import DataError
 from launch.common import config_or_exit, exit_with, setup_logging
 from megavideo.config import ConfigError, validate_world
 from parallel.distributed import detect_launch
@@ -36,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
         result = evaluate(cfg, args.checkpoint, args.micro_batch)
     except ConfigError as err:
         exit_with(err, show=launch.rank == 0)
+    except DataError as err:
+        exit_with(err, 4, show=launch.rank == 0)
     if launch.rank == 0:
         print(f"{'direction':<14}{'R@1':>8}{'R@5':>8}{'R@10':>8}")
         for direction, name in (("t2v", "text->video"), ("v2t", "video->text")):

@@ -108,16 +108,22 @@ def decoded_shapes(cfg: Config, b: int) -> dict[str, tuple[tuple[int, ...], torc
     return out
 
 
+def clips(cfg: Config, manifest: Manifest, train: bool = True) -> Clips:
+    """Manifest rows to clips as the config samples them; ``train=False``: the middle frame of
+    each segment, the centre crop, no flip (evaluation)."""
+    data = cfg.data
+    sampling = Sampling(num_frames=frames(cfg), seed=cfg.train.seed,
+                        train=train and data.frame_sampling == "random", crop=data.crop,
+                        scale=(data.crop_scale[0], data.crop_scale[1]), flip=data.flip)
+    return Clips(manifest, sampling, cfg.model.student.image_size, data.normalize,
+                 data.decode_threads, audio_spec(cfg))
+
+
 def feed(cfg: Config, manifest: Manifest, dp_rank: int, dp: int, device: torch.device) -> Feed:
     """This data-parallel rank's feed of clips."""
-    data, model = cfg.data, cfg.model
-    sampling = Sampling(num_frames=frames(cfg), seed=cfg.train.seed,
-                        train=data.frame_sampling == "random", crop=data.crop,
-                        scale=(data.crop_scale[0], data.crop_scale[1]), flip=data.flip)
-    clips = Clips(manifest, sampling, model.student.image_size, data.normalize,
-                  data.decode_threads, audio_spec(cfg))
+    data = cfg.data
     cuda = device.type == "cuda"
-    return Feed(clips, cfg.train.global_batch, cfg.train.micro_batch, dp_rank, dp,
+    return Feed(clips(cfg, manifest), cfg.train.global_batch, cfg.train.micro_batch, dp_rank, dp,
                 backend(data, cuda), data.workers, data.prefetch,
                 dali_device_id=device.index if cuda else None)
 
@@ -150,5 +156,5 @@ class SkipBudget:
         return {"skipped": self.skipped, "attempts": self.attempts}
 
 
-__all__ = ["SkipBudget", "audio_spec", "backend", "caption", "captions_of", "check",
+__all__ = ["SkipBudget", "audio_spec", "backend", "caption", "captions_of", "check", "clips",
            "decoded_shapes", "feed", "frames"]

@@ -1,8 +1,9 @@
 """Zero-shot video-text retrieval of a stage-2 model: R@1/5/10 text->video and video->text.
 
-The clips are encoded whole (no token masking: the model is built with ``model.mask_ratio=0``),
-through the same pipeline and tensor-parallel layout as training, with the schedule run forward
-only; the last pipeline stage ranks the similarities and every rank gets the result.
+The clips (a manifest's, or held-out synthetic ones) are encoded whole (no token masking: the
+model is built with ``model.mask_ratio=0``), through the same pipeline and tensor-parallel layout
+as training, with the schedule run forward only; the last pipeline stage ranks the similarities
+and every rank gets the result.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from dataloaders.synthetic import PATTERNS
+from megavideo import data
 from megavideo.checkpoint import Checkpointer, resolve
 from megavideo.config import Config, ConfigError
 from megavideo.retrieval import recall_at_k
@@ -53,17 +55,18 @@ def embed(trainer: Trainer, batches: list[list]) -> dict[str, torch.Tensor]:
     return {k: torch.cat(v) for k, v in collected.items() if v}
 
 
-def retrieval(trainer: Trainer, patterns: list[int], micro_batch: int) -> dict[str, float]:
-    """R@k of the held-out synthetic clips of ``patterns`` against their captions."""
+def retrieval(trainer: Trainer, items: list[int], micro_batch: int) -> dict[str, float]:
+    """R@k of held-out clips against their captions: ``items`` are synthetic patterns or, when
+    the stage reads a manifest, its rows. The last micro-batch is padded with repeats of the last
+    item, whose embeddings are then dropped."""
     stage = trainer.stage
-    if len(patterns) % micro_batch:
-        raise ConfigError(f"the {len(patterns)} evaluation clips must split into micro-batches "
-                          f"of {micro_batch}.")
-    features = embed(trainer, stage.eval_micro_batches(patterns, micro_batch))
+    padded = items + items[-1:] * (-len(items) % micro_batch)
+    features = embed(trainer, stage.eval_micro_batches(padded, micro_batch))
     result = None
     if features:
-        similarity = features["text"] @ features["video"].T  # [texts, videos]
-        result = recall_at_k(similarity, torch.arange(len(patterns)))
+        n = len(items)
+        similarity = features["text"][:n] @ features["video"][:n].T  # [texts, videos]
+        result = recall_at_k(similarity, torch.arange(n))
     last = dist.get_global_rank(parallel_state.get_pipeline_model_parallel_group(),
                                 trainer.cfg.parallel.pp - 1)
     box = [result]
@@ -73,7 +76,8 @@ def retrieval(trainer: Trainer, patterns: list[int], micro_batch: int) -> dict[s
 
 def evaluate(cfg: Config, checkpoint: str, micro_batch: int = 4) -> dict[str, float]:
     """Load ``checkpoint`` (a checkpoint directory or a run's checkpoint root) into the stage-2
-    model of ``cfg`` and measure retrieval on one held-out clip per synthetic pattern."""
+    model of ``cfg`` and measure retrieval: on every clip of ``data.manifest`` with its first
+    caption under ``data.captions``, or on one held-out clip per synthetic caption pattern."""
     if cfg.stage != 2:
         raise ConfigError("retrieval evaluation needs a stage-2 config (stage: 2).")
     if cfg.model.mask_ratio:
@@ -81,10 +85,13 @@ def evaluate(cfg: Config, checkpoint: str, micro_batch: int = 4) -> dict[str, fl
     path = resolve(checkpoint)
     if not (Path(path) / "metadata.json").is_file():
         raise ConfigError(f"{checkpoint} holds no MegaVideo checkpoint (no metadata.json).")
+    manifest = data.check(cfg)
     trainer = Trainer(cfg)
     Checkpointer(cfg, trainer).load(Path(path), weights_only=True)
-    result = retrieval(trainer, list(range(PATTERNS)), micro_batch)
-    log.info("retrieval over %d clips: %s", PATTERNS,
+    trainer.stage.manifest = manifest
+    items = list(range(len(manifest) if manifest is not None else PATTERNS))
+    result = retrieval(trainer, items, micro_batch)
+    log.info("retrieval over %d clips: %s", len(items),
              "  ".join(f"{k} {v:.1f}" for k, v in result.items()))
     return result
 

@@ -191,3 +191,28 @@ def test_stage2_trains_on_a_captioned_manifest_across_pipeline_stages(captioned,
     assert {"loss/vtc", "loss/vtm", "loss/mlm", "loss/avtc", "loss/avtm", "loss/avmlm"} <= set(rows[0])
     assert sum(r["data/skipped"] for r in rows) >= 1
     assert "broken" in proc.stderr
+
+
+def test_evaluate_a_checkpoint_on_a_captioned_manifest(captioned, tmp_path):
+    """A stage-2 checkpoint (one step, tp 2) evaluated at pp 2 on the manifest's six good clips
+    (the broken one removed): whole clips, first captions, the table and the JSON."""
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(line + "\n" for line in captioned.read_text().splitlines()
+                            if "broken" not in line))
+    common = ["data.source=manifest", f"data.manifest={good}", "data.captions=[caption,captions]",
+              "data.workers=0", f"run.dir={tmp_path}", "run.tensorboard=false"]
+    train = subprocess.run(
+        [*torchrun(2), "-m", "launch.train", "configs/stage2_tiny.yaml", "parallel.tp=2",
+         "parallel.pp=1", *common, "train.steps=1", "train.warmup_steps=0",
+         "train.global_batch=2", "train.micro_batch=2"], cwd=ROOT, capture_output=True, text=True,
+        timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    evaluate = subprocess.run(
+        [*torchrun(2), "-m", "launch.evaluate", "configs/stage2_tiny.yaml",
+         str(tmp_path / "checkpoints"), "parallel.tp=1", "parallel.pp=2", "parallel.sp=false",
+         *common], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    result = json.loads((tmp_path / "retrieval.json").read_text())
+    assert set(result) == {f"{d}/R@{k}" for d in ("t2v", "v2t") for k in (1, 5, 10)} | {"mean_R"}
+    assert result["t2v/R@10"] == 100.0  # 6 clips: every caption's clip is in the top 10
+    assert "retrieval over 6 clips" in evaluate.stderr

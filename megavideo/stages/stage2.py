@@ -157,14 +157,27 @@ class Stage2(PipelineStage):
                 per_chunk[c].append(self._batch(model, step, indices, source, drop_u))
         return per_chunk
 
-    def eval_micro_batches(self, patterns: list[int], size: int) -> list[list[Stage2Batch]]:
-        """Per model chunk, micro-batches of ``size`` held-out clips, one per listed pattern
-        (clip noise of step -1, never trained on), with their captions."""
+    def _eval_source(self, items: list[int]) -> dict:
+        """Held-out clips: synthetic patterns (noise of step -1, never trained on) or manifest
+        rows (middle frames, centre crop; the first caption of data.captions)."""
+        if self.manifest is None:
+            return self._synthetic(-1, items, items, True, True)
+        batch = data.clips(self.cfg, self.manifest, train=False).load_rows(items)
+        out = {"video": batch.video.to(self.device), "item": items,
+               "captions": [data.captions_of(self.manifest, row, self.cfg.data.captions)[0]
+                            for row in items]}
+        if batch.fbank is not None:
+            out["fbank"], out["has_audio"] = batch.fbank.to(self.device), batch.has_audio.to(self.device)
+        return out
+
+    def eval_micro_batches(self, items: list[int], size: int) -> list[list[Stage2Batch]]:
+        """Per model chunk, micro-batches of ``size`` held-out clips with their captions: one
+        per synthetic pattern in ``items``, or the manifest rows ``items``."""
         per_chunk: list[list[Stage2Batch]] = [[] for _ in self.models]
-        for start in range(0, len(patterns), size):
-            chosen = patterns[start:start + size]
+        for start in range(0, len(items), size):
+            chosen = items[start:start + size]
             drop_u = torch.zeros(len(chosen), self.cfg.model.student.num_layers, 2)
-            source = self._synthetic(-1, chosen, chosen, True, True)
+            source = self._eval_source(chosen)
             for c, model in enumerate(self.models):
                 per_chunk[c].append(self._batch(model, -1, chosen, source, drop_u.to(self.device),
                                                 evaluate=True))
