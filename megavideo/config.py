@@ -71,20 +71,24 @@ class ViTConfig(EncoderConfig):
 
 
 @dataclass
-class TextConfig(EncoderConfig):
-    """The stage-2 text encoder: BERT (post-norm), its last ``fusion_layers`` layers cross-attend
-    to the video (or audio-video) tokens."""
+class PostNormEncoderConfig(EncoderConfig):
+    """BERT's and BEATs' shared defaults: post-norm LayerNorm layers, qkv bias, exact GELU."""
 
-    preset: str = ""
-    hidden_size: int = 64
-    num_layers: int = 4
-    num_heads: int = 4
-    mlp_hidden_size: int = 256
+    preset: str = ""  # an encoder file configs/models/<preset>.yaml
     norm: str = "layernorm"
-    norm_eps: float = 1e-12
+    norm_eps: float = 1e-5
     qk_norm: bool = False
     qkv_bias: bool = True
     activation: str = "gelu"
+
+
+@dataclass
+class TextConfig(PostNormEncoderConfig):
+    """The stage-2 text encoder: BERT (post-norm), its last ``fusion_layers`` layers cross-attend
+    to the video (or audio-video) tokens."""
+
+    num_layers: int = 4
+    norm_eps: float = 1e-12
     fusion_layers: int = 2
     vocab_file: str = ""  # BERT's vocab.txt (uncased WordPiece)
     max_length: int = 40  # tokens per caption, [CLS] and [SEP] included
@@ -93,22 +97,12 @@ class TextConfig(EncoderConfig):
 
 
 @dataclass
-class AudioConfig(EncoderConfig):
+class AudioConfig(PostNormEncoderConfig):
     """The stage-2 audio encoder: BEATs (post-norm with DeepNorm residual scaling) on 16 kHz
     log-mel filterbanks, 16x16 patches of a [frames, mel_bins] image."""
 
-    preset: str = ""
     enabled: bool = False
     frozen: bool = True
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    mlp_hidden_size: int = 256
-    norm: str = "layernorm"
-    norm_eps: float = 1e-5
-    qk_norm: bool = False
-    qkv_bias: bool = True
-    activation: str = "gelu"
     patch_size: int = 16
     patch_dim: int = 512  # width of the patch convolution, projected to hidden_size
     mel_bins: int = 128
@@ -122,10 +116,6 @@ class AudioConfig(EncoderConfig):
         """Filterbank frames of ``seconds`` of audio (25 ms windows every 10 ms), whole patches."""
         frames = int((self.seconds * 1000 - 25) // 10) + 1
         return frames // self.patch_size * self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return (self.frames // self.patch_size) * (self.mel_bins // self.patch_size)
 
 
 @dataclass

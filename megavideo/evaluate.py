@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from dataloaders.synthetic import PATTERNS
@@ -67,11 +66,10 @@ def retrieval(trainer: Trainer, items: list[int], micro_batch: int) -> dict[str,
         n = len(items)
         similarity = features["text"][:n] @ features["video"][:n].T  # [texts, videos]
         result = recall_at_k(similarity, torch.arange(n))
-    last = dist.get_global_rank(parallel_state.get_pipeline_model_parallel_group(),
-                                trainer.cfg.parallel.pp - 1)
-    box = [result]
-    dist.broadcast_object_list(box, src=last)
-    return box[0]
+    # every last-stage rank has the same result (TP and DP replicas); hand it to every rank
+    results = [None] * dist.get_world_size()
+    dist.all_gather_object(results, result)
+    return next(r for r in results if r is not None)
 
 
 def evaluate(cfg: Config, checkpoint: str, micro_batch: int = 4) -> dict[str, float]:

@@ -95,7 +95,7 @@ def test_train_from_video_files_on_tp2_dp2_skips_and_counts_broken_files(tmp_pat
     assert all(r["data/attempts"] == 8 + r["data/skipped"] for r in rows)  # global batch 8
     assert rows[-1]["data/skip_rate"] == pytest.approx(skipped / (8 * steps + skipped))
     assert all(r["loss"] == r["loss"] and r["data/wait_s"] >= 0 for r in rows)
-    lines = [line for line in proc.stderr.splitlines() if "megavideo.stages.stage1: skipped " in line]
+    lines = [line for line in proc.stderr.splitlines() if "megavideo.stages.common: skipped " in line]
     logged = [line.split("skipped ", 1)[1].split(":")[0] for line in lines]
     assert logged and {Path(p).stem for p in logged} <= {"broken_truncated", "broken_empty"}
     # only TP rank 0 of each data-parallel rank decodes (global ranks 0 and 2), each file once

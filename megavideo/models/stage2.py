@@ -135,10 +135,16 @@ class Stage2Model(VideoChunk):
         loss = sum(self.weights[name] * value for name, value in terms.items())
         return loss, {k: v.detach() for k, v in terms.items()}
 
+    def _encode(self, tokens: torch.Tensor, batch: Stage2Batch):
+        """The clip's vector v [B, E], the caption's text-mode states [L, B, H] and its vector t
+        [B, E] (before normalisation)."""
+        v = self.vision_proj(self.pool(tokens))[0]
+        text = self.text.encode(batch.text_ids, batch.text_mask)
+        return v, text, self.text_proj(text[0])[0]
+
     def embeddings(self, tokens: torch.Tensor, batch: Stage2Batch) -> dict[str, torch.Tensor]:
         """The L2-normalised contrastive embeddings of the clips and captions, [B, E] each."""
-        v = self.vision_proj(self.pool(tokens))[0]
-        t = self.text_proj(self.text.encode(batch.text_ids, batch.text_mask)[0])[0]
+        v, _, t = self._encode(tokens, batch)
         return {"video": F.normalize(v.float(), dim=-1), "text": F.normalize(t.float(), dim=-1)}
 
     def _mlm_normalizer(self, labels: torch.Tensor) -> torch.Tensor:
@@ -153,11 +159,9 @@ class Stage2Model(VideoChunk):
         obj, gens = self.model_config.objectives, batch.generators
         temperature = self.temperature.clamp(*TEMPERATURE_RANGE)
         item_all = all_rows(batch.item, self.dp_group)
-        v = self.vision_proj(self.pool(tokens))[0]
+        v, text, t = self._encode(tokens, batch)
         memory = self.fusion_proj(tokens) if self.fusion_proj is not None else tokens
         memory_mask = batch.text_mask.new_ones(tokens.shape[1], tokens.shape[0])
-        text = self.text.encode(batch.text_ids, batch.text_mask)  # [L, B, H]
-        t = self.text_proj(text[0])[0]
         mlm_text = None
         if "mlm" in self.weights or "avmlm" in self.weights:
             ids, labels = mlm_inputs(batch.text_ids, self.special, self.vocab_size,

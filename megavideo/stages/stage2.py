@@ -67,8 +67,10 @@ class Stage2(PipelineStage):
 
     @property
     def loss_weights(self) -> dict[str, float]:
-        obj = self.cfg.model.objectives
-        return {name: getattr(obj, name) for name in TERMS}
+        """The term weights; the audio-video terms weigh 0 without the audio encoder."""
+        obj, audio = self.cfg.model.objectives, self.cfg.model.audio.enabled
+        return {name: getattr(obj, name) if audio or not name.startswith("av") else 0.0
+                for name in TERMS}
 
     def _visible(self, step: int, indices: list[int]) -> torch.Tensor:
         student, seed = self.cfg.model.student, self.cfg.train.seed
