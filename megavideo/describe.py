@@ -11,10 +11,13 @@ import contextlib
 from dataclasses import replace
 
 import torch
+from megatron.core.transformer.module import MegatronModule
 from torch.overrides import TorchFunctionMode
 
+from dataloaders.tokenizer import WordPiece
 from megavideo.config import Config
 from megavideo.models.specs import transformer_config
+from megavideo.models.stage2 import Stage2Model
 from megavideo.models.student import Stage1Student, Tokens
 from megavideo.models.teachers import Stage1Teachers
 from parallel.distributed import single_rank_world
@@ -50,32 +53,49 @@ def local_numel(param: torch.Tensor, tp: int) -> int:
 
 
 def _group(name: str) -> str:
-    if name.startswith("blocks."):
-        return "blocks"
-    if name.startswith("embed."):
-        return "embeddings"
-    return "heads"
+    first = name.split(".")[0]
+    return {"blocks": "blocks", "embed": "embeddings", "text": "text", "audio": "audio"}.get(
+        first, "heads")
 
 
-def meta_models(cfg: Config) -> tuple[Stage1Student, Stage1Teachers]:
-    """The whole student and the teachers at tp = pp = 1 on the meta device (no memory), with
-    every parameter's layout attributes. Call inside a process group (``single_rank_world``)."""
+def _chunk_builder(cfg: Config, tokens: Tokens):
+    """chunk, transformer config -> this stage's model chunk, built without a process group."""
+    model, train = cfg.model, cfg.train
+    if cfg.stage == 1:
+        return lambda chunk, config: Stage1Student(model, config, chunk, tokens, None)
+    one_rank = replace(cfg.parallel, tp=1, pp=1, vpp=1, sp=False, pipeline_layout=[])
+    text = transformer_config(model.text, one_rank, train, pipelined=False, sequence_parallel=False)
+    audio = transformer_config(model.audio, one_rank, train, pipelined=False,
+                               sequence_parallel=False) if model.audio.enabled else None
+    vocab = len(WordPiece.from_file(model.text.vocab_file))
+    return lambda chunk, config: Stage2Model(model, config, chunk, tokens, None, None, text, audio,
+                                             vocab, {})
+
+
+def meta_models(cfg: Config) -> tuple[MegatronModule, Stage1Teachers | None]:
+    """The whole model of the config's stage and the stage-1 teachers (None in stage 2) at
+    tp = pp = 1 on the meta device (no memory), with every parameter's layout attributes. Call
+    inside a process group (``single_rank_world``)."""
     model, train = cfg.model, cfg.train
     one_rank = replace(cfg.parallel, tp=1, pp=1, vpp=1, sp=False, pipeline_layout=[])
-    configs = {name: transformer_config(getattr(model, name), one_rank, train, pipelined=False,
-                                        sequence_parallel=False)
-               for name in ("student", "clip_teacher", "mae_teacher")}
+    config = transformer_config(model.student, one_rank, train, pipelined=False,
+                                sequence_parallel=False)
+    build = _chunk_builder(cfg, Tokens.of(model, 1, False))
     with meta_device():
-        student = Stage1Student(model, configs["student"],
-                                Chunk(0, 0, 0, model.student.num_layers, True, True),
-                                Tokens.of(model, 1, False), None)
-        teachers = Stage1Teachers(model, configs["clip_teacher"], configs["mae_teacher"], None)
-    return student, teachers
+        whole = build(Chunk(0, 0, 0, model.student.num_layers, True, True), config)
+        teachers = None
+        if cfg.stage == 1:
+            teachers = Stage1Teachers(model, *(
+                transformer_config(getattr(model, name), one_rank, train, pipelined=False,
+                                   sequence_parallel=False) for name in ("clip_teacher", "mae_teacher")),
+                None)
+    return whole, teachers
 
 
 def describe(cfg: Config, world_size: int | None = None) -> dict:
     """Counts for the whole model and per pipeline rank; ``world_size`` sets the data-parallel
-    size (default: one model replica)."""
+    size (default: one model replica). Frozen parameters (the teachers, a frozen audio encoder)
+    count as weights only."""
     par, model, train = cfg.parallel, cfg.model, cfg.train
     world_size = world_size or par.tp * par.pp
     dp = world_size // (par.tp * par.pp)
@@ -83,30 +103,36 @@ def describe(cfg: Config, world_size: int | None = None) -> dict:
     counts = split_layers(model.student.num_layers, par.pp, par.vpp, par.pipeline_layout)
     with single_rank_world():
         whole, teachers = meta_models(cfg)
-        student_cfg = whole.config
+        build = _chunk_builder(cfg, tokens)
         with meta_device():
-            stages = [[Stage1Student(model, student_cfg, chunk, tokens, None) for chunk in
-                       chunks_of(rank, counts, par.pp)] for rank in range(par.pp)]
+            stages = [[build(chunk, whole.config) for chunk in chunks_of(rank, counts, par.pp)]
+                      for rank in range(par.pp)]
     totals = {"blocks": 0, "embeddings": 0, "heads": 0}
+    if cfg.stage == 2:
+        totals |= {"text": 0, "audio": 0}
     for name, param in whole.named_parameters():
         totals[_group(name)] += param.numel()
-    totals["student"] = sum(totals.values())
-    totals["clip_teacher"] = sum(p.numel() for p in teachers.clip.parameters())
-    totals["mae_teacher"] = sum(p.numel() for p in teachers.mae.parameters())
-    teacher_local = sum(local_numel(p, par.tp) for p in teachers.parameters())
+    totals["model"] = sum(totals.values())
+    if teachers is not None:
+        totals["clip_teacher"] = sum(p.numel() for p in teachers.clip.parameters())
+        totals["mae_teacher"] = sum(p.numel() for p in teachers.mae.parameters())
+    teacher_local = sum(local_numel(p, par.tp) for p in teachers.parameters()) if teachers else 0
     ranks = []
     for rank, chunks in enumerate(stages):
-        student = sum(local_numel(p, par.tp) for c in chunks for p in c.parameters())
+        params = [p for c in chunks for p in c.parameters()]
+        trained = sum(local_numel(p, par.tp) for p in params if p.requires_grad)
+        frozen = sum(local_numel(p, par.tp) for p in params if not p.requires_grad)
         ranks.append({
             "pp_rank": rank,
             "layers": [list(c.layers) for c in chunks_of(rank, counts, par.pp)],
-            "student_params": student,
-            "teacher_params": teacher_local if rank == 0 else 0,
-            "optimizer_params": -(-student // dp) if par.distributed_optimizer else student,
+            "trained_params": trained,
+            "frozen_params": frozen + (teacher_local if rank == 0 else 0),
+            "optimizer_params": -(-trained // dp) if par.distributed_optimizer else trained,
         })
     heads_real = model.student.num_heads
     return {
         "model": model.preset or "custom",
+        "stage": cfg.stage,
         "layout": {"tp": par.tp, "pp": par.pp, "vpp": par.vpp, "dp": dp, "sp": par.sp,
                    "distributed_optimizer": par.distributed_optimizer,
                    "layers_per_virtual_stage": counts,
@@ -131,19 +157,21 @@ def format_table(info: dict) -> str:
         return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
 
     lay, par = info["layout"], info["parameters"]
-    lines = [f"model {info['model']}: student {b(par['student'])} "
-             f"(blocks {b(par['blocks'])}, embeddings {b(par['embeddings'])}, heads {b(par['heads'])}); "
-             f"teachers CLIP {b(par['clip_teacher'])}, MAE {b(par['mae_teacher'])}",
+    parts = ", ".join(f"{k} {b(v)}" for k, v in par.items()
+                      if k not in ("model", "clip_teacher", "mae_teacher"))
+    teachers = (f"; teachers CLIP {b(par['clip_teacher'])}, MAE {b(par['mae_teacher'])}"
+                if "clip_teacher" in par else "")
+    lines = [f"model {info['model']} stage {info['stage']}: {b(par['model'])} ({parts}){teachers}",
              f"layout tp={lay['tp']} pp={lay['pp']} vpp={lay['vpp']} dp={lay['dp']} sp={lay['sp']} "
              f"distributed_optimizer={lay['distributed_optimizer']}; heads {lay['attention_heads'][0]}"
              f" -> {lay['attention_heads'][1]}, tokens {lay['tokens'][0]} -> {lay['tokens'][1]}",
-             f"{'pp rank':>7}  {'layers':<20} {'student/rank':>13} {'teachers/rank':>14} "
-             f"{'optimizer/rank':>15} {'GiB (w+g+opt+teachers)':>24}"]
+             f"{'pp rank':>7}  {'layers':<20} {'trained/rank':>13} {'frozen/rank':>14} "
+             f"{'optimizer/rank':>15} {'GiB (w+g+opt+frozen)':>24}"]
     per = info["bytes_per_param"]
     for r in info["ranks"]:
         layers = ", ".join(f"{c[0]}-{c[-1]}" for c in r["layers"])
-        gib = (r["student_params"] * (per["weights"] + per["grads"])
-               + r["student_params"] * per["optimizer"] + r["teacher_params"] * per["weights"]) / 2**30
-        lines.append(f"{r['pp_rank']:>7}  {layers:<20} {b(r['student_params']):>13} "
-                     f"{b(r['teacher_params']):>14} {b(r['optimizer_params']):>15} {gib:>24.2f}")
+        gib = (r["trained_params"] * (per["weights"] + per["grads"])
+               + r["trained_params"] * per["optimizer"] + r["frozen_params"] * per["weights"]) / 2**30
+        lines.append(f"{r['pp_rank']:>7}  {layers:<20} {b(r['trained_params']):>13} "
+                     f"{b(r['frozen_params']):>14} {b(r['optimizer_params']):>15} {gib:>24.2f}")
     return "\n".join(lines)

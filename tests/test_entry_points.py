@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _describe(config: str, *args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "launch.describe", config, "--json", *args],
+    proc = subprocess.run([sys.executable, "-m", "launch.describe", config, *args, "--json"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
@@ -31,7 +31,7 @@ def test_describe_vit6b_counts_the_official_block_parameters():
     assert params["mae_teacher"] == pytest.approx(1.01e9, rel=1e-2)
     assert info["layout"]["attention_heads"] == [25, 28]  # padded to a multiple of tp = 4
     assert info["layout"]["dp"] == 64
-    assert sum(r["student_params"] for r in info["ranks"]) < params["student"]  # tp-split
+    assert sum(r["trained_params"] for r in info["ranks"]) < params["model"]  # tp-split
 
 
 def test_describe_vit1b():
@@ -133,3 +133,21 @@ def test_a_run_resumed_from_video_files_continues_with_the_next_unseen_clips(tmp
     assert [r["step"] for r in rows["resumed"]] == [0, 1, 2]
     for key in ("loss", "data/skipped", "data/attempts", "data/skip_rate"):
         assert rows["resumed"][2][key] == rows["whole"][2][key], key
+
+
+def test_describe_stage2_vit6b_counts_bert_large_with_fusion_and_beats(tmp_path):
+    """bert-large without its pooler is 334,092,288 parameters; stage 2 adds the vocabulary's
+    padding to 30592 rows (71,680) and 5 cross-attention blocks of 3,676,160 (q and proj
+    1024 x 1024, kv from the 768-wide fusion tokens, a LayerNorm): 352,544,768. BEATs without its
+    relative position bias is 90.3M (the paper's 90M)."""
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+                               + [f"w{i}" for i in range(30522 - 5)]) + "\n")
+    info = _describe("configs/stage2_vit6b.yaml", f"model.text.vocab_file={vocab}", "--gpus", "256")
+    params = info["parameters"]
+    assert params["text"] == 334_092_288 + 71_680 + 5 * 3_676_160
+    assert params["audio"] == pytest.approx(90.3e6, rel=1e-3)
+    assert params["blocks"] == pytest.approx(5.900e9, rel=2e-3)
+    (rank,) = info["ranks"]
+    # the frozen BEATs: its layers split over tp 4, its convolutions replicated
+    assert params["audio"] / 4 < rank["frozen_params"] < params["audio"] / 3
