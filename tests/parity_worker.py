@@ -74,3 +74,10 @@ def layouts(rank: int, world: int, ref: str, cases: list[tuple[str, list[str], i
             tp_rank = parallel_state.get_tensor_model_parallel_rank()
             torch.save(result, Path(out) / f"{name}.pp{pp_rank}.tp{tp_rank}.pt")
         dist.barrier()
+
+
+def sequence(rank: int, world: int, calls: list) -> None:
+    """Several (worker function, arguments) calls in one process group: one spawn per world
+    size for stage 1's and stage 2's parity."""
+    for fn, args in calls:
+        fn(rank, world, *args)

@@ -7,6 +7,9 @@ student heads (padded to 8 at tp 4), 17 tokens (padded to 18/20 under SP), drop 
 layers (split 1/1/2/2 over 4 pipeline stages, so aligners and their tied position embeddings span
 stages). fp32 on CPU.
 
+Stage 2 (VTC/VTM/MLM and the audio variants) is checked the same way, in the same process
+groups (see STAGE2 below).
+
 Tolerances (fp32, summation order only):
 - losses: relative 1e-6 (measured: <= 1.1e-8);
 - gradients: |g - g_ref| <= 1e-5 * max|g_ref| + 1e-8 * (largest gradient in the model), per tensor
@@ -18,6 +21,7 @@ Tolerances (fp32, summation order only):
 from __future__ import annotations
 
 import glob
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,15 +48,29 @@ WORLD4 = [
 ]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("parity")
-    ref = out / "reference.pt"
-    spawn(1, parity_worker.reference, str(ref), STEPS)
-    spawn(2, parity_worker.layouts, str(ref), WORLD2, str(out))
-    spawn(4, parity_worker.layouts, str(ref), WORLD4, str(out))
+# Stage 2: the reference holds the global batch of 8 on one rank (one micro-batch); with data
+# parallelism each rank holds 4 of the 8: the contrast all-gathers the projections and matching
+# fetches its hard negatives from the other rank, so the dp2 loss is the single-process loss over
+# the global batch, not an average of two 4-sample losses. The tiny config has the toy BERT
+# (4 layers, 2 fused), the toy BEATs (not frozen, so its gradients are compared too; every fourth
+# synthetic item has no audio) and all six terms on.
+STAGE2 = str(Path(__file__).resolve().parent.parent / "configs" / "stage2_tiny.yaml")
+STAGE2_BASE = ("train.micro_batch=8",)
+STAGE2_WORLD2 = [
+    ("s2_tp2_sp", ["parallel.tp=2", "parallel.sp=true"], 0),
+    ("s2_dp2", ["train.micro_batch=4"], 0),
+    ("s2_pp2", ["parallel.pp=2"], 0),
+]
+STAGE2_WORLD4 = [
+    ("s2_pp2_tp2_sp", ["parallel.pp=2", "parallel.tp=2", "parallel.sp=true"], 0),
+    ("s2_dp2_tp2_sp_distopt", ["parallel.tp=2", "parallel.sp=true", "train.micro_batch=4",
+                               "parallel.distributed_optimizer=true"], 0),
+]
+
+
+def _merged(out: Path, names: list[str]) -> dict:
     results = {}
-    for name, _, _ in WORLD2 + WORLD4:
+    for name in names:
         merged: dict = {"grads": {}, "trained": {}, "padding_max": 0.0}
         files = sorted(glob.glob(str(out / f"{name}.pp*.pt")))
         assert files, f"layout {name} wrote nothing"
@@ -65,7 +83,29 @@ def runs(tmp_path_factory):
                 merged[key].update(part.get(key, {}))
             merged["padding_max"] = max(merged["padding_max"], part.get("padding_max", 0.0))
         results[name] = merged
-    return torch.load(ref), results
+    return results
+
+
+@pytest.fixture(scope="module")
+def all_runs(tmp_path_factory):
+    """Both stages' references and layouts, one spawn per world size."""
+    out = tmp_path_factory.mktemp("parity")
+    ref, ref2 = out / "reference.pt", out / "reference_stage2.pt"
+    w = parity_worker
+    spawn(1, w.sequence, [(w.reference, (str(ref), STEPS)),
+                          (w.reference, (str(ref2), 0, STAGE2, STAGE2_BASE))])
+    spawn(2, w.sequence, [(w.layouts, (str(ref), WORLD2, str(out))),
+                          (w.layouts, (str(ref2), STAGE2_WORLD2, str(out), STAGE2, STAGE2_BASE))])
+    spawn(4, w.sequence, [(w.layouts, (str(ref), WORLD4, str(out))),
+                          (w.layouts, (str(ref2), STAGE2_WORLD4, str(out), STAGE2, STAGE2_BASE))])
+    stage1 = _merged(out, [n for n, _, _ in WORLD2 + WORLD4])
+    stage2 = _merged(out, [n for n, _, _ in STAGE2_WORLD2 + STAGE2_WORLD4])
+    return (torch.load(ref), stage1), (torch.load(ref2), stage2)
+
+
+@pytest.fixture(scope="module")
+def runs(all_runs):
+    return all_runs[0]
 
 
 def _assert_grads_match(ref: dict, grads: dict) -> None:
@@ -103,3 +143,19 @@ def test_padded_heads_change_nothing_and_stay_zero(runs):
     _, results = runs
     assert results["tp4_steps"]["padding_max"] == 0.0
     assert results["tp4_sp"]["loss"]  # the padded model's loss terms matched the reference above
+
+
+def test_stage2_reference_computes_every_term(all_runs):
+    ref, _ = all_runs[1]
+    names = {k for k in ref["loss"] if k.startswith("loss/")}
+    assert names == {f"loss/{t}" for t in ("vtc", "vtm", "mlm", "avtc", "avtm", "avmlm")}
+    assert all(v > 0 for v in ref["loss"].values())
+
+
+@pytest.mark.parametrize("name", [n for n, _, _ in STAGE2_WORLD2 + STAGE2_WORLD4])
+def test_stage2_loss_and_gradients_match_reference(all_runs, name):
+    ref, results = all_runs[1]
+    got = results[name]
+    for term, value in ref["loss"].items():
+        assert got["loss"][term] == pytest.approx(value, rel=1e-6, abs=1e-9), term
+    _assert_grads_match(ref["grads"], got["grads"])
