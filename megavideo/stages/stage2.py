@@ -24,6 +24,7 @@ from dataloaders.synthetic import (
 from dataloaders.tokenizer import WordPiece
 from megavideo import data
 from megavideo.config import Config
+from megavideo.models.audio import deep_norm_alpha
 from megavideo.models.embedding import num_visible
 from megavideo.models.specs import transformer_config
 from megavideo.models.stage2 import TERMS, Stage2Batch, Stage2Model
@@ -57,7 +58,7 @@ class Stage2(PipelineStage):
             audio_config = transformer_config(model.audio, par, cfg.train, pipelined=False,
                                               sequence_parallel=False)
             if model.audio.deep_norm:
-                audio_config.residual_scale = (2.0 * model.audio.num_layers) ** 0.25
+                audio_config.residual_scale = deep_norm_alpha(model.audio.num_layers)
         special = {"pad": self.tokenizer.pad, "cls": self.tokenizer.cls,
                    "mask": self.tokenizer.mask}
         self.models = [Stage2Model(model, self.config, chunk, self.tokens, self.tp_group,
