@@ -46,8 +46,8 @@ VIDEO_ENCODER = ("embed", "blocks", "pool")  # what a later stage takes from an 
 SHAPELESS = {"preset", "mask_ratio", "drop_path"}  # model keys that change no tensor
 # model config sections a stage does not build (a checkpoint is compared without them)
 OTHER_STAGES_SECTIONS = {
-    1: {"text", "audio", "objectives"},
-    2: {"clip_teacher", "mae_teacher", "clip_layers", "mae_layers", "loss_weights"},
+    1: {"text", "audio", "objectives", "llm"},
+    2: {"clip_teacher", "mae_teacher", "clip_layers", "mae_layers", "loss_weights", "llm"},
 }
 
 

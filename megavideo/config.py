@@ -119,6 +119,23 @@ class AudioConfig(PostNormEncoderConfig):
 
 
 @dataclass
+class LLMConfig:
+    """The stage-3 LLM decoder: Mistral-shaped (RMSNorm, SwiGLU, RoPE, grouped-query attention,
+    untied output layer)."""
+
+    preset: str = ""  # an encoder file configs/models/<preset>.yaml (its ``llm`` mapping)
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    mlp_hidden_size: int = 128
+    vocab_size: int = 256
+    max_positions: int = 2048
+    rope_base: float = 1000000.0
+    norm_eps: float = 1e-5
+
+
+@dataclass
 class ObjectivesConfig:
     """Stage 2's losses and their weights (a weight of 0 skips the term)."""
 
@@ -154,6 +171,7 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
 
 
 @dataclass
@@ -330,8 +348,9 @@ def _preset_file(name: str, kind: str, config_dir: Path) -> dict:
 
 
 def _resolve_preset(raw: dict, config_dir: Path) -> dict:
-    """``model.preset`` names a whole model file (its ``model`` mapping); ``model.text.preset`` and
-    ``model.audio.preset`` name an encoder file (its ``text`` or ``audio`` mapping). The run's own
+    """``model.preset`` names a whole model file (its ``model`` mapping); ``model.text.preset``,
+    ``model.audio.preset`` and ``model.llm.preset`` name a file of that part (its ``text``,
+    ``audio`` or ``llm`` mapping). The run's own
     keys sit over the preset's."""
     model = raw.get("model", {})
     if not isinstance(model, dict):
@@ -339,7 +358,7 @@ def _resolve_preset(raw: dict, config_dir: Path) -> dict:
     if model.get("preset"):
         preset = _preset_file(model["preset"], "model", config_dir)
         model = _merge(preset.get("model", preset), model)
-    for section in ("text", "audio"):
+    for section in ("text", "audio", "llm"):
         sub = model.get(section)
         if isinstance(sub, dict) and sub.get("preset"):
             preset = _preset_file(sub["preset"], section, config_dir)
@@ -630,6 +649,7 @@ __all__ = [
     "AudioConfig",
     "DataConfig",
     "EncoderConfig",
+    "LLMConfig",
     "ModelConfig",
     "ObjectivesConfig",
     "ParallelConfig",

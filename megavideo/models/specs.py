@@ -48,7 +48,7 @@ class ViTTransformerConfig(TransformerConfig):
     residual_scale: float = 1.0  # DeepNorm's alpha on post-norm residuals (BEATs)
 
 
-def _init_normal(tensor: torch.Tensor) -> torch.Tensor:
+def init_normal(tensor: torch.Tensor) -> torch.Tensor:
     return torch.nn.init.normal_(tensor, mean=0.0, std=INIT_STD)
 
 
@@ -96,8 +96,8 @@ def transformer_config(
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
-        init_method=_init_normal,
-        output_layer_init_method=_init_normal,
+        init_method=init_normal,
+        output_layer_init_method=init_normal,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=bf16,

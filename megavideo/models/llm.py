@@ -1,0 +1,88 @@
+"""Stage 3's LLM decoder: a Mistral-shaped megatron-core GPTModel.
+
+    token ids -> VocabParallelEmbedding -> N x [RMSNorm -> GQA self-attention with RoPE (causal)
+    -> + ; RMSNorm -> SwiGLU MLP -> +] -> RMSNorm -> untied vocab-parallel output layer
+
+megatron-core's GPT layer spec (its Transformer Engine spec on a GPU with TE, else its local spec)
+with this codebase's fp32-compute RMSNorm in the local spec's norm slots (megatron-core's
+fallback norm refuses sequence parallelism).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from kernels.backends import layer_backend
+from kernels.norms import RMSNorm
+from megavideo.config import LLMConfig, ParallelConfig, TrainConfig
+from megavideo.models.specs import init_normal
+
+
+def llm_config(llm: LLMConfig, parallel: ParallelConfig, train: TrainConfig) -> TransformerConfig:
+    """The decoder's TransformerConfig at the given layout."""
+    bf16 = train.precision == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=llm.num_layers,
+        hidden_size=llm.hidden_size,
+        num_attention_heads=llm.num_heads,
+        num_query_groups=llm.num_kv_heads,
+        ffn_hidden_size=llm.mlp_hidden_size,
+        kv_channels=llm.hidden_size // llm.num_heads,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        sequence_parallel=parallel.sp and parallel.tp > 1,
+        normalization="RMSNorm",
+        layernorm_epsilon=llm.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        init_method=init_normal,
+        output_layer_init_method=init_normal,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=bf16,
+        batch_p2p_comm=False,
+        batch_p2p_sync=False,
+        cuda_graph_scope=[],
+    )
+
+
+def llm_block_spec(llm: LLMConfig) -> TransformerBlockSubmodules:
+    """Every layer's spec and the final norm, for the backend this process runs."""
+    if layer_backend() == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        layer = get_gpt_layer_with_transformer_engine_spec()
+        return TransformerBlockSubmodules(layer_specs=[layer] * llm.num_layers, layer_norm=TENorm)
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer.submodules.input_layernorm = RMSNorm
+    layer.submodules.pre_mlp_layernorm = RMSNorm
+    return TransformerBlockSubmodules(layer_specs=[layer] * llm.num_layers, layer_norm=RMSNorm)
+
+
+def build_llm(llm: LLMConfig, config: TransformerConfig, pre_process: bool = True,
+              post_process: bool = True, vp_stage: int | None = None) -> GPTModel:
+    """The decoder (or this pipeline stage's part of it)."""
+    return GPTModel(config, llm_block_spec(llm), vocab_size=llm.vocab_size,
+                    max_sequence_length=llm.max_positions, pre_process=pre_process,
+                    post_process=post_process, parallel_output=True,
+                    share_embeddings_and_output_weights=False, position_embedding_type="rope",
+                    rotary_base=int(llm.rope_base), vp_stage=vp_stage)
