@@ -10,7 +10,6 @@ fallback norm refuses sequence parallelism).
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
@@ -23,13 +22,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from kernels.backends import layer_backend
 from kernels.norms import RMSNorm
 from megavideo.config import LLMConfig, ParallelConfig, TrainConfig
-from megavideo.models.specs import init_normal
+from megavideo.models.specs import run_settings
 
 
 def llm_config(llm: LLMConfig, parallel: ParallelConfig, train: TrainConfig) -> TransformerConfig:
     """The decoder's TransformerConfig at the given layout."""
-    bf16 = train.precision == "bf16"
-    dtype = torch.bfloat16 if bf16 else torch.float32
     return TransformerConfig(
         num_layers=llm.num_layers,
         hidden_size=llm.hidden_size,
@@ -46,22 +43,7 @@ def llm_config(llm: LLMConfig, parallel: ParallelConfig, train: TrainConfig) -> 
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        init_method=init_normal,
-        output_layer_init_method=init_normal,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=bf16,
-        batch_p2p_comm=False,
-        batch_p2p_sync=False,
-        cuda_graph_scope=[],
+        **run_settings(train),
     )
 
 

@@ -52,6 +52,32 @@ def init_normal(tensor: torch.Tensor) -> torch.Tensor:
     return torch.nn.init.normal_(tensor, mean=0.0, std=INIT_STD)
 
 
+def run_settings(train: TrainConfig) -> dict:
+    """TransformerConfig settings every model here shares: no dropout and no fused kernels (every
+    layout computes the same numbers, on CPU too), the init, the precision, p2p that gloo runs."""
+    bf16 = train.precision == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return dict(
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        init_method=init_normal,
+        output_layer_init_method=init_normal,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=bf16,
+        # gloo: batched p2p with interleaving silently corrupts later micro-batches (FIELD_NOTES)
+        batch_p2p_comm=False,
+        batch_p2p_sync=False,
+        cuda_graph_scope=[],  # megatron-core's own default "full" warns that it is deprecated
+    )
+
+
 def transformer_config(
     vit: EncoderConfig,
     parallel: ParallelConfig,
@@ -63,8 +89,6 @@ def transformer_config(
     """The config of one encoder's layers. Only the video encoder is pipelined and runs with SP;
     the teachers and the text and audio encoders are whole on their pipeline stage."""
     heads = padded_heads(vit.num_heads, parallel.tp)
-    bf16 = train.precision == "bf16"
-    dtype = torch.bfloat16 if bf16 else torch.float32
     pp = parallel.pp if pipelined else 1
     layout = None
     if pp > 1:
@@ -86,28 +110,12 @@ def transformer_config(
         layernorm_epsilon=vit.norm_eps,
         add_bias_linear=True,
         add_qkv_bias=vit.qkv_bias,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
         activation_func=partial(F.gelu, approximate="tanh") if vit.activation == "gelu_tanh"
         else F.gelu,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        init_method=init_normal,
-        output_layer_init_method=init_normal,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=bf16,
         recompute_granularity=recompute,
         recompute_method="uniform" if recompute == "full" else None,
         recompute_num_layers=1 if recompute == "full" else None,
-        # gloo: batched p2p with interleaving silently corrupts later micro-batches (FIELD_NOTES)
-        batch_p2p_comm=False,
-        batch_p2p_sync=False,
-        cuda_graph_scope=[],  # megatron-core's own default "full" warns that it is deprecated
+        **run_settings(train),
         real_attention_heads=vit.num_heads,
         full_width_qk_norm=vit.qk_norm,
         layer_scale_init=vit.layer_scale_init,
