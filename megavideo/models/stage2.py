@@ -39,7 +39,7 @@ from megavideo.models.objectives import (
 from megavideo.models.specs import INIT_STD, ViTTransformerConfig, without_sequence_parallel
 from megavideo.models.text import MLMHead, TextEncoder
 from megavideo.models.video import Tokens, VideoChunk
-from parallel.comm import group_size
+from parallel.comm import all_gather_rows, group_size
 from parallel.layout import Chunk
 
 TERMS = ("vtc", "vtm", "mlm", "avtc", "avtm", "avmlm")
@@ -101,7 +101,7 @@ class Stage2Model(VideoChunk):
         obj, text, audio = model.objectives, model.text, model.audio
         self.weights = {name: getattr(obj, name) for name in TERMS
                         if getattr(obj, name) and (audio.enabled or not name.startswith("av"))}
-        self.special, self.vocab_size = special, vocab_size
+        self.special = special
         heads = without_sequence_parallel(config)
         video_width = model.student.hidden_size
         fusion = obj.fusion_dim or video_width
@@ -158,13 +158,13 @@ class Stage2Model(VideoChunk):
         """tokens [n, B, C]: the video encoder's whole output sequence."""
         obj, gens = self.model_config.objectives, batch.generators
         temperature = self.temperature.clamp(*TEMPERATURE_RANGE)
-        item_all = all_rows(batch.item, self.dp_group)
+        item_all = all_gather_rows(batch.item, self.dp_group)
         v, text, t = self._encode(tokens, batch)
         memory = self.fusion_proj(tokens) if self.fusion_proj is not None else tokens
         memory_mask = batch.text_mask.new_ones(tokens.shape[1], tokens.shape[0])
         mlm_text = None
         if "mlm" in self.weights or "avmlm" in self.weights:
-            ids, labels = mlm_inputs(batch.text_ids, self.special, self.vocab_size,
+            ids, labels = mlm_inputs(batch.text_ids, self.special, self.text.vocab_size,
                                      obj.mlm_probability, gens["mlm"])
             mlm_text = self.text.encode(ids, batch.text_mask)
             normalizer = self._mlm_normalizer(labels)
@@ -190,7 +190,7 @@ class Stage2Model(VideoChunk):
                   temperature) -> torch.Tensor:
         with torch.no_grad():
             v_n, t_n = F.normalize(vis.float(), dim=-1), F.normalize(t.float(), dim=-1)
-            v_all, t_all = all_rows(v_n, self.dp_group), all_rows(t_n, self.dp_group)
+            v_all, t_all = all_gather_rows(v_n, self.dp_group), all_gather_rows(t_n, self.dp_group)
             video_negatives = hard_negatives(t_n @ v_all.T / temperature, batch.item, item_all,
                                              batch.generators[f"{term}_video"])
             text_negatives = hard_negatives(v_n @ t_all.T / temperature, batch.item, item_all,
@@ -211,12 +211,3 @@ class Stage2Model(VideoChunk):
         audio_mask = batch.has_audio[:, None].to(memory_mask.dtype).expand(-1, audio.shape[0])
         return (av, torch.cat([audio_memory, memory]),
                 torch.cat([audio_mask, memory_mask], dim=1))
-
-
-def all_rows(x: torch.Tensor, group) -> torch.Tensor:
-    """The rows of every data-parallel rank, without gradient."""
-    if group_size(group) == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(group.size())]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts)
