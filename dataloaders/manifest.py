@@ -53,6 +53,12 @@ class Entry:
     extra: dict = field(default_factory=dict)
 
 
+def _texts_of(value) -> list[str]:
+    """The usable texts of a carried value: a non-blank string, or the non-blank strings of a list."""
+    values = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    return [v for v in values if isinstance(v, str) and v.strip()]
+
+
 def _entries_of_rows(rows: Iterable[dict], root: Path) -> Iterator[Entry]:
     for row in rows:
         key = next((k for k in PATH_KEYS if k in row), None)
@@ -242,12 +248,15 @@ def build_manifest(source: str | Path, out: str | Path, rejected: str | Path | N
 class Manifest:
     """The columns training needs, compact enough for millions of rows in every rank and decode
     worker: the paths as one UTF-8 buffer with offsets, the numbers as int32 arrays. Measured:
-    11.8 MB for 200k rows with 42-character paths (42 MB as Python strings and ints)."""
+    11.8 MB for 200k rows with 42-character paths (42 MB as Python strings and ints). Captions
+    and transcripts sit in one more buffer (each row's JSON), plus per key the rows that hold a
+    usable text, so stage 2's caption check reads no JSON again."""
 
     def __init__(self, path: str | Path) -> None:
         self.file = Path(path)
         paths, frames, heights, widths, codes = bytearray(), [], [], [], []
         ends, fps, audio, texts, text_ends = [], [], [], bytearray(), []
+        with_text: dict[str, list[int]] = {}  # key -> rows holding a usable text under it
         index: dict[str, int] = {}
         digest = hashlib.blake2b(digest_size=8)
         with open(self.file) as f:
@@ -270,6 +279,9 @@ class Manifest:
                 fps.append(float(row.get("fps") or 0.0))
                 audio.append(bool(row.get("audio")))
                 carried = _carried(row)
+                for key, value in carried.items():
+                    if _texts_of(value):
+                        with_text.setdefault(key, []).append(len(ends) - 1)
                 texts += json.dumps(carried).encode() if carried else b""
                 text_ends.append(len(texts))
                 digest.update(f"{name}\0{n}\n".encode())
@@ -284,6 +296,7 @@ class Manifest:
         self.has_audio = np.array(audio, np.bool_)
         self._texts = bytes(texts)
         self._text_ends = np.array(text_ends, np.int64)
+        self._with_text = {k: np.array(rows, np.int64) for k, rows in with_text.items()}
         self.digest = digest.hexdigest()
 
     def __len__(self) -> int:
@@ -298,6 +311,18 @@ class Manifest:
         start = int(self._text_ends[row - 1]) if row else 0
         raw = self._texts[start:int(self._text_ends[row])]
         return json.loads(raw) if raw else {}
+
+    def captions(self, row: int, keys: list[str]) -> list[str]:
+        """Every caption the listed keys hold for a row (a key's value: a string or a list)."""
+        texts = self.texts(row)
+        return [c for key in keys for c in _texts_of(texts.get(key))]
+
+    def without_text(self, keys: list[str]) -> np.ndarray:
+        """The rows holding no usable text under any of the keys (from what loading recorded)."""
+        covered = np.zeros(len(self), np.bool_)
+        for key in keys:
+            covered[self._with_text.get(key, np.zeros(0, np.int64))] = True
+        return np.flatnonzero(~covered)
 
     def codec(self, row: int) -> str:
         return self.codec_names[self.codec_ids[row]]

@@ -46,13 +46,13 @@ def check(cfg: Config) -> Manifest | None:
     if not len(manifest):
         raise ConfigError(f"data.manifest {data.manifest} lists no clips.")
     if cfg.stage == 2:
-        uncaptioned = [row for row in range(len(manifest))
-                       if not captions_of(manifest, row, data.captions)]
-        if uncaptioned:
+        uncaptioned = manifest.without_text(data.captions)
+        if len(uncaptioned):
+            first = int(uncaptioned[0])
             raise ConfigError(
                 f"{len(uncaptioned)} of {len(manifest)} clips of data.manifest {data.manifest} "
                 f"have no caption under data.captions={data.captions} (e.g. "
-                f"{manifest.path(uncaptioned[0])}, keys {sorted(manifest.texts(uncaptioned[0]))}).")
+                f"{manifest.path(first)}, keys {sorted(manifest.texts(first))}).")
     if data.backend != "dali":
         return manifest
     reason = dali.missing()
@@ -69,19 +69,9 @@ def check(cfg: Config) -> Manifest | None:
     return manifest
 
 
-def captions_of(manifest: Manifest, row: int, keys: list[str]) -> list[str]:
-    """Every caption the listed keys hold for a row (a key's value: a string or a list)."""
-    texts = manifest.texts(row)
-    out = []
-    for key in keys:
-        value = texts.get(key)
-        out += [value] if isinstance(value, str) else [v for v in value or [] if isinstance(v, str)]
-    return [c for c in out if c.strip()]
-
-
 def caption(manifest: Manifest, row: int, keys: list[str], g: torch.Generator) -> str:
     """One of the row's captions, drawn uniformly with ``g``."""
-    options = captions_of(manifest, row, keys)
+    options = manifest.captions(row, keys)
     return options[int(torch.randint(len(options), (1,), generator=g))]
 
 
@@ -156,5 +146,5 @@ class SkipBudget:
         return {"skipped": self.skipped, "attempts": self.attempts}
 
 
-__all__ = ["SkipBudget", "audio_spec", "backend", "caption", "captions_of", "check", "clips",
+__all__ = ["SkipBudget", "audio_spec", "backend", "caption", "check", "clips",
            "decoded_shapes", "feed", "frames"]

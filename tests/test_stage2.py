@@ -155,7 +155,7 @@ def test_manifest_carries_every_caption_key_and_audio(captioned):
     assert manifest.texts(0) == {"captions": ["clip 0", "video 0"], "asr_captions": "speech"}
     assert manifest.texts(1) == {"caption": "clip 1", "asr_captions": "speech"}
     assert manifest.has_audio.tolist() == [True] * 4 + [False] * 3
-    assert data.captions_of(manifest, 0, ["caption", "captions"]) == ["clip 0", "video 0"]
+    assert manifest.captions(0, ["caption", "captions"]) == ["clip 0", "video 0"]
     drawn = {data.caption(manifest, 0, ["captions"], torch.Generator().manual_seed(s))
              for s in range(20)}
     assert drawn == {"clip 0", "video 0"}

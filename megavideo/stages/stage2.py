@@ -167,7 +167,7 @@ class Stage2(PipelineStage):
             return self._synthetic(-1, items, items, True, True)
         batch = data.clips(self.cfg, self.manifest, train=False).load_rows(items)
         out = {"video": batch.video.to(self.device), "item": items,
-               "captions": [data.captions_of(self.manifest, row, self.cfg.data.captions)[0]
+               "captions": [self.manifest.captions(row, self.cfg.data.captions)[0]
                             for row in items]}
         if batch.fbank is not None:
             out["fbank"], out["has_audio"] = batch.fbank.to(self.device), batch.has_audio.to(self.device)
