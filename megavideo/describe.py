@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import torch
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.overrides import TorchFunctionMode
 
 from dataloaders.tokenizer import WordPiece
@@ -58,37 +59,38 @@ def _group(name: str) -> str:
         first, "heads")
 
 
+def _whole(cfg: Config, enc) -> TransformerConfig:
+    """The config of an encoder built whole at tp = pp = 1."""
+    one_rank = replace(cfg.parallel, tp=1, pp=1, vpp=1, sp=False, pipeline_layout=[])
+    return transformer_config(enc, one_rank, cfg.train, pipelined=False, sequence_parallel=False)
+
+
 def _chunk_builder(cfg: Config, tokens: Tokens):
     """chunk, transformer config -> this stage's model chunk, built without a process group."""
-    model, train = cfg.model, cfg.train
+    model = cfg.model
     if cfg.stage == 1:
         return lambda chunk, config: Stage1Student(model, config, chunk, tokens, None)
-    one_rank = replace(cfg.parallel, tp=1, pp=1, vpp=1, sp=False, pipeline_layout=[])
-    text = transformer_config(model.text, one_rank, train, pipelined=False, sequence_parallel=False)
-    audio = transformer_config(model.audio, one_rank, train, pipelined=False,
-                               sequence_parallel=False) if model.audio.enabled else None
+    text = _whole(cfg, model.text)
+    audio = _whole(cfg, model.audio) if model.audio.enabled else None
     vocab = len(WordPiece.from_file(model.text.vocab_file))
     return lambda chunk, config: Stage2Model(model, config, chunk, tokens, None, None, text, audio,
                                              vocab, {})
 
 
-def meta_models(cfg: Config) -> tuple[MegatronModule, Stage1Teachers | None]:
+def meta_models(cfg: Config, build=None) -> tuple[MegatronModule, Stage1Teachers | None]:
     """The whole model of the config's stage and the stage-1 teachers (None in stage 2) at
-    tp = pp = 1 on the meta device (no memory), with every parameter's layout attributes. Call
-    inside a process group (``single_rank_world``)."""
-    model, train = cfg.model, cfg.train
-    one_rank = replace(cfg.parallel, tp=1, pp=1, vpp=1, sp=False, pipeline_layout=[])
-    config = transformer_config(model.student, one_rank, train, pipelined=False,
-                                sequence_parallel=False)
-    build = _chunk_builder(cfg, Tokens.of(model, 1, False))
+    tp = pp = 1 on the meta device (no memory), with every parameter's layout attributes;
+    ``build`` makes the chunks (default: :func:`_chunk_builder`'s). Call inside a process group
+    (``single_rank_world``)."""
+    model = cfg.model
+    build = build or _chunk_builder(cfg, Tokens.of(model, 1, False))
     with meta_device():
-        whole = build(Chunk(0, 0, 0, model.student.num_layers, True, True), config)
+        whole = build(Chunk(0, 0, 0, model.student.num_layers, True, True),
+                      _whole(cfg, model.student))
         teachers = None
         if cfg.stage == 1:
-            teachers = Stage1Teachers(model, *(
-                transformer_config(getattr(model, name), one_rank, train, pipelined=False,
-                                   sequence_parallel=False) for name in ("clip_teacher", "mae_teacher")),
-                None)
+            teachers = Stage1Teachers(model, _whole(cfg, model.clip_teacher),
+                                      _whole(cfg, model.mae_teacher), None)
     return whole, teachers
 
 
@@ -102,8 +104,8 @@ def describe(cfg: Config, world_size: int | None = None) -> dict:
     tokens = Tokens.of(model, par.tp, par.sp)
     counts = split_layers(model.student.num_layers, par.pp, par.vpp, par.pipeline_layout)
     with single_rank_world():
-        whole, teachers = meta_models(cfg)
-        build = _chunk_builder(cfg, tokens)
+        build = _chunk_builder(cfg, tokens)  # parameters do not depend on the token count
+        whole, teachers = meta_models(cfg, build)
         with meta_device():
             stages = [[build(chunk, whole.config) for chunk in chunks_of(rank, counts, par.pp)]
                       for rank in range(par.pp)]
