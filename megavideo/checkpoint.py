@@ -299,9 +299,6 @@ class Checkpointer:
             return 0
         path = resolve(self.cfg.checkpoint.load)
         if (path / "metadata.json").is_file():
-            meta = dist_checkpointing.load_common_state_dict(str(path))["meta"]
-            if meta["config"].get("stage", 1) < self.cfg.stage:
-                return self.load_video_encoder(path, meta)
             return self.load(path, weights_only=True)
         teachers = Path(self.cfg.checkpoint.load) / "teachers"
         if not teachers.is_dir():
@@ -315,6 +312,8 @@ class Checkpointer:
         if not (path / "metadata.json").is_file():
             raise ConfigError(f"{path} is not a MegaVideo checkpoint (no metadata.json).")
         meta = dist_checkpointing.load_common_state_dict(str(path))["meta"]
+        if weights_only and meta["config"].get("stage", 1) < self.cfg.stage:
+            return self.load_video_encoder(path, meta)  # an earlier stage's checkpoint
         other = OTHER_STAGES_SECTIONS[self.cfg.stage]
         saved_model = {k: v for k, v in meta["config"]["model"].items() if k not in other}
         current = {k: v for k, v in self.cfg.to_dict()["model"].items() if k not in other}
