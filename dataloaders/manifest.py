@@ -31,6 +31,7 @@ from dataloaders.pyav_decode import timestamps
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".ts"}
 PATH_KEYS = ("video", "path", "filename", "file")
 CARRIED_KEYS = ("label", "text")  # plus every key naming a caption or speech (see _carried)
+QA_KEYS = ("QA", "qa")  # stage 3's instruction data: [{"i": ..., "q": ..., "a": ...}, ...]
 
 
 def _carried(row: dict) -> dict:
@@ -38,7 +39,7 @@ def _carried(row: dict) -> dict:
     speech transcript (keys containing ``caption`` or ``asr``: InternVideo2's ``caption``,
     ``captions``, ``selected_audio_caption``, ``asr_captions``, ``avs_captions``, ...)."""
     return {k: v for k, v in row.items()
-            if k in CARRIED_KEYS or "caption" in k or "asr" in k}
+            if k in CARRIED_KEYS or k in QA_KEYS or "caption" in k or "asr" in k}
 
 
 class ProbeError(Exception):
@@ -57,6 +58,12 @@ def _texts_of(value) -> list[str]:
     """The usable texts of a carried value: a non-blank string, or the non-blank strings of a list."""
     values = [value] if isinstance(value, str) else value if isinstance(value, list) else []
     return [v for v in values if isinstance(v, str) and v.strip()]
+
+
+def usable_qa(value) -> bool:
+    """A list of question-answer pairs, each with a string answer ``a``."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(p, dict) and isinstance(p.get("a"), str) for p in value)
 
 
 def _entries_of_rows(rows: Iterable[dict], root: Path) -> Iterator[Entry]:
@@ -280,7 +287,7 @@ class Manifest:
                 audio.append(bool(row.get("audio")))
                 carried = _carried(row)
                 for key, value in carried.items():
-                    if _texts_of(value):
+                    if _texts_of(value) or key in QA_KEYS and usable_qa(value):
                         with_text.setdefault(key, []).append(len(ends) - 1)
                 texts += json.dumps(carried).encode() if carried else b""
                 text_ends.append(len(texts))

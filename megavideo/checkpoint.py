@@ -30,12 +30,15 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing import ShardedObject
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
+from megavideo import hf_llm
 from megavideo.config import Config, ConfigError
 from megavideo.models.embedding import interpolate_frames
+from megavideo.models.lora import is_lora
 from megavideo.state import canonical_params
 from parallel import optimizer_state
 from parallel.checkpointing import assemble, sharded_tensors
 from parallel.distributed import device
+from parallel.tensors import take_shard, whole_shape
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +48,12 @@ _MAIN = (0, 0, 0)
 VIDEO_ENCODER = ("embed", "blocks", "pool")  # what a later stage takes from an earlier one
 SHAPELESS = {"preset", "mask_ratio", "drop_path"}  # model keys that change no tensor
 # model config sections a stage does not build (a checkpoint is compared without them)
+_STAGE3 = {"llm", "qformer", "video_frozen"}
 OTHER_STAGES_SECTIONS = {
-    1: {"text", "audio", "objectives", "llm"},
-    2: {"clip_teacher", "mae_teacher", "clip_layers", "mae_layers", "loss_weights", "llm"},
+    1: {"text", "audio", "objectives"} | _STAGE3,
+    2: {"clip_teacher", "mae_teacher", "clip_layers", "mae_layers", "loss_weights"} | _STAGE3,
+    3: {"clip_teacher", "mae_teacher", "clip_layers", "mae_layers", "loss_weights", "text",
+        "audio", "objectives", "mask_ratio"},
 }
 
 
@@ -175,9 +181,13 @@ class Checkpointer:
 
     # -- what goes in --------------------------------------------------------------------
 
+    def _coords(self, param) -> tuple[int, int]:
+        """(TP rank, TP size) of a parameter: stage 3's video encoder has its own."""
+        return getattr(param, "tp_coords", (self.tp_rank, self.tp))
+
     def _shards(self, key: str, param, local, index: int, copy: int, saving: bool,
                 dtype: torch.dtype | None = None) -> list:
-        shards = sharded_tensors(key, param, local, self.tp_rank, self.tp,
+        shards = sharded_tensors(key, param, local, *self._coords(param),
                                  (copy, (self.dp_rank - index) % self.dp), dtype)
         return [s for s in shards if s.replica_id == _MAIN] if saving else shards
 
@@ -295,6 +305,8 @@ class Checkpointer:
         resume = _rank0_decides(str(latest) if latest else "")
         if resume:
             return self.load(Path(resume), weights_only=False)
+        if self.cfg.model.llm.weights and self.cfg.stage == 3:
+            self.load_llm_weights(self.cfg.model.llm.weights)
         if not self.cfg.checkpoint.load:
             return 0
         path = resolve(self.cfg.checkpoint.load)
@@ -358,26 +370,47 @@ class Checkpointer:
                               f"{'; '.join(differences[:3])}.")
         frames = (saved["num_frames"] // saved["tubelet_size"],
                   self.cfg.model.student.num_frames // self.cfg.model.student.tubelet_size)
-        names = {name for name, _ in self.params if name.split(".")[0] in VIDEO_ENCODER}
+        # this stage's name -> the earlier stage's (stage 3 keeps the encoder under "video.")
+        names = {name: name.removeprefix("video.") for name, _ in self.params
+                 if name.removeprefix("video.").split(".")[0] in VIDEO_ENCODER}
         request = {}
         for index, (name, param) in enumerate(self.params):
             if name not in names:
                 continue
             local = None
-            if name == "embed.pos_embed" and frames[0] != frames[1]:
+            if names[name] == "embed.pos_embed" and frames[0] != frames[1]:
                 per_frame = (param.shape[0] - 1) // frames[1]
                 local = torch.empty(1 + per_frame * frames[0], param.shape[1], dtype=param.dtype)
-            request[name] = self._shards(checkpoint_key("student", name), param, local, index, 0,
-                                         saving=False)
+            request[name] = self._shards(checkpoint_key("student", names[name]), param, local,
+                                         index, 0, saving=False)
         loaded = dist_checkpointing.load({"model": request}, str(path))
-        pos = loaded["model"].get("embed.pos_embed")
-        if pos and frames[0] != frames[1]:
-            loaded["model"]["embed.pos_embed"] = [interpolate_frames(pos[0], *frames, True)]
-        self._apply(loaded, (), 0, names)
+        for name, saved in names.items():
+            pos = loaded["model"].get(name)
+            if saved == "embed.pos_embed" and pos and frames[0] != frames[1]:
+                loaded["model"][name] = [interpolate_frames(pos[0], *frames, True)]
+        self._apply(loaded, (), 0, set(names))
         log.info("loaded the video encoder of stage %d from %s (%d tensors, %d -> %d frames); "
                  "the rest of the stage-%d model starts fresh", meta["config"].get("stage", 1),
                  path, len(names), *frames, self.cfg.stage)
         return 0
+
+    def load_llm_weights(self, path: str) -> None:
+        """Import a Mistral-architecture checkpoint in the Hugging Face layout into this rank's
+        LLM shards (each rank reads only the tensors of its pipeline stage)."""
+        get = hf_llm.reader(path)
+        llm = self.cfg.model.llm
+        local = {}
+        for name, param in self.params:
+            if not name.startswith("llm.") or is_lora(name):
+                continue
+            full = hf_llm.to_megatron(name, [get(k) for k in hf_llm.hf_keys(name)], llm)
+            expected = whole_shape(param, self._coords(param)[1])
+            if tuple(full.shape) != expected:
+                raise ConfigError(f"model.llm.weights: {name} is {tuple(full.shape)} in {path} "
+                                  f"but the model.llm config makes it {expected}.")
+            local[name] = [take_shard(param, full.float(), *self._coords(param))]
+        self._apply({"model": local}, (), 0, set(local))
+        log.info("imported %d LLM tensors from %s", len(local), path)
 
     def _apply(self, loaded: dict, states: tuple[str, ...], step: int,
                only: set[str] | None = None) -> None:
@@ -387,7 +420,8 @@ class Checkpointer:
                 if only is not None and name not in only:
                     continue
                 # a rank holding only padding heads loads nothing for them
-                weights = assemble(param, loaded.get("model", {}).get(name, []), self.tp_rank)
+                tp_rank = self._coords(param)[0]
+                weights = assemble(param, loaded.get("model", {}).get(name, []), tp_rank)
                 param.copy_(weights.to(param.dtype))
                 slot = slots.get(id(param))
                 if slot is None:
@@ -396,7 +430,7 @@ class Checkpointer:
                     optimizer_state.scatter(slot, "main", weights.float(), step)
                 for state in states:
                     shards = loaded.get("optimizer", {}).get(state, {}).get(name, [])
-                    full = assemble(param, shards, self.tp_rank)
+                    full = assemble(param, shards, tp_rank)
                     optimizer_state.scatter(slot, state, full.float(), step)
 
     def _load_teachers(self, path: Path) -> None:

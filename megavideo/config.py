@@ -133,6 +133,33 @@ class LLMConfig:
     max_positions: int = 2048
     rope_base: float = 1000000.0
     norm_eps: float = 1e-5
+    tokenizer: str = ""  # a Hugging Face tokenizer.json (Mistral's, or any with <s> and </s>)
+    max_length: int = 256  # tokens per sequence, the video's query tokens included (padded)
+    tuning: str = "full"  # full | lora | frozen
+    lora_rank: int = 16  # LoRA on the attention projections (linear_qkv, linear_proj)
+    lora_alpha: float = 32.0
+    weights: str = ""  # Hugging Face safetensors (a file or a folder) imported at start-up
+
+
+@dataclass
+class QFormerConfig(PostNormEncoderConfig):
+    """Stage 3's bridge: a BERT-base-shaped QFormer whose learned queries cross-attend to the
+    video encoder's penultimate-layer tokens (every ``cross_attention_every``-th layer, from the
+    first), projected into the LLM's width."""
+
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp_hidden_size: int = 3072
+    norm_eps: float = 1e-12
+    num_queries: int = 32
+    extra_queries: int = 64
+    cross_attention_every: int = 2
+    frozen: bool = False
+
+    @property
+    def queries(self) -> int:
+        return self.num_queries + self.extra_queries
 
 
 @dataclass
@@ -157,7 +184,7 @@ class ObjectivesConfig:
 class ModelConfig:
     """The model of the run's stage. Stage 1: the student, the two frozen teachers and the
     aligners between them. Stage 2: the student as video encoder, the text and audio encoders and
-    the objectives."""
+    the objectives. Stage 3: the student as video encoder, the QFormer and the LLM decoder."""
 
     preset: str = ""
     student: ViTConfig = field(default_factory=ViTConfig)
@@ -172,6 +199,8 @@ class ModelConfig:
     audio: AudioConfig = field(default_factory=AudioConfig)
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    video_frozen: bool = False  # stage 3: freeze the video encoder
 
 
 @dataclass
@@ -182,6 +211,13 @@ class ParallelConfig:
     sp: bool = False
     distributed_optimizer: bool = False
     pipeline_layout: list[int] = field(default_factory=list)  # layers per virtual stage, optional
+    # stage 3: the video encoder and QFormer's TP degree on the LLM's first pipeline stage
+    # (0: parallel.tp); it divides parallel.tp, the rest of the TP group splits the clips
+    encoder_tp: int = 0
+
+    @property
+    def encoder_tp_size(self) -> int:
+        return self.encoder_tp or self.tp
 
 
 @dataclass
@@ -238,7 +274,7 @@ class RunConfig:
 
 @dataclass
 class Config:
-    stage: int = 1  # 1: distillation from the teachers; 2: video-audio-text alignment
+    stage: int = 1  # 1: distillation from the teachers; 2: video-audio-text alignment; 3: chat
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -358,7 +394,7 @@ def _resolve_preset(raw: dict, config_dir: Path) -> dict:
     if model.get("preset"):
         preset = _preset_file(model["preset"], "model", config_dir)
         model = _merge(preset.get("model", preset), model)
-    for section in ("text", "audio", "llm"):
+    for section in ("text", "audio", "llm", "qformer"):
         sub = model.get(section)
         if isinstance(sub, dict) and sub.get("preset"):
             preset = _preset_file(sub["preset"], section, config_dir)
@@ -517,6 +553,53 @@ def _validate_stage2(model: ModelConfig, tp: int) -> None:
                           "positive.")
 
 
+TUNINGS = ("full", "lora", "frozen")
+
+
+def _validate_stage3(config: Config) -> None:
+    par, model, train = config.parallel, config.model, config.train
+    llm, qformer, etp = model.llm, model.qformer, par.encoder_tp_size
+    if par.tp % etp:
+        raise ConfigError(f"parallel.encoder_tp ({etp}) must divide parallel.tp ({par.tp}).")
+    if train.micro_batch % (par.tp // etp):
+        raise ConfigError(f"train.micro_batch ({train.micro_batch}) must be a multiple of "
+                          f"parallel.tp / parallel.encoder_tp ({par.tp // etp}): each video "
+                          "encoder group takes its share of the micro-batch.")
+    if llm.hidden_size % llm.num_heads or llm.num_heads % llm.num_kv_heads:
+        raise ConfigError(f"model.llm.num_heads ({llm.num_heads}) must divide hidden_size "
+                          f"({llm.hidden_size}) and be a multiple of num_kv_heads "
+                          f"({llm.num_kv_heads}).")
+    for name in ("num_kv_heads", "mlp_hidden_size", "vocab_size"):
+        if getattr(llm, name) % par.tp:
+            raise ConfigError(f"model.llm.{name} ({getattr(llm, name)}) must be divisible by "
+                              f"parallel.tp ({par.tp}).")
+    if llm.tuning not in TUNINGS:
+        raise ConfigError(f"model.llm.tuning must be one of {', '.join(TUNINGS)}, got "
+                          f"'{llm.tuning}'.")
+    if llm.lora_rank < 1 or llm.lora_rank % par.tp:
+        raise ConfigError(f"model.llm.lora_rank ({llm.lora_rank}) must be positive and divisible "
+                          f"by parallel.tp ({par.tp}).")
+    if not llm.tokenizer or not Path(llm.tokenizer).is_file():
+        raise ConfigError(f"model.llm.tokenizer must name a tokenizer.json file, got "
+                          f"'{llm.tokenizer}'.")
+    if llm.weights and not Path(llm.weights).exists():
+        raise ConfigError(f"model.llm.weights: no such file or folder {llm.weights}.")
+    if not qformer.queries + 8 <= llm.max_length <= llm.max_positions:
+        raise ConfigError(f"model.llm.max_length ({llm.max_length}) must leave room for the "
+                          f"{qformer.queries} video queries and a question and stay within "
+                          f"max_positions ({llm.max_positions}).")
+    if par.sp and llm.max_length % par.tp:
+        raise ConfigError(f"model.llm.max_length ({llm.max_length}) must be divisible by "
+                          f"parallel.tp ({par.tp}) with sequence parallelism.")
+    _validate_encoder(qformer, "qformer", etp)
+    if qformer.cross_attention_every < 1 or qformer.num_queries < 1 or qformer.extra_queries < 0:
+        raise ConfigError("model.qformer: cross_attention_every and num_queries must be positive, "
+                          "extra_queries >= 0.")
+    if model.student.num_layers < 2:
+        raise ConfigError("stage 3 reads the video encoder's penultimate layer: "
+                          "model.student.num_layers must be at least 2.")
+
+
 def validate(config: Config, world_size: int | None = None) -> None:
     """Raise ConfigError for the first rule the config breaks; world_size is checked when given."""
     par, model, train = config.parallel, config.model, config.train
@@ -528,11 +611,16 @@ def validate(config: Config, world_size: int | None = None) -> None:
     if par.sp and par.tp < 2:
         raise ConfigError("parallel.sp (sequence parallelism) needs parallel.tp >= 2.")
     student = model.student
+    if config.stage not in (1, 2, 3):
+        raise ConfigError(f"stage must be 1, 2 or 3, got {config.stage}.")
+    # stages 1 and 2 pipeline the video encoder, stage 3 the LLM decoder
+    piped, layers = ("LLM", model.llm.num_layers) if config.stage == 3 else \
+        ("student", student.num_layers)
     chunks = par.pp * par.vpp
-    if chunks > student.num_layers:
+    if chunks > layers:
         raise ConfigError(
-            f"{chunks} pipeline stages (pp={par.pp} x vpp={par.vpp}) exceed the student's "
-            f"{student.num_layers} layers."
+            f"{chunks} pipeline stages (pp={par.pp} x vpp={par.vpp}) exceed the {piped}'s "
+            f"{layers} layers."
         )
     if par.pipeline_layout:
         if len(par.pipeline_layout) != chunks or min(par.pipeline_layout) < 1:
@@ -540,28 +628,32 @@ def validate(config: Config, world_size: int | None = None) -> None:
                 f"parallel.pipeline_layout must list {chunks} positive layer counts "
                 f"(one per virtual stage), got {par.pipeline_layout}."
             )
-        if sum(par.pipeline_layout) != student.num_layers:
+        if sum(par.pipeline_layout) != layers:
             raise ConfigError(
                 f"parallel.pipeline_layout sums to {sum(par.pipeline_layout)} layers but the "
-                f"student has {student.num_layers}."
+                f"{piped} has {layers}."
             )
-    if config.stage not in (1, 2):
-        raise ConfigError(f"stage must be 1 or 2, got {config.stage}.")
-    _validate_vit(student, "student", par.tp)
+    if par.encoder_tp < 0 or (par.encoder_tp and config.stage != 3):
+        raise ConfigError("parallel.encoder_tp is a stage-3 setting (the video encoder's own "
+                          "TP degree), >= 0.")
+    student_tp = par.encoder_tp_size
+    _validate_vit(student, "student", student_tp)
     if not student.pool_heads:
         raise ConfigError("model.student.pool_heads must be set: every stage needs the attention "
                           "pool.")
-    if student.hidden_size % par.tp:
+    if student.hidden_size % student_tp:
         raise ConfigError(
             f"model.student.hidden_size ({student.hidden_size}) must be divisible by "
-            f"parallel.tp ({par.tp})."
+            f"the video encoder's tp ({student_tp})."
         )
     if not 0.0 <= model.mask_ratio < 1.0:
         raise ConfigError(f"model.mask_ratio must be in [0, 1), got {model.mask_ratio}.")
     if config.stage == 1:
         _validate_stage1(model, par.tp)
-    else:
+    elif config.stage == 2:
         _validate_stage2(model, par.tp)
+    else:
+        _validate_stage3(config)
     if train.precision not in ("fp32", "bf16"):
         raise ConfigError(f"train.precision must be fp32 or bf16, got '{train.precision}'.")
     if train.recompute not in ("none", "selective", "full"):
@@ -653,6 +745,7 @@ __all__ = [
     "ModelConfig",
     "ObjectivesConfig",
     "ParallelConfig",
+    "QFormerConfig",
     "RunConfig",
     "TextConfig",
     "TrainConfig",

@@ -15,7 +15,7 @@ import torch
 from dataloaders import dali
 from dataloaders.audio import AudioSpec
 from dataloaders.loader import Clips, DataError, Feed
-from dataloaders.manifest import Manifest
+from dataloaders.manifest import QA_KEYS, Manifest
 from dataloaders.sampling import Sampling
 from megavideo.config import Config, ConfigError, DataConfig
 
@@ -45,13 +45,15 @@ def check(cfg: Config) -> Manifest | None:
         raise ConfigError(f"data.manifest: {e}.") from None
     if not len(manifest):
         raise ConfigError(f"data.manifest {data.manifest} lists no clips.")
-    if cfg.stage == 2:
-        uncaptioned = manifest.without_text(data.captions)
+    if cfg.stage > 1:
+        keys = data.captions if cfg.stage == 2 else list(QA_KEYS)
+        uncaptioned = manifest.without_text(keys)
         if len(uncaptioned):
             first = int(uncaptioned[0])
             raise ConfigError(
                 f"{len(uncaptioned)} of {len(manifest)} clips of data.manifest {data.manifest} "
-                f"have no caption under data.captions={data.captions} (e.g. "
+                f"have no {'caption' if cfg.stage == 2 else 'question-answer pair'} under "
+                f"{'data.captions=' if cfg.stage == 2 else 'the keys '}{keys} (e.g. "
                 f"{manifest.path(first)}, keys {sorted(manifest.texts(first))}).")
     if data.backend != "dali":
         return manifest

@@ -1,7 +1,8 @@
 """The model as one layout-independent state: canonical names, whole unpadded tensors.
 
 A parameter's canonical name is its name in the single-rank model: DDP's ``module.`` prefix
-dropped and the block index made global (``blocks.layers.<global layer>``). Copies of a tied
+dropped and the layer index made global (``blocks.layers.<global layer>``, the stage-3 LLM's
+``llm.decoder.layers.<global layer>``). Copies of a tied
 parameter report under one name (the last chunk's copy). Used by the parity tests, and by
 checkpoint conversion.
 """
@@ -15,7 +16,7 @@ from megatron.core import parallel_state
 
 from parallel.tensors import gather_full, take_shard
 
-_LAYER = re.compile(r"^blocks\.layers\.(\d+)\.")
+_LAYER = re.compile(r"^((?:.*\.)?(?:blocks|decoder)\.layers)\.(\d+)\.")
 
 
 def _unwrap(module):
@@ -30,8 +31,9 @@ def canonical_params(chunks) -> list[tuple[str, torch.nn.Parameter]]:
         for name, param in model.named_parameters():
             match = _LAYER.match(name)
             if match:
-                layer = model.blocks.layers[int(match.group(1))].layer_number - 1
-                name = f"blocks.layers.{layer}." + name[match.end():]
+                stack, index = match.groups()
+                layer = model.get_submodule(f"{stack}.{index}").layer_number - 1
+                name = f"{stack}.{layer}." + name[match.end():]
             out.append((name, param))
     return out
 
@@ -48,7 +50,8 @@ def full_state(chunks, grads: bool = False) -> dict[str, torch.Tensor]:
         if getattr(param, "shared", False) and name in state or grads and not param.requires_grad:
             continue
         local = param.main_grad if grads else param.data
-        state[name] = gather_full(param, local, tp_group).detach().float().cpu().clone()
+        group = getattr(param, "tp_group", tp_group)  # stage 3's video encoder: its own group
+        state[name] = gather_full(param, local, group).detach().float().cpu().clone()
     return state
 
 
@@ -61,4 +64,5 @@ def load_full_state(chunks, state: dict[str, torch.Tensor]) -> None:
         raise KeyError(f"the state lacks {len(missing)} parameters, e.g. {missing[:3]}")
     with torch.no_grad():
         for name, param in canonical_params(chunks):
-            param.copy_(take_shard(param, state[name].to(param.dtype), tp_rank, tp))
+            rank, size = getattr(param, "tp_coords", (tp_rank, tp))
+            param.copy_(take_shard(param, state[name].to(param.dtype), rank, size))

@@ -23,12 +23,13 @@ from megavideo.config import Config, validate_world
 from megavideo.metrics import MetricsWriter
 from megavideo.stages.stage1 import Stage1
 from megavideo.stages.stage2 import Stage2
+from megavideo.stages.stage3 import Stage3
 from parallel.comm import all_reduce_tied_grads
 from parallel.distributed import detect_launch, device, init_distributed, init_model_parallel
 
 log = logging.getLogger(__name__)
 
-STAGES = {1: Stage1, 2: Stage2}
+STAGES = {1: Stage1, 2: Stage2, 3: Stage3}
 
 
 def _no_weight_decay() -> dict:
@@ -86,21 +87,26 @@ class Trainer:
         self.manifest: Manifest | None = None
 
     def _finalize_grads(self, model, num_tokens=None, **kwargs) -> None:
+        self.stage.finish_grads()
         finalize_model_grads(model, num_tokens, **kwargs)
         all_reduce_tied_grads([c.module for c in model], self.stage.tied, self.pp_group, self.device)
 
     def forward_backward(self, step: int, forward_only: bool = False) -> dict[str, float]:
         """Run the schedule over this step's micro-batches; returns the loss terms of the step
-        (averaged over micro-batches and data-parallel ranks, summed over pipeline stages)."""
+        (averaged over micro-batches and data-parallel ranks, summed over pipeline stages; a
+        per-token loss is its sum over the step's tokens divided by their count)."""
         stage = self.stage
         batches = stage.micro_batches(step)
         terms_names = stage.TERMS
-        sums = torch.zeros(len(terms_names), dtype=torch.float64)
+        summed = terms_names + (("tokens",) if stage.PER_TOKEN else ())
+        sums = torch.zeros(len(summed), dtype=torch.float64)
 
         def forward_step(data_iterator, model):
             output, terms = model(next(data_iterator))
             for name, value in terms.items():
-                sums[terms_names.index(name)] += value.double().item()
+                sums[summed.index(name)] += value.double().item()
+            if stage.PER_TOKEN:
+                return output, lambda out: (out, terms["tokens"].to(torch.int), {})
             return output, lambda out: (out, {})
 
         single = len(self.chunks) == 1
@@ -110,18 +116,22 @@ class Trainer:
             data_iterator=iterators[0] if single else iterators,
             model=self.chunks[0] if single else self.chunks,
             num_microbatches=stage.num_microbatches,
-            seq_length=stage.tokens.length,
+            seq_length=stage.seq_length,
             micro_batch_size=self.cfg.train.micro_batch,
             forward_only=forward_only,
         )
-        sums /= stage.num_microbatches
+        if not stage.PER_TOKEN:
+            sums /= stage.num_microbatches
         self.locally_finite = bool(torch.isfinite(sums).all())
         # the data counts (skipped, attempts) ride along: TP peers hold the same, others zeros
         totals = torch.cat([sums, stage.take_data_counts()]).to(self.device)
         dist.all_reduce(totals, group=self.pp_group)
         dist.all_reduce(totals, group=self.dp_group)
         totals = totals.cpu()
-        sums = totals[: len(terms_names)] / parallel_state.get_data_parallel_world_size()
+        if stage.PER_TOKEN:
+            sums = totals[: len(terms_names)] / totals[len(terms_names)].clamp(min=1)
+        else:
+            sums = totals[: len(terms_names)] / parallel_state.get_data_parallel_world_size()
         weights = stage.loss_weights
         terms = {f"loss/{name}": float(v) for name, v in zip(terms_names, sums, strict=True)
                  if weights[name]}
@@ -129,7 +139,7 @@ class Trainer:
                                                                         strict=True)))
         if self.cfg.data.source == "manifest":
             terms["data/skipped"], terms["data/attempts"] = (
-                int(v) for v in totals[len(terms_names):])
+                int(v) for v in totals[len(summed):])
         return terms
 
     def data_state(self) -> dict:

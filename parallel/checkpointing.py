@@ -6,6 +6,7 @@ A checkpoint stores every tensor in its single-rank shape, so it loads at any (t
 - a parameter of attention heads (``head_padding``, see :mod:`parallel.tensors`) is one shard per
   *real* head, global shape ``[real heads, *one head's slice]``: zero padding heads are never
   written, and the same file loads whatever padding the new tp needs;
+- a gated MLP's [gate; up] projection (``glu``) is stored as [2, rows, ...], split along the rows;
 - anything else is replicated over the TP group.
 
 Replica ids are ``(pipeline copy, TP replica, DP replica)``; the shard with all zeros writes. Tied
@@ -54,6 +55,10 @@ def sharded_tensors(
                 replica_id=(copy, 0, dp_replica), prepend_axis_num=1)
             for head, offset in _head_slices(param, tp_rank)
         ]
+    if getattr(param, "glu", False):
+        halves = local.reshape(2, local.shape[0] // 2, *local.shape[1:])
+        return [ShardedTensor.from_rank_offsets(key, halves, (1, tp_rank, tp),
+                                                replica_id=(copy, 0, dp_replica))]
     if is_tp_split(param) and tp > 1:
         return [ShardedTensor.from_rank_offsets(key, local, (param.partition_dim, tp_rank, tp),
                                                 replica_id=(copy, 0, dp_replica))]
@@ -63,7 +68,7 @@ def sharded_tensors(
 def assemble(param: torch.nn.Parameter, loaded: list[torch.Tensor], tp_rank: int) -> torch.Tensor:
     """The local tensor from what :func:`sharded_tensors` loaded (padding heads are zeros)."""
     if getattr(param, "head_padding", None) is None:
-        return loaded[0]
+        return loaded[0].reshape(param.shape)
     dim, rows, _ = param.head_padding
     out = torch.zeros(param.shape, dtype=loaded[0].dtype if loaded else param.dtype)
     for (_, offset), chunk in zip(_head_slices(param, tp_rank), loaded, strict=True):

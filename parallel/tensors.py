@@ -3,7 +3,8 @@
 Tensor-parallel parameters carry megatron-core's ``tensor_model_parallel``/``partition_dim``
 attributes. Parameters of padded attention heads also carry ``head_padding = (dim, rows per head,
 real heads)``: along ``dim`` the first ``real heads x rows per head`` entries are real, the rest
-belong to zero padding heads.
+belong to zero padding heads. A gated MLP's fused input projection [gate; up] carries ``glu``:
+each TP rank holds [its gate rows; its up rows], so it is split per half.
 """
 
 from __future__ import annotations
@@ -43,8 +44,23 @@ def gather_full(param: torch.nn.Parameter, local: torch.Tensor, tp_group) -> tor
     if is_tp_split(param) and tp > 1:
         parts = [torch.empty_like(local) for _ in range(tp)]
         dist.all_gather(parts, local.contiguous(), group=tp_group)
+        if getattr(param, "glu", False):
+            halves = [p.chunk(2, dim=param.partition_dim) for p in parts]
+            return torch.cat([h[0] for h in halves] + [h[1] for h in halves],
+                             dim=param.partition_dim)
         local = torch.cat(parts, dim=param.partition_dim)
     return unpad_heads(param, local)
+
+
+def whole_shape(param: torch.nn.Parameter, tp: int) -> tuple[int, ...]:
+    """The single-rank shape of a parameter (TP shards joined, padding heads removed)."""
+    shape = list(param.shape)
+    if is_tp_split(param):
+        shape[param.partition_dim] *= tp
+    padding = getattr(param, "head_padding", None)
+    if padding is not None:
+        shape[padding[0]] = padding[1] * padding[2]
+    return tuple(shape)
 
 
 def take_shard(param: torch.nn.Parameter, full: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
@@ -52,6 +68,9 @@ def take_shard(param: torch.nn.Parameter, full: torch.Tensor, tp_rank: int, tp: 
     if not is_tp_split(param):
         return full
     dim = param.partition_dim
+    if getattr(param, "glu", False):
+        return torch.cat([half.chunk(tp, dim=dim)[tp_rank] for half in full.chunk(2, dim=dim)],
+                         dim=dim)
     padded = pad_heads(param, full, param.shape[dim] * tp)
     return padded.chunk(tp, dim=dim)[tp_rank]
 

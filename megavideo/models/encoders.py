@@ -1,7 +1,7 @@
 """Post-norm transformer layers (BERT, BEATs) on megatron-core's layer and its submodules.
 
     x = norm1(a x + attn(x))                   self-attention
-    x = norm2(x + cross(x, memory))            cross-attention, in BERT's fusion layers only
+    x = norm2(x + cross(x, memory))            cross-attention (BERT's fusion layers, the QFormer's)
     x = norm3(a x + mlp(x))
 
 ``a`` is DeepNorm's residual scale (BEATs: (2 N)^(1/4); 1 for BERT). megatron-core's layer is
@@ -11,8 +11,11 @@ map one to one.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import nn
@@ -23,6 +26,10 @@ from megavideo.models.specs import ViTTransformerConfig, post_norm_layer_spec
 
 class PostNormLayer(TransformerLayer):
     """One post-norm encoder layer (see the module docstring)."""
+
+    @property
+    def crosses(self) -> bool:
+        return not isinstance(self.cross_attention, IdentityOp)
 
     def _add(self, x: torch.Tensor, out_with_bias, scale: float) -> torch.Tensor:
         out, bias = out_with_bias
@@ -35,7 +42,7 @@ class PostNormLayer(TransformerLayer):
         a = self.config.residual_scale
         x = self.input_layernorm(self._add(
             hidden_states, self.self_attention(hidden_states, attention_mask=attention_mask), a))
-        if context is not None:
+        if context is not None and self.crosses:
             x = self.pre_cross_attn_layernorm(self._add(
                 x, self.cross_attention(x, attention_mask=context_mask, key_value_states=context),
                 1.0))
@@ -43,17 +50,17 @@ class PostNormLayer(TransformerLayer):
 
 
 class EncoderLayers(nn.Module):
-    """``enc.num_layers`` post-norm layers; those from ``first_cross`` on cross-attend to
+    """``enc.num_layers`` post-norm layers; those in ``cross_layers`` cross-attend to
     ``cross_width``-wide memory tokens. Run any contiguous range of them (BERT's text and fusion
     modes); full recomputation checkpoints each layer."""
 
-    def __init__(self, enc: EncoderConfig, config: ViTTransformerConfig, first_cross: int | None = None,
-                 cross_width: int = 0) -> None:
+    def __init__(self, enc: EncoderConfig, config: ViTTransformerConfig,
+                 cross_layers: Collection[int] = (), cross_width: int = 0,
+                 pg_collection=None) -> None:
         super().__init__()
-        first_cross = enc.num_layers if first_cross is None else first_cross
         self.layers = nn.ModuleList(
-            build_module(post_norm_layer_spec(enc, cross_width if i >= first_cross else 0),
-                         config=config, layer_number=i + 1)
+            build_module(post_norm_layer_spec(enc, cross_width if i in cross_layers else 0),
+                         config=config, layer_number=i + 1, pg_collection=pg_collection)
             for i in range(enc.num_layers))
         self.recompute = config.recompute_granularity == "full"
 

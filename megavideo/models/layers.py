@@ -59,12 +59,13 @@ class FullWidthQKNorm(nn.Module):
     by the real width (heads before padding x head dim).
     """
 
-    def __init__(self, config, hidden_size: int, eps: float = 1e-6) -> None:
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6, tp_group=None) -> None:
         super().__init__()
         from megatron.core import parallel_state
 
         del hidden_size  # megatron-core passes the per-head size; this norm spans all heads
-        self.tp_group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
+        self.tp_group = tp_group or parallel_state.get_tensor_model_parallel_group(
+            check_initialized=False)
         tp = group_size(self.tp_group)
         self.heads = config.num_attention_heads // tp
         self.head_dim = config.kv_channels

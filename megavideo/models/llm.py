@@ -5,7 +5,10 @@
 
 megatron-core's GPT layer spec (its Transformer Engine spec on a GPU with TE, else its local spec)
 with this codebase's fp32-compute RMSNorm in the local spec's norm slots (megatron-core's
-fallback norm refuses sequence parallelism).
+fallback norm refuses sequence parallelism). With ``model.llm.tuning=lora`` the attention's
+``linear_qkv`` and ``linear_proj`` carry LoRA adapters (:mod:`megavideo.models.lora`; on the TE
+spec these two are megatron-core's own parallel linears after TE's norm, so the adapter sees the
+normed input).
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from kernels.backends import layer_backend
 from kernels.norms import RMSNorm
 from megavideo.config import LLMConfig, ParallelConfig, TrainConfig
-from megavideo.models.specs import run_settings
+from megavideo.models.lora import LoRAColumnParallelLinear, LoRARowParallelLinear
+from megavideo.models.specs import pipeline_settings, run_settings
 
 
 def llm_config(llm: LLMConfig, parallel: ParallelConfig, train: TrainConfig) -> TransformerConfig:
@@ -35,7 +40,7 @@ def llm_config(llm: LLMConfig, parallel: ParallelConfig, train: TrainConfig) -> 
         ffn_hidden_size=llm.mlp_hidden_size,
         kv_channels=llm.hidden_size // llm.num_heads,
         tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
+        **pipeline_settings(llm.num_layers, parallel, pipelined=True),
         sequence_parallel=parallel.sp and parallel.tp > 1,
         normalization="RMSNorm",
         layernorm_epsilon=llm.norm_eps,
@@ -47,24 +52,42 @@ def llm_config(llm: LLMConfig, parallel: ParallelConfig, train: TrainConfig) -> 
     )
 
 
+def _lora_spec(lora: type, llm: LLMConfig) -> ModuleSpec:
+    return ModuleSpec(module=lora, params={"rank": llm.lora_rank, "alpha": llm.lora_alpha})
+
+
 def llm_block_spec(llm: LLMConfig) -> TransformerBlockSubmodules:
     """Every layer's spec and the final norm, for the backend this process runs."""
     if layer_backend() == "te":
         from megatron.core.extensions.transformer_engine import TENorm
 
         layer = get_gpt_layer_with_transformer_engine_spec()
-        return TransformerBlockSubmodules(layer_specs=[layer] * llm.num_layers, layer_norm=TENorm)
-    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
-    layer.submodules.input_layernorm = RMSNorm
-    layer.submodules.pre_mlp_layernorm = RMSNorm
-    return TransformerBlockSubmodules(layer_specs=[layer] * llm.num_layers, layer_norm=RMSNorm)
+        norm = TENorm
+        if llm.tuning == "lora":  # the adapter needs the normed input: norm and qkv unfused
+            layer.submodules.input_layernorm = TENorm
+    else:
+        layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+        layer.submodules.input_layernorm = RMSNorm
+        layer.submodules.pre_mlp_layernorm = RMSNorm
+        norm = RMSNorm
+    if llm.tuning == "lora":
+        attention = layer.submodules.self_attention.submodules
+        attention.linear_qkv = _lora_spec(LoRAColumnParallelLinear, llm)
+        attention.linear_proj = _lora_spec(LoRARowParallelLinear, llm)
+    return TransformerBlockSubmodules(layer_specs=[layer] * llm.num_layers, layer_norm=norm)
 
 
 def build_llm(llm: LLMConfig, config: TransformerConfig, pre_process: bool = True,
-              post_process: bool = True, vp_stage: int | None = None) -> GPTModel:
-    """The decoder (or this pipeline stage's part of it)."""
-    return GPTModel(config, llm_block_spec(llm), vocab_size=llm.vocab_size,
+              post_process: bool = True, vp_stage: int | None = None,
+              scatter_embedding: bool = True) -> GPTModel:
+    """The decoder (or this pipeline stage's part of it). ``scatter_embedding=False`` leaves
+    the embedding's output whole under SP, for a caller that inserts other tokens first."""
+    model = GPTModel(config, llm_block_spec(llm), vocab_size=llm.vocab_size,
                     max_sequence_length=llm.max_positions, pre_process=pre_process,
                     post_process=post_process, parallel_output=True,
                     share_embeddings_and_output_weights=False, position_embedding_type="rope",
-                    rotary_base=int(llm.rope_base), vp_stage=vp_stage)
+                    rotary_base=int(llm.rope_base), vp_stage=vp_stage,
+                    scatter_embedding_sequence_parallel=scatter_embedding)
+    for layer in model.decoder.layers:
+        layer.mlp.linear_fc1.weight.glu = True  # [gate; up], split per half over TP
+    return model

@@ -78,6 +78,21 @@ def run_settings(train: TrainConfig) -> dict:
     )
 
 
+def pipeline_settings(num_layers: int, parallel: ParallelConfig, pipelined: bool) -> dict:
+    """TransformerConfig's pipeline fields for a stack of ``num_layers`` layers, split over the
+    pipeline as :func:`parallel.layout.split_layers` says (or whole when not ``pipelined``)."""
+    pp = parallel.pp if pipelined else 1
+    layout = None
+    if pp > 1:
+        layout = megatron_layout(split_layers(num_layers, pp, parallel.vpp,
+                                              parallel.pipeline_layout), pp)
+    return dict(
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp if pp > 1 and parallel.vpp > 1 else None,
+        pipeline_model_parallel_layout=layout,
+    )
+
+
 def transformer_config(
     vit: EncoderConfig,
     parallel: ParallelConfig,
@@ -89,11 +104,6 @@ def transformer_config(
     """The config of one encoder's layers. Only the video encoder is pipelined and runs with SP;
     the teachers and the text and audio encoders are whole on their pipeline stage."""
     heads = padded_heads(vit.num_heads, parallel.tp)
-    pp = parallel.pp if pipelined else 1
-    layout = None
-    if pp > 1:
-        counts = split_layers(vit.num_layers, pp, parallel.vpp, parallel.pipeline_layout)
-        layout = megatron_layout(counts, pp)
     recompute = {"none": None, "selective": "selective", "full": "full"}[train.recompute]
     return ViTTransformerConfig(
         num_layers=vit.num_layers,
@@ -102,9 +112,7 @@ def transformer_config(
         kv_channels=vit.head_dim,
         ffn_hidden_size=vit.mlp_hidden_size,
         tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=parallel.vpp if pp > 1 and parallel.vpp > 1 else None,
-        pipeline_model_parallel_layout=layout,
+        **pipeline_settings(vit.num_layers, parallel, pipelined),
         sequence_parallel=sequence_parallel and parallel.tp > 1,
         normalization="RMSNorm" if vit.norm == "rmsnorm" else "LayerNorm",
         layernorm_epsilon=vit.norm_eps,
@@ -137,11 +145,13 @@ class ColumnParallelLinearNoBias(ColumnParallelLinear):
         super().__init__(*args, bias=False, **kwargs)
 
 
-def vit_layer_spec(vit: ViTConfig, attn_mask_type: AttnMaskType) -> ModuleSpec:
-    """The ModuleSpec of one InternVideo2 block for the backend this process runs."""
+def vit_layer_spec(vit: ViTConfig, attn_mask_type: AttnMaskType, tp_group=None) -> ModuleSpec:
+    """The ModuleSpec of one InternVideo2 block for the backend this process runs (its q/k norm
+    spans the TP group ``tp_group``, by default megatron-core's)."""
     from megavideo.models.layers import FullWidthQKNorm, InternVideo2Block
 
-    qk_norm = FullWidthQKNorm if vit.qk_norm else None
+    qk_norm = ModuleSpec(module=FullWidthQKNorm, params={"tp_group": tp_group}) \
+        if vit.qk_norm else None
     if layer_backend() == "te":
         from megatron.core.extensions.transformer_engine import (
             TEDotProductAttention,

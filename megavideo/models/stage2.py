@@ -130,8 +130,8 @@ class Stage2Model(VideoChunk):
         if not self.post_process:
             return hidden, {}
         if batch.evaluate:
-            return hidden.new_zeros(()), self.embeddings(self._full(hidden), batch)
-        terms = self._losses(self._full(hidden), batch)
+            return hidden.new_zeros(()), self.embeddings(self.full_sequence(hidden), batch)
+        terms = self._losses(self.full_sequence(hidden), batch)
         loss = sum(self.weights[name] * value for name, value in terms.items())
         return loss, {k: v.detach() for k, v in terms.items()}
 

@@ -96,12 +96,12 @@ class Stage1Student(VideoChunk):
         model = self.model_config
         terms = {}
         visible = batch.visible.transpose(0, 1)  # [n, B]
-        clip = [cosine_loss(self.clip_aligners[str(k)](self._full(tapped[layer])
+        clip = [cosine_loss(self.clip_aligners[str(k)](self.full_sequence(tapped[layer])
                                                         + self.clip_pos_embed[visible]).transpose(0, 1),
                             batch.clip[k]) for layer, k in self.clip_at.items()]
         if clip:
             terms["clip"] = torch.stack(clip).sum() / model.clip_layers
-        mae = [cosine_loss(self.mae_aligners[str(k)](self._full(tapped[layer])[1:]
+        mae = [cosine_loss(self.mae_aligners[str(k)](self.full_sequence(tapped[layer])[1:]
                                                       + self.mae_pos_embed[visible[1:] - 1]).transpose(0, 1),
                            batch.mae[k]) for layer, k in self.mae_at.items()]
         if mae:
@@ -115,7 +115,7 @@ class Stage1Student(VideoChunk):
         hidden, tapped = self.encode(batch.video, batch.visible, batch.drop_u, taps)
         terms = self._aligner_losses(tapped, batch) if taps else {}
         if self.post_process:
-            pooled = self.pool(self._full(hidden))
+            pooled = self.pool(self.full_sequence(hidden))
             final = self.final_aligner(pooled[None])[0]
             terms["final"] = cosine_loss(final, batch.final)
         weights = dict(zip(("clip", "final", "mae"), self.model_config.loss_weights, strict=False))

@@ -52,7 +52,8 @@ class TextEncoder(MegatronModule):
         for table in (self.position_embeddings, self.token_type_embeddings):
             nn.init.normal_(table.weight, std=INIT_STD)
         self.embed_norm = LayerNorm(config, h, text.norm_eps)
-        self.layers = EncoderLayers(text, config, self.first_fusion, cross_width)
+        self.layers = EncoderLayers(text, config, range(self.first_fusion, text.num_layers),
+                                    cross_width)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, L] -> [L, B, H]."""

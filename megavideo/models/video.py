@@ -51,7 +51,7 @@ class VideoChunk(MegatronModule):
     """One pipeline chunk of the video encoder (see the module docstring)."""
 
     def __init__(self, model: ModelConfig, config: ViTTransformerConfig, chunk: Chunk, tokens: Tokens,
-                 tp_group) -> None:
+                 tp_group, pg_collection=None) -> None:
         super().__init__(config=config)
         student = model.student
         self.tokens = tokens
@@ -67,7 +67,7 @@ class VideoChunk(MegatronModule):
         vp_stage = chunk.vp_stage if config.virtual_pipeline_model_parallel_size else None
         self.blocks = block_stack(student, config, chunk.num_layers, padded=tokens.length > tokens.real,
                                   pre_process=self.pre_process, post_process=self.post_process,
-                                  vp_stage=vp_stage)
+                                  vp_stage=vp_stage, pg_collection=pg_collection)
         if self.post_process:
             self.pool = AttentionPool(without_sequence_parallel(config), student.hidden_size,
                                       student.pool_heads, student.pool_dim, model.aligner_norm_eps,
@@ -85,15 +85,15 @@ class VideoChunk(MegatronModule):
             x = torch.cat([x, pad])
         return to_sequence_parallel(x.contiguous(), self.tp_group, self.config.sequence_parallel)
 
-    def _full(self, hidden: torch.Tensor) -> torch.Tensor:
+    def full_sequence(self, hidden: torch.Tensor) -> torch.Tensor:
         """The whole, unpadded sequence on every TP rank: [n, B, C]."""
         full = from_sequence_parallel(hidden, self.tp_group, self.config.sequence_parallel)
         return full[: self.tokens.real]
 
-    def encode(self, video: torch.Tensor | None, visible: torch.Tensor | None, drop_u: torch.Tensor,
-               taps=()) -> tuple[torch.Tensor, dict]:
+    def encode(self, video: torch.Tensor | None, visible: torch.Tensor | None,
+               drop_u: torch.Tensor | None, taps=()) -> tuple[torch.Tensor, dict]:
         """This chunk's blocks on the embedded visible tokens (first chunk) or on the previous
         chunk's output; returns the hidden state [s(/tp), B, C] and the tapped layers' outputs."""
         hidden = self._embed(video, visible) if self.pre_process else self.input_tensor
-        mask = self.tokens.attention_mask(drop_u.shape[0], hidden.device)
+        mask = self.tokens.attention_mask(hidden.shape[1], hidden.device)
         return self.blocks(hidden, mask, drop_u, taps)

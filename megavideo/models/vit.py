@@ -23,15 +23,19 @@ def block_stack(
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: int | None = None,
+    pg_collection=None,
 ) -> BlockStack:
-    """``num_layers`` InternVideo2 blocks (the ones this rank holds), with the final norm if any."""
+    """``num_layers`` InternVideo2 blocks (the ones this rank holds), with the final norm if any;
+    ``pg_collection`` gives them other process groups than megatron-core's (stage 3)."""
     mask = AttnMaskType.padding if padded else AttnMaskType.no_mask
+    tp_group = pg_collection.tp if pg_collection is not None else None
     submodules = TransformerBlockSubmodules(
-        layer_specs=[vit_layer_spec(vit, mask)] * num_layers,
+        layer_specs=[vit_layer_spec(vit, mask, tp_group)] * num_layers,
         layer_norm=NORMS[vit.norm] if vit.final_norm else None,
     )
     return BlockStack(config, submodules, post_layer_norm=vit.final_norm,
-                      pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+                      pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
+                      pg_collection=pg_collection)
 
 
 class VisionTransformer(nn.Module):

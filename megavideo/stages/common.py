@@ -11,6 +11,7 @@ import time
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from dataloaders.manifest import Manifest
 from dataloaders.synthetic import generator
@@ -28,22 +29,20 @@ class PipelineStage:
     loss ``TERMS`` with their ``loss_weights``, and produce each step's ``micro_batches``."""
 
     TERMS: tuple[str, ...] = ()
+    PER_TOKEN = False  # the loss is a sum over tokens, normalised by the step's token count
 
     def __init__(self, cfg: Config, device: torch.device) -> None:
         self.cfg = cfg
         self.device = device
-        par, model = cfg.parallel, cfg.model
+        par = cfg.parallel
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.pp_group = parallel_state.get_pipeline_model_parallel_group()
         self.dp_group = parallel_state.get_data_parallel_group()
         self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp = parallel_state.get_data_parallel_world_size()
-        counts = split_layers(model.student.num_layers, par.pp, par.vpp, par.pipeline_layout)
+        counts, self.tokens, self.config = self.pipelined()
         self.layout = [chunks_of(r, counts, par.pp) for r in range(par.pp)]
-        self.tokens = Tokens.of(model, par.tp, par.sp)
-        self.config = transformer_config(model.student, par, cfg.train, pipelined=True,
-                                         sequence_parallel=par.sp)
         self.models: list[torch.nn.Module] = []
         self.teachers = None
         self.tied: dict[str, tuple[int, ...]] = {}
@@ -54,6 +53,23 @@ class PipelineStage:
         self.decodes = self.from_files and parallel_state.get_tensor_model_parallel_rank() == 0
         self._batches = None
         self._reported: set[str] = set()
+
+    def pipelined(self) -> tuple[list[int], Tokens, TransformerConfig]:
+        """The pipelined model's layers per virtual stage, the video encoder's token sequence
+        and the pipelined model's config: here (stages 1 and 2) the video encoder's."""
+        par, model = self.cfg.parallel, self.cfg.model
+        counts = split_layers(model.student.num_layers, par.pp, par.vpp, par.pipeline_layout)
+        config = transformer_config(model.student, par, self.cfg.train, pipelined=True,
+                                    sequence_parallel=par.sp)
+        return counts, Tokens.of(model, par.tp, par.sp), config
+
+    @property
+    def seq_length(self) -> int:
+        """The sequence length the pipeline passes between stages."""
+        return self.tokens.length
+
+    def finish_grads(self) -> None:
+        """Gradient reductions of this stage's own, before megatron-core's (none here)."""
 
     @property
     def num_microbatches(self) -> int:

@@ -1,0 +1,165 @@
+"""Stage 3: the LLM learns to talk about video (next-token prediction on instruction data).
+
+The LLM decoder is pipelined (``parallel.pp``/``vpp``, its own layer split) and tensor-parallel
+over ``parallel.tp`` with optional SP. The video encoder and the QFormer sit on the first pipeline
+stage, whole (not pipelined), tensor-parallel over ``parallel.encoder_tp`` ranks
+(:mod:`parallel.encoder_groups`): the first stage already holds the LLM's embedding only, so the
+encoder balances the last stage's output layer and loss, and its tokens never cross a pipeline
+link (only the LLM's hidden states do).
+
+Each stage builds what it needs of a micro-batch itself: the first the clips and the prompts'
+ids, the last the targets and the loss mask, from per-sample generators (synthetic colour clips
+with three kinds of question) or from manifest rows with question-answer pairs (the first stage
+decodes and sends the rows to the last).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from dataloaders import conversation
+from dataloaders.synthetic import generator, global_indices, pattern_of, pattern_video
+from megavideo import data
+from megavideo.config import Config
+from megavideo.models.embedding import seq_length
+from megavideo.models.llm import llm_config
+from megavideo.models.lora import is_lora
+from megavideo.models.specs import transformer_config
+from megavideo.models.stage3 import Stage3Batch, Stage3Model
+from megavideo.models.video import Tokens
+from megavideo.stages.common import PipelineStage
+from parallel.comm import recv_from_stage, send_to_stage
+from parallel.encoder_groups import encoder_groups
+from parallel.layout import split_layers
+
+
+class Stage3(PipelineStage):
+    """This rank's stage-3 chunks and its step inputs."""
+
+    TERMS = ("lm",)
+    PER_TOKEN = True
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        super().__init__(cfg, device)
+        par, model = cfg.parallel, cfg.model
+        self.tokenizer = conversation.ChatTokenizer(model.llm.tokenizer)
+        self.last = self.pp_rank == par.pp - 1
+        self.groups = encoder_groups(par.encoder_tp_size)
+        video_par = replace(par, tp=par.encoder_tp_size, pp=1, vpp=1, pipeline_layout=[])
+        video_config = transformer_config(model.student, video_par, cfg.train, pipelined=False,
+                                          sequence_parallel=par.sp)
+        qformer_config = transformer_config(model.qformer, video_par, cfg.train, pipelined=False,
+                                            sequence_parallel=False)
+        self.models = [Stage3Model(model, self.config, chunk, video_config, qformer_config,
+                                   self.tokens, self.groups).to(device)
+                       for chunk in self.layout[self.pp_rank]]
+        self._freeze()
+        for m in self.models:
+            for part in m.encoder_parts():
+                self.groups.adopt(part)
+
+    def pipelined(self):
+        """The LLM's layer split and config; the video encoder's whole token sequence (no
+        masking in stage 3) at its own TP degree."""
+        par, model = self.cfg.parallel, self.cfg.model
+        counts = split_layers(model.llm.num_layers, par.pp, par.vpp, par.pipeline_layout)
+        config = llm_config(model.llm, par, self.cfg.train)
+        config.calculate_per_token_loss = True
+        etp = par.encoder_tp_size
+        real = 1 + model.student.num_patches // model.student.tubelet_size
+        tokens = Tokens(real, seq_length(real, etp) if par.sp and etp > 1 else real)
+        return counts, tokens, config
+
+    @property
+    def seq_length(self) -> int:
+        return self.cfg.model.llm.max_length
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        return {"lm": 1.0}
+
+    def finish_grads(self) -> None:
+        self.groups.finish_grads()
+
+    def _freeze(self) -> None:
+        """model.video_frozen, model.qformer.frozen, model.llm.tuning (lora: adapters only)."""
+        model = self.cfg.model
+        for m in self.models:
+            for name, param in m.named_parameters():
+                part = name.split(".")[0]
+                if part == "video":
+                    param.requires_grad = not model.video_frozen
+                elif part == "qformer":
+                    param.requires_grad = not model.qformer.frozen
+                elif model.llm.tuning != "full":
+                    param.requires_grad = model.llm.tuning == "lora" and is_lora(name)
+
+    def _questions(self, step: int, indices: list[int], rows: list[int] | None
+                   ) -> list[tuple[str, str]]:
+        seed = self.cfg.train.seed
+        if rows is None:
+            return [conversation.synthetic_qa(seed, step, i, pattern_of(seed, i)) for i in indices]
+        return [conversation.manifest_qa(self.manifest.texts(row), generator(seed, step, i, "qa"))
+                for row, i in zip(rows, indices, strict=True)]
+
+    def _source(self, step: int, indices: list[int]) -> dict:
+        """Clips (first stage) and question-answer pairs (first and last) of a micro-batch."""
+        first = any(m.pre_process for m in self.models)
+        student, seed = self.cfg.model.student, self.cfg.train.seed
+        out: dict = {}
+        rows = None
+        if self.cfg.data.source == "manifest":
+            pp = self.cfg.parallel.pp
+            if self.from_files:
+                decoded = self._decoded(len(indices))
+                out["video"], rows = decoded["video"], decoded["rows"]
+                if pp > 1:
+                    send_to_stage([rows], pp - 1, self.pp_group)
+            elif self.last:
+                shape = data.decoded_shapes(self.cfg, len(indices))["rows"]
+                rows = recv_from_stage([shape], 0, self.pp_group, self.device)[0]
+            rows = rows.tolist() if rows is not None else None
+        elif first:
+            out["video"] = torch.stack([
+                pattern_video(seed, step, i, pattern_of(seed, i), student.num_frames,
+                              student.image_size) for i in indices]).to(self.device)
+        if first or self.last:
+            out["qa"] = self._questions(step, indices, rows)
+        return out
+
+    def make_batch(self, model: Stage3Model, video: torch.Tensor | None,
+                   qa: list[tuple[str, str | None]]) -> Stage3Batch:
+        """A chunk's micro-batch of conversations (``None`` answers: open prompts)."""
+        llm = self.cfg.model.llm
+        length = llm.max_length
+        batch = Stage3Batch(attention_mask=conversation.causal_mask(length, self.device))
+        if not (model.pre_process or model.post_process):
+            return batch
+        queries = self.cfg.model.qformer.queries
+        prompts = [conversation.conversation(self.tokenizer, q, a, queries, length) for q, a in qa]
+        tensors = {k: v.to(self.device) for k, v in conversation.batch(prompts).items()}
+        if model.pre_process:
+            batch.video, batch.ids = video, tensors["ids"]
+            batch.video_mask = tensors["video_mask"]
+        if model.post_process:
+            batch.labels, batch.loss_mask = tensors["labels"], tensors["loss_mask"]
+        return batch
+
+    def micro_batches(self, step: int) -> list[list[Stage3Batch]]:
+        """Per model chunk of this rank, the step's micro-batches."""
+        train = self.cfg.train
+        per_chunk: list[list[Stage3Batch]] = [[] for _ in self.models]
+        self.data_wait = 0.0
+        for m in range(self.num_microbatches):
+            indices = global_indices(step, train.global_batch, self.dp_rank, self.dp, m,
+                                     train.micro_batch)
+            source = self._source(step, indices)
+            for c, model in enumerate(self.models):
+                per_chunk[c].append(self.make_batch(model, source.get("video"),
+                                                    source.get("qa", [])))
+        return per_chunk
+
+
+__all__ = ["Stage3"]
