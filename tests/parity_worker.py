@@ -25,6 +25,7 @@ def trainer(overrides: list[str], config: str | None = None) -> Trainer:
 def reference(rank: int, world: int, out: str, steps: int, config: str | None = None,
               base: tuple[str, ...] = ()) -> None:
     tr = trainer(list(base), config)
+    _nonzero_adapters(tr)
     result = {"params": full_state(tr.chunks)}
     if tr.stage.teachers is not None:
         result["teachers"] = full_state([tr.stage.teachers])
@@ -33,6 +34,16 @@ def reference(rank: int, world: int, out: str, steps: int, config: str | None = 
     result["losses"] = [tr.train_step(step)["loss"] for step in range(steps)]
     result["trained"] = full_state(tr.chunks)
     torch.save(result, out)
+
+
+def _nonzero_adapters(tr: Trainer) -> None:
+    """LoRA's B starts at zero, which would leave A's gradient zero: give B values so the
+    parity covers both."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in canonical_params(tr.chunks):
+            if "lora_b" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=g))
 
 
 def _padding_max(tr: Trainer) -> float:

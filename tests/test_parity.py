@@ -68,6 +68,31 @@ STAGE2_WORLD4 = [
 ]
 
 
+# Stage 3: the reference runs the LLM at tp 1 / pp 1 with the video encoder beside it; the
+# layouts split the LLM over tp 2 (+SP) and pp 2 (and 2 x 2 virtual stages) while the video
+# encoder and QFormer stay on the first pipeline stage at tp 1 (two copies, each encoding half of
+# the micro-batch) or tp 2. Two micro-batches of 4 conversations; the loss is the mean over the
+# step's answer tokens. LoRA (adapters only, under TP and SP) has its own reference.
+STAGE3 = str(Path(__file__).resolve().parent.parent / "configs" / "stage3_tiny.yaml")
+STAGE3_BASE = ("train.micro_batch=4", "parallel.encoder_tp=0")
+STAGE3_LORA = STAGE3_BASE + ("model.llm.tuning=lora", "model.llm.lora_rank=4")
+STAGE3_WORLD2 = [
+    ("s3_tp2_sp_etp1", ["parallel.tp=2", "parallel.sp=true", "parallel.encoder_tp=1"], 0),
+    ("s3_pp2", ["parallel.pp=2"], 0),
+    ("s3_dp2_distopt", ["train.micro_batch=2", "parallel.distributed_optimizer=true"], 0),
+]
+STAGE3_LORA_WORLD2 = [
+    ("s3_lora_tp2_sp", ["parallel.tp=2", "parallel.sp=true"], 0),
+]
+STAGE3_WORLD4 = [
+    ("s3_pp2_tp2_sp_etp1", ["parallel.pp=2", "parallel.tp=2", "parallel.sp=true",
+                            "parallel.encoder_tp=1"], 0),
+    ("s3_pp2_vpp2_tp2_etp2", ["parallel.pp=2", "parallel.vpp=2", "parallel.tp=2",
+                              "parallel.encoder_tp=2", "parallel.sp=true"], 0),
+    ("s3_pp2_vpp2_etp1_dp2", ["parallel.pp=2", "parallel.vpp=2", "train.micro_batch=2"], 0),
+]
+
+
 def _merged(out: Path, names: list[str]) -> dict:
     results = {}
     for name in names:
@@ -91,16 +116,26 @@ def all_runs(tmp_path_factory):
     """Both stages' references and layouts, one spawn per world size."""
     out = tmp_path_factory.mktemp("parity")
     ref, ref2 = out / "reference.pt", out / "reference_stage2.pt"
+    ref3, ref3_lora = out / "reference_stage3.pt", out / "reference_stage3_lora.pt"
     w = parity_worker
     spawn(1, w.sequence, [(w.reference, (str(ref), STEPS)),
-                          (w.reference, (str(ref2), 0, STAGE2, STAGE2_BASE))])
+                          (w.reference, (str(ref2), 0, STAGE2, STAGE2_BASE)),
+                          (w.reference, (str(ref3), 0, STAGE3, STAGE3_BASE)),
+                          (w.reference, (str(ref3_lora), 0, STAGE3, STAGE3_LORA))])
     spawn(2, w.sequence, [(w.layouts, (str(ref), WORLD2, str(out))),
-                          (w.layouts, (str(ref2), STAGE2_WORLD2, str(out), STAGE2, STAGE2_BASE))])
+                          (w.layouts, (str(ref2), STAGE2_WORLD2, str(out), STAGE2, STAGE2_BASE)),
+                          (w.layouts, (str(ref3), STAGE3_WORLD2, str(out), STAGE3, STAGE3_BASE)),
+                          (w.layouts, (str(ref3_lora), STAGE3_LORA_WORLD2, str(out), STAGE3,
+                                       STAGE3_LORA))])
     spawn(4, w.sequence, [(w.layouts, (str(ref), WORLD4, str(out))),
-                          (w.layouts, (str(ref2), STAGE2_WORLD4, str(out), STAGE2, STAGE2_BASE))])
+                          (w.layouts, (str(ref2), STAGE2_WORLD4, str(out), STAGE2, STAGE2_BASE)),
+                          (w.layouts, (str(ref3), STAGE3_WORLD4, str(out), STAGE3, STAGE3_BASE))])
     stage1 = _merged(out, [n for n, _, _ in WORLD2 + WORLD4])
     stage2 = _merged(out, [n for n, _, _ in STAGE2_WORLD2 + STAGE2_WORLD4])
-    return (torch.load(ref), stage1), (torch.load(ref2), stage2)
+    stage3 = _merged(out, [n for n, _, _ in STAGE3_WORLD2 + STAGE3_WORLD4])
+    stage3_lora = _merged(out, [n for n, _, _ in STAGE3_LORA_WORLD2])
+    return ((torch.load(ref), stage1), (torch.load(ref2), stage2),
+            (torch.load(ref3), stage3 | stage3_lora), torch.load(ref3_lora))
 
 
 @pytest.fixture(scope="module")
@@ -158,4 +193,25 @@ def test_stage2_loss_and_gradients_match_reference(all_runs, name):
     got = results[name]
     for term, value in ref["loss"].items():
         assert got["loss"][term] == pytest.approx(value, rel=1e-6, abs=1e-9), term
+    _assert_grads_match(ref["grads"], got["grads"])
+
+
+def test_stage3_reference_trains_every_part(all_runs):
+    ref, _ = all_runs[2]
+    assert ref["loss"]["loss/lm"] > 0
+    parts = {name.split(".")[0] for name, g in ref["grads"].items() if g.abs().max() > 0}
+    assert parts == {"video", "qformer", "llm"}
+    lora = all_runs[3]
+    trained = {name for name, g in lora["grads"].items()}
+    assert trained and all("lora_" in name for name in trained)
+
+
+@pytest.mark.parametrize("name", [n for n, _, _ in STAGE3_WORLD2 + STAGE3_WORLD4
+                                  + STAGE3_LORA_WORLD2])
+def test_stage3_loss_and_gradients_match_reference(all_runs, name):
+    ref, results = all_runs[2]
+    if "lora" in name:
+        ref = all_runs[3]
+    got = results[name]
+    assert got["loss"]["loss/lm"] == pytest.approx(ref["loss"]["loss/lm"], rel=1e-6)
     _assert_grads_match(ref["grads"], got["grads"])

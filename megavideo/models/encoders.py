@@ -59,7 +59,8 @@ class EncoderLayers(nn.Module):
                  pg_collection=None) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            build_module(post_norm_layer_spec(enc, cross_width if i in cross_layers else 0),
+            build_module(post_norm_layer_spec(enc, cross_width if i in cross_layers else 0,
+                                              getattr(pg_collection, "tp", None)),
                          config=config, layer_number=i + 1, pg_collection=pg_collection)
             for i in range(enc.num_layers))
         self.recompute = config.recompute_granularity == "full"

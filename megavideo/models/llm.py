@@ -56,8 +56,9 @@ def _lora_spec(lora: type, llm: LLMConfig) -> ModuleSpec:
     return ModuleSpec(module=lora, params={"rank": llm.lora_rank, "alpha": llm.lora_alpha})
 
 
-def llm_block_spec(llm: LLMConfig) -> TransformerBlockSubmodules:
-    """Every layer's spec and the final norm, for the backend this process runs."""
+def llm_block_spec(llm: LLMConfig, num_layers: int) -> TransformerBlockSubmodules:
+    """The specs of ``num_layers`` layers (a pipeline chunk's) and the final norm, for the
+    backend this process runs."""
     if layer_backend() == "te":
         from megatron.core.extensions.transformer_engine import TENorm
 
@@ -74,15 +75,17 @@ def llm_block_spec(llm: LLMConfig) -> TransformerBlockSubmodules:
         attention = layer.submodules.self_attention.submodules
         attention.linear_qkv = _lora_spec(LoRAColumnParallelLinear, llm)
         attention.linear_proj = _lora_spec(LoRARowParallelLinear, llm)
-    return TransformerBlockSubmodules(layer_specs=[layer] * llm.num_layers, layer_norm=norm)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm)
 
 
 def build_llm(llm: LLMConfig, config: TransformerConfig, pre_process: bool = True,
               post_process: bool = True, vp_stage: int | None = None,
-              scatter_embedding: bool = True) -> GPTModel:
-    """The decoder (or this pipeline stage's part of it). ``scatter_embedding=False`` leaves
-    the embedding's output whole under SP, for a caller that inserts other tokens first."""
-    model = GPTModel(config, llm_block_spec(llm), vocab_size=llm.vocab_size,
+              scatter_embedding: bool = True, num_layers: int | None = None) -> GPTModel:
+    """The decoder, or the pipeline chunk of it holding ``num_layers`` layers.
+    ``scatter_embedding=False`` leaves the embedding's output whole under SP, for a caller that
+    inserts other tokens first."""
+    layers = llm.num_layers if num_layers is None else num_layers
+    model = GPTModel(config, llm_block_spec(llm, layers), vocab_size=llm.vocab_size,
                     max_sequence_length=llm.max_positions, pre_process=pre_process,
                     post_process=post_process, parallel_output=True,
                     share_embeddings_and_output_weights=False, position_embedding_type="rope",

@@ -207,10 +207,12 @@ def _kv_from(linear: type, width: int) -> type:
     return KVLinear
 
 
-def post_norm_layer_spec(enc: EncoderConfig, cross_width: int = 0) -> ModuleSpec:
+def post_norm_layer_spec(enc: EncoderConfig, cross_width: int = 0, tp_group=None) -> ModuleSpec:
     """A post-norm encoder layer (BERT, BEATs), with cross-attention to ``cross_width``-wide
     tokens when it is set. The three norm slots of megatron-core's layer hold the norms *after*
-    self-attention, cross-attention and the MLP."""
+    self-attention, cross-attention and the MLP. ``tp_group``: a TP group other than
+    megatron-core's (megatron-core's CrossAttention does not hand its group to its q and kv
+    projections, so the spec does)."""
     from megavideo.models.encoders import PostNormLayer
 
     if layer_backend() == "te":
@@ -229,8 +231,10 @@ def post_norm_layer_spec(enc: EncoderConfig, cross_width: int = 0) -> ModuleSpec
         cross = ModuleSpec(
             module=CrossAttention,
             params={"attn_mask_type": AttnMaskType.padding},
-            submodules=CrossAttentionSubmodules(linear_q=column, linear_kv=_kv_from(column, cross_width),
-                                                core_attention=core, linear_proj=row),
+            submodules=CrossAttentionSubmodules(
+                linear_q=partial(column, tp_group=tp_group),
+                linear_kv=partial(_kv_from(column, cross_width), tp_group=tp_group),
+                core_attention=core, linear_proj=row),
         )
     return ModuleSpec(
         module=PostNormLayer,

@@ -63,7 +63,7 @@ class Stage3Model(MegatronModule):
                                    groups.pg_collection)
         vp_stage = chunk.vp_stage if config.virtual_pipeline_model_parallel_size else None
         self.llm = build_llm(model.llm, config, self.pre_process, self.post_process, vp_stage,
-                             scatter_embedding=False)
+                             scatter_embedding=False, num_layers=chunk.num_layers)
 
     def encoder_parts(self) -> list[torch.nn.Module]:
         return [self.video, self.qformer] if self.pre_process else []
