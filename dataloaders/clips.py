@@ -7,6 +7,7 @@ flipping. Blue holds a gradient that moves with the frame, so the pictures are n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
@@ -39,9 +40,11 @@ def read_index(rgb: np.ndarray) -> int:
 
 def write_clip(path: str | Path, codec: str = "vp9", frames: int = 32, width: int = 160,
                height: int = 96, fps: int = 25, vfr: bool = False, gop: int = 8,
-               audio: bool = False, tone: float = 0.0) -> Path:
-    """Write a clip whose frame ``i`` shows index ``i``; ``vfr`` varies the frame spacing, ``gop``
-    is the key-frame interval, ``audio`` adds a sound track: silence, or a sine of ``tone`` Hz.
+               audio: bool = False, tone: float = 0.0,
+               draw: Callable[[int, int, int], np.ndarray] = frame_pixels) -> Path:
+    """Write a clip whose frame ``i`` shows index ``i`` (or ``draw(i, width, height)``); ``vfr``
+    varies the frame spacing, ``gop`` is the key-frame interval, ``audio`` adds a sound track:
+    silence, or a sine of ``tone`` Hz.
 
     ``path`` gets the codec's container suffix when it has none.
     """
@@ -68,7 +71,7 @@ def write_clip(path: str | Path, codec: str = "vp9", frames: int = 32, width: in
             sound.layout = "mono"
         pts = 0
         for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(frame_pixels(i, width, height), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(draw(i, width, height), format="rgb24")
             frame.pts, frame.time_base = pts, stream.codec_context.time_base
             pts += (1 + 2 * (i % 2)) if vfr else 1
             container.mux(stream.encode(frame))

@@ -4,6 +4,10 @@
                              [--mae-teacher F] [--strip KIND=PREFIX ...] [--ignore PREFIX ...]
     python -m launch.convert export CONFIG --checkpoint DIR --out DIR
 
+For a stage-3 config, ``export`` writes the LLM decoder in the Hugging Face Mistral layout
+(``model.safetensors`` and ``config.json``, ``--dtype`` bfloat16 by default); its import is
+``model.llm.weights=<folder>`` at start-up, straight into the TP/PP shards.
+
 ``import`` reads official PyTorch checkpoints (a state dict, or one under ``module``/``model``/
 ``state_dict``) and writes a checkpoint root that any layout loads (``checkpoint.load=DIR``):
 the student as ``step_00000000``, the teachers as ``teachers/``. ``export`` writes
@@ -43,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strip", action="append", default=[], metavar="KIND=PREFIX")
     parser.add_argument("--ignore", action="append", default=[], metavar="PREFIX")
     parser.add_argument("--checkpoint", help="MegaVideo checkpoint root to export")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                        help="stage 3: the exported LLM's dtype")
     args = parser.parse_args(argv)
     setup_logging()
     cfg = config_or_exit(args.config, args.overrides)
@@ -74,6 +80,14 @@ def main(argv: list[str] | None = None) -> None:
             if not args.checkpoint:
                 raise ValueError("export needs --checkpoint DIR.")
             out = Path(args.out)
+            if cfg.stage == 3:
+                from megavideo.convert import read_llm
+                from megavideo.hf_llm import write_hf
+
+                write_hf(read_llm(cfg, Path(args.checkpoint)), cfg.model.llm, out,
+                         getattr(torch, args.dtype))
+                print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}")
+                return
             out.mkdir(parents=True, exist_ok=True)
             for kind, state in read_checkpoint(cfg, Path(args.checkpoint)).items():
                 torch.save(to_official(kind, cfg.model, state), out / f"{kind}.pth")

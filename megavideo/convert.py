@@ -21,6 +21,7 @@ MegaVideo's fused qkv bias). Position embeddings lose the official leading batch
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -276,3 +277,25 @@ def read_checkpoint(cfg: Config, root: Path) -> dict[str, dict[str, Tensor]]:
                 out[kind] = {name: assemble(p, loaded[checkpoint_key(kind, name)], 0)
                              for name, p in params[kind].items()}
     return out
+
+
+def read_llm(cfg: Config, root: Path) -> dict[str, Tensor]:
+    """The stage-3 LLM decoder's single-rank fp32 tensors (``llm.*``, LoRA adapters left out)
+    of a checkpoint root or step directory."""
+    from megatron.core import dist_checkpointing
+
+    from megavideo.checkpoint import checkpoint_key, resolve
+    from megavideo.models.llm import build_llm, llm_config
+    from megavideo.models.lora import is_lora
+    from parallel.checkpointing import assemble, sharded_tensors
+    from parallel.distributed import single_rank_world
+
+    one = dataclasses.replace(cfg.parallel, tp=1, pp=1, vpp=1, sp=False, pipeline_layout=[])
+    with single_rank_world(), torch.device("meta"):
+        llm = build_llm(cfg.model.llm, llm_config(cfg.model.llm, one, cfg.train))
+    params = {f"llm.{n}": p for n, p in llm.named_parameters() if not is_lora(f"llm.{n}")}
+    with single_rank_world():
+        request = {n: sharded_tensors(checkpoint_key("student", n), p, None, 0, 1, (0, 0),
+                                      torch.float32) for n, p in params.items()}
+        loaded = dist_checkpointing.load({"model": request}, str(resolve(root)))["model"]
+    return {n: assemble(p, loaded[n], 0) for n, p in params.items()}

@@ -96,7 +96,8 @@ class Stage3Model(MegatronModule):
 
     def forward(self, batch: Stage3Batch):
         """Returns (output, terms): the answer tokens' summed loss and ``{"lm": it, "tokens":
-        their count}`` on the last chunk, the hidden state elsewhere."""
+        their count}`` on the last chunk (without labels: this TP rank's vocabulary slice of the
+        logits [b, S, V/tp]), the hidden state elsewhere."""
         decoder_input = None
         if self.pre_process:
             queries = self.video_queries(batch.video)
@@ -104,17 +105,7 @@ class Stage3Model(MegatronModule):
         out = self.llm(input_ids=None, position_ids=None, attention_mask=batch.attention_mask,
                        decoder_input=decoder_input,
                        labels=batch.labels if self.post_process else None)
-        if not self.post_process:
+        if not self.post_process or batch.labels is None:
             return out, {}
         loss = (out.float() * batch.loss_mask).sum()
         return loss, {"lm": loss.detach(), "tokens": batch.loss_mask.sum().detach()}
-
-    def logits(self, batch: Stage3Batch) -> torch.Tensor:
-        """Forward without labels: this TP rank's vocabulary slice of the logits [b, S, V/tp]
-        (last chunk) or the hidden state."""
-        decoder_input = None
-        if self.pre_process:
-            decoder_input = self.embed_prompt(batch.ids, batch.video_mask,
-                                              self.video_queries(batch.video))
-        return self.llm(input_ids=None, position_ids=None, attention_mask=batch.attention_mask,
-                        decoder_input=decoder_input)

@@ -1,0 +1,32 @@
+"""Rank code of the Hugging Face import test: import at a layout, logits of a fixed prompt."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from dataloaders.synthetic import pattern_video
+
+
+def logits(rank: int, world: int, config: str, overrides: list[str], out: str,
+           save_to: str = "") -> None:
+    from megavideo.chat import Chat
+    from megavideo.config import load_config
+    from megavideo.models.stage3 import Stage3Batch
+
+    cfg = load_config(config, overrides)
+    chat = Chat(cfg, None)
+    stage = chat.stage
+    copies = cfg.train.micro_batch
+    qa = [("which colour comes first ?", "red")] * copies
+    video = torch.stack([pattern_video(0, 0, 0, 1, cfg.model.student.num_frames,
+                                       cfg.model.student.image_size)] * copies)
+    batches = [stage.make_batch(m, video, qa) for m in stage.models]
+    for b in batches:
+        b.labels = None  # logits, not the loss
+    got = [chat.logits_at([Stage3Batch(**vars(b)) for b in batches], p) for p in range(20, 26)]
+    if got[0] is not None and dist.get_rank() == world - 1:
+        torch.save(torch.stack(got), out)
+    if save_to:
+        chat.checkpointer.root = type(chat.checkpointer.root)(save_to)
+        chat.checkpointer.save(0)
