@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"chat answers one question at a time: run it on tp x pp = "
                               f"{cfg.parallel.tp * cfg.parallel.pp} ranks, not {world}.")
         video = read_video(cfg, args.video)
-    except (ConfigError, ProbeError, TokenizerError) as err:
+    except ProbeError as err:
+        exit_with(ValueError(f"{args.video}: {err}."))
+    except (ConfigError, TokenizerError) as err:
         exit_with(err)
     answer = Chat(cfg, args.checkpoint).answer(video, args.question, args.max_new_tokens)
     if dist.get_rank() == 0:

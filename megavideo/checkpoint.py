@@ -403,7 +403,10 @@ class Checkpointer:
         for name, param in self.params:
             if not name.startswith("llm.") or is_lora(name):
                 continue
-            full = hf_llm.to_megatron(name, [get(k) for k in hf_llm.hf_keys(name)], llm)
+            try:
+                full = hf_llm.to_megatron(name, [get(k) for k in hf_llm.hf_keys(name)], llm)
+            except KeyError as err:
+                raise ConfigError(f"model.llm.weights: {err.args[0]}.") from None
             expected = whole_shape(param, self._coords(param)[1])
             if tuple(full.shape) != expected:
                 raise ConfigError(f"model.llm.weights: {name} is {tuple(full.shape)} in {path} "
