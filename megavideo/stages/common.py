@@ -39,6 +39,7 @@ class PipelineStage:
         self.pp_group = parallel_state.get_pipeline_model_parallel_group()
         self.dp_group = parallel_state.get_data_parallel_group()
         self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        self.last = self.pp_rank == par.pp - 1
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp = parallel_state.get_data_parallel_world_size()
         counts, self.tokens, self.config = self.pipelined()

@@ -50,7 +50,6 @@ class Stage2(PipelineStage):
         super().__init__(cfg, device)
         par, model = cfg.parallel, cfg.model
         self.tokenizer = WordPiece.from_file(model.text.vocab_file)
-        self.last = self.pp_rank == par.pp - 1
         text_config = transformer_config(model.text, par, cfg.train, pipelined=False,
                                          sequence_parallel=False)
         audio_config = None

@@ -45,7 +45,6 @@ class Stage3(PipelineStage):
         super().__init__(cfg, device)
         par, model = cfg.parallel, cfg.model
         self.tokenizer = conversation.ChatTokenizer(model.llm.tokenizer)
-        self.last = self.pp_rank == par.pp - 1
         self.groups = encoder_groups(par.encoder_tp_size)
         video_par = replace(par, tp=par.encoder_tp_size, pp=1, vpp=1, pipeline_layout=[])
         video_config = transformer_config(model.student, video_par, cfg.train, pipelined=False,
