@@ -421,7 +421,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 # Validation (everything that can be checked without a process group)
 
 
-def _validate_vit(vit: ViTConfig, name: str, tp: int) -> None:
+def _validate_vit(vit: ViTConfig, name: str, tp: int, tp_key: str = "parallel.tp") -> None:
     if vit.hidden_size % vit.num_heads:
         raise ConfigError(
             f"model.{name}.hidden_size ({vit.hidden_size}) must be divisible by "
@@ -430,7 +430,7 @@ def _validate_vit(vit: ViTConfig, name: str, tp: int) -> None:
     if vit.mlp_hidden_size % tp:
         raise ConfigError(
             f"model.{name}.mlp_hidden_size ({vit.mlp_hidden_size}) must be divisible by "
-            f"parallel.tp ({tp})."
+            f"{tp_key} ({tp})."
         )
     if vit.image_size % vit.patch_size:
         raise ConfigError(
@@ -451,7 +451,7 @@ def _validate_vit(vit: ViTConfig, name: str, tp: int) -> None:
     if vit.pool_heads and (vit.hidden_size % vit.pool_heads or vit.pool_heads % tp):
         raise ConfigError(
             f"model.{name}.pool_heads ({vit.pool_heads}) must divide hidden_size "
-            f"({vit.hidden_size}) and be divisible by parallel.tp ({tp})."
+            f"({vit.hidden_size}) and be divisible by {tp_key} ({tp})."
         )
 
 
@@ -499,15 +499,16 @@ def _validate_stage1(model: ModelConfig, tp: int) -> None:
         raise ConfigError("model.loss_weights must list 3 weights: clip, final, mae.")
 
 
-def _validate_encoder(enc: EncoderConfig, name: str, tp: int) -> None:
+def _validate_encoder(enc: EncoderConfig, name: str, tp: int,
+                      tp_key: str = "parallel.tp") -> None:
     if enc.hidden_size % enc.num_heads or enc.num_heads % tp:
         raise ConfigError(
             f"model.{name}.num_heads ({enc.num_heads}) must divide hidden_size "
-            f"({enc.hidden_size}) and be divisible by parallel.tp ({tp})."
+            f"({enc.hidden_size}) and be divisible by {tp_key} ({tp})."
         )
     if enc.mlp_hidden_size % tp:
         raise ConfigError(f"model.{name}.mlp_hidden_size ({enc.mlp_hidden_size}) must be divisible "
-                          f"by parallel.tp ({tp}).")
+                          f"by {tp_key} ({tp}).")
     if enc.norm not in ("rmsnorm", "layernorm") or enc.activation not in ("gelu", "gelu_tanh"):
         raise ConfigError(f"model.{name}: norm must be rmsnorm or layernorm and activation gelu or "
                           "gelu_tanh.")
@@ -559,8 +560,6 @@ TUNINGS = ("full", "lora", "frozen")
 def _validate_stage3(config: Config) -> None:
     par, model, train = config.parallel, config.model, config.train
     llm, qformer, etp = model.llm, model.qformer, par.encoder_tp_size
-    if par.tp % etp:
-        raise ConfigError(f"parallel.encoder_tp ({etp}) must divide parallel.tp ({par.tp}).")
     if train.micro_batch % (par.tp // etp):
         raise ConfigError(f"train.micro_batch ({train.micro_batch}) must be a multiple of "
                           f"parallel.tp / parallel.encoder_tp ({par.tp // etp}): each video "
@@ -591,7 +590,8 @@ def _validate_stage3(config: Config) -> None:
     if par.sp and llm.max_length % par.tp:
         raise ConfigError(f"model.llm.max_length ({llm.max_length}) must be divisible by "
                           f"parallel.tp ({par.tp}) with sequence parallelism.")
-    _validate_encoder(qformer, "qformer", etp)
+    _validate_encoder(qformer, "qformer", etp,
+                      "parallel.encoder_tp" if par.encoder_tp else "parallel.tp")
     if qformer.cross_attention_every < 1 or qformer.num_queries < 1 or qformer.extra_queries < 0:
         raise ConfigError("model.qformer: cross_attention_every and num_queries must be positive, "
                           "extra_queries >= 0.")
@@ -637,7 +637,10 @@ def validate(config: Config, world_size: int | None = None) -> None:
         raise ConfigError("parallel.encoder_tp is a stage-3 setting (the video encoder's own "
                           "TP degree), >= 0.")
     student_tp = par.encoder_tp_size
-    _validate_vit(student, "student", student_tp)
+    if par.tp % student_tp:
+        raise ConfigError(f"parallel.encoder_tp ({student_tp}) must divide parallel.tp ({par.tp}).")
+    student_key = "parallel.encoder_tp" if par.encoder_tp else "parallel.tp"
+    _validate_vit(student, "student", student_tp, student_key)
     if not student.pool_heads:
         raise ConfigError("model.student.pool_heads must be set: every stage needs the attention "
                           "pool.")

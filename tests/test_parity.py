@@ -201,9 +201,8 @@ def test_stage3_reference_trains_every_part(all_runs):
     assert ref["loss"]["loss/lm"] > 0
     parts = {name.split(".")[0] for name, g in ref["grads"].items() if g.abs().max() > 0}
     assert parts == {"video", "qformer", "llm"}
-    lora = all_runs[3]
-    trained = {name for name, g in lora["grads"].items()}
-    assert trained and all("lora_" in name for name in trained)
+    llm_trained = {name for name in all_runs[3]["grads"] if name.startswith("llm.")}
+    assert llm_trained and all("lora_" in name for name in llm_trained)  # adapters only
 
 
 @pytest.mark.parametrize("name", [n for n, _, _ in STAGE3_WORLD2 + STAGE3_WORLD4

@@ -27,7 +27,7 @@ from kernels.backends import layer_backend
 from kernels.norms import RMSNorm
 from megavideo.config import LLMConfig, ParallelConfig, TrainConfig
 from megavideo.models.lora import LoRAColumnParallelLinear, LoRARowParallelLinear
-from megavideo.models.specs import pipeline_settings, run_settings
+from megavideo.models.specs import pipeline_settings, recompute_settings, run_settings
 
 
 def llm_config(llm: LLMConfig, parallel: ParallelConfig, train: TrainConfig) -> TransformerConfig:
@@ -48,6 +48,7 @@ def llm_config(llm: LLMConfig, parallel: ParallelConfig, train: TrainConfig) -> 
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=False,
+        **recompute_settings(train),
         **run_settings(train),
     )
 

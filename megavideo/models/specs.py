@@ -78,6 +78,17 @@ def run_settings(train: TrainConfig) -> dict:
     )
 
 
+def recompute_settings(train: TrainConfig) -> dict:
+    """TransformerConfig's activation recomputation for ``train.recompute``: none, selective
+    (megatron-core's core attention) or full (every layer, one at a time)."""
+    recompute = {"none": None, "selective": "selective", "full": "full"}[train.recompute]
+    return dict(
+        recompute_granularity=recompute,
+        recompute_method="uniform" if recompute == "full" else None,
+        recompute_num_layers=1 if recompute == "full" else None,
+    )
+
+
 def pipeline_settings(num_layers: int, parallel: ParallelConfig, pipelined: bool) -> dict:
     """TransformerConfig's pipeline fields for a stack of ``num_layers`` layers, split over the
     pipeline as :func:`parallel.layout.split_layers` says (or whole when not ``pipelined``)."""
@@ -104,7 +115,6 @@ def transformer_config(
     """The config of one encoder's layers. Only the video encoder is pipelined and runs with SP;
     the teachers and the text and audio encoders are whole on their pipeline stage."""
     heads = padded_heads(vit.num_heads, parallel.tp)
-    recompute = {"none": None, "selective": "selective", "full": "full"}[train.recompute]
     return ViTTransformerConfig(
         num_layers=vit.num_layers,
         hidden_size=vit.hidden_size,
@@ -120,9 +130,7 @@ def transformer_config(
         add_qkv_bias=vit.qkv_bias,
         activation_func=partial(F.gelu, approximate="tanh") if vit.activation == "gelu_tanh"
         else F.gelu,
-        recompute_granularity=recompute,
-        recompute_method="uniform" if recompute == "full" else None,
-        recompute_num_layers=1 if recompute == "full" else None,
+        **recompute_settings(train),
         **run_settings(train),
         real_attention_heads=vit.num_heads,
         full_width_qk_norm=vit.qk_norm,

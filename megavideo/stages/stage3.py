@@ -67,7 +67,7 @@ class Stage3(PipelineStage):
         config = llm_config(model.llm, par, self.cfg.train)
         config.calculate_per_token_loss = True
         etp = par.encoder_tp_size
-        real = 1 + model.student.num_patches // model.student.tubelet_size
+        real = 1 + model.student.num_patches
         tokens = Tokens(real, seq_length(real, etp) if par.sp and etp > 1 else real)
         return counts, tokens, config
 
