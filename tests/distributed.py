@@ -7,6 +7,7 @@ import socket
 import sys
 import traceback
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -23,8 +24,10 @@ def torchrun(nproc: int) -> list[str]:
 
 
 def _entry(rank: int, world: int, port: int, fn, args, errors) -> None:
+    threads = max(1, (os.cpu_count() or 1) // world)  # the cores shared out among the ranks
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
+    torch.set_num_threads(threads)  # torch is imported by now: the variable alone comes too late
     try:
         fn(rank, world, *args)
     except BaseException:
