@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from kernels.devices import DEVICES
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 VOCAB_MULTIPLE = 128  # the text vocabulary is padded to a multiple of this, whatever the tp
 STAGE2_TERMS = ("vtc", "vtm", "mlm", "avtc", "avtm", "avmlm")
@@ -273,6 +275,16 @@ class RunConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """Throughput accounting of the training loop (see docs/performance.md)."""
+
+    device: str = "auto"  # the peak table's device (h100, h200, a100) or auto: this GPU
+    peak_tflops: float = 0.0  # overrides the table's per-device peak for MFU
+    comm: bool = False  # count the bytes of every TP/SP/PP/DP collective each step
+    pipeline: bool = False  # time each pipeline stage's busy and idle share of a step
+
+
+@dataclass
 class Config:
     stage: int = 1  # 1: distillation from the teachers; 2: video-audio-text alignment; 3: chat
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -281,6 +293,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -672,6 +685,10 @@ def validate(config: Config, world_size: int | None = None) -> None:
             f"train.warmup_steps ({train.warmup_steps}) must be smaller than train.steps "
             f"({train.steps})."
         )
+    if config.profile.device not in ("auto", *DEVICES) or config.profile.peak_tflops < 0:
+        raise ConfigError(f"profile.device must be auto or one of {', '.join(DEVICES)} and "
+                          f"profile.peak_tflops >= 0, got '{config.profile.device}' and "
+                          f"{config.profile.peak_tflops}.")
     if config.checkpoint.interval < 0 or config.checkpoint.keep < 1:
         raise ConfigError("checkpoint.interval must be >= 0 and checkpoint.keep >= 1.")
     _validate_data(config.data)

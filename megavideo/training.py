@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 
 import torch
 import torch.distributed as dist
@@ -21,6 +20,7 @@ from megavideo import data
 from megavideo.checkpoint import EXIT_REQUEUE, Checkpointer, StopSignal
 from megavideo.config import Config, validate_world
 from megavideo.metrics import MetricsWriter
+from megavideo.profiling import StepMeter
 from megavideo.stages.stage1 import Stage1
 from megavideo.stages.stage2 import Stage2
 from megavideo.stages.stage3 import Stage3
@@ -85,6 +85,7 @@ class Trainer:
         self.dp_group = parallel_state.get_data_parallel_group()
         self.skips = data.SkipBudget(cfg.data.max_skip_rate, train.global_batch)
         self.manifest: Manifest | None = None
+        self.meter = StepMeter(cfg, dist.get_world_size(), self.stage, self.stage.models)
 
     def _finalize_grads(self, model, num_tokens=None, **kwargs) -> None:
         self.stage.finish_grads()
@@ -164,18 +165,17 @@ class Trainer:
         self.stage.start_data(start, consumed, manifest)
 
     def train_step(self, step: int) -> dict[str, float]:
-        start = time.perf_counter()
-        for chunk in self.chunks:
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        metrics = self.forward_backward(step)
-        data_wait = self.stage.data_wait
-        _, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
-        elapsed = time.perf_counter() - start
+        with self.meter.step():
+            for chunk in self.chunks:
+                chunk.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            metrics = self.forward_backward(step)
+            data_wait = self.stage.data_wait
+            _, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(increment=1)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        metrics["samples_per_s"] = self.cfg.train.global_batch / elapsed
+        metrics |= self.meter.metrics()
         if "data/skipped" in metrics:
             metrics["data/wait_s"] = data_wait
         return metrics
@@ -234,8 +234,11 @@ def run(cfg: Config) -> list[dict]:
                 if step % cfg.run.log_interval == 0:
                     parts = " ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items()
                                      if k.startswith("loss/"))
-                    log.info("step %d  loss %.4f  (%s)  grad_norm %.3f  %.2f samples/s", step,
-                             metrics["loss"], parts, metrics["grad_norm"], metrics["samples_per_s"])
+                    mfu = f"  MFU {100 * metrics['perf/mfu']:.1f}%" if "perf/mfu" in metrics else ""
+                    log.info("step %d  loss %.4f  (%s)  grad_norm %.3f  %.2f samples/s  "
+                             "%.3g TFLOP/s/device%s  peak %.2f GiB", step, metrics["loss"], parts,
+                             metrics["grad_norm"], metrics["samples_per_s"],
+                             metrics["perf/model_tflops"], mfu, metrics["mem/peak_gib"])
             done = step + 1
             stopping = stop.agreed()
             at_end = done == cfg.train.steps and cfg.checkpoint.save_at_end
