@@ -1,0 +1,392 @@
+"""The layout planner: which (tp, pp, vpp, dp, sp, micro-batch, recomputation, distributed
+optimizer) to run a model on N GPUs, ranked by predicted step time, with a memory check per rank.
+
+Performance model of one step (every number per GPU; see docs/performance.md):
+
+    compute    the step's hardware FLOPs (:func:`megavideo.flops.step_flops`: recomputation and
+               head/token padding included) of each pipeline stage's parts at
+               peak x ``matmul_efficiency``; the frozen teachers run on the first stage, the text and
+               audio encoders and the heads on the last
+    TP / SP    the collectives of every transformer layer (:func:`parallel.comm_volume.tp_layer_volume`)
+               at NVLink bandwidth x ``nvlink_efficiency``, not overlapped (megatron-core's local and
+               TE specs run them on the compute stream)
+    pipeline   1F1B over m micro-batches with per-stage times t_r: (m v - 1) max_r t_r / v + sum_r t_r / v
+               (equal stages give the bubble (p - 1) / (m v + p - 1)), plus each micro-batch's
+               activation send and gradient receive between stages
+    DP         the fp32 gradient all-reduce (or reduce-scatter + parameter all-gather with the
+               distributed optimizer) after the last micro-batch, over NVLink inside a node and the
+               network between nodes
+
+Memory of each pipeline rank: weights, fp32 gradients, the optimizer (fp32 master + Adam moments,
+divided by dp with the distributed optimizer), frozen weights (the teachers on the first stage),
+activations (:func:`megavideo.activations.vit_layer_bytes` per layer x the layers of the micro-batches
+in flight: p - r in 1F1B, megatron-core's warm-up count + 1 chunks interleaved), the first stage's
+teacher targets for the step's micro-batches, and ``reserve_gib`` for the CUDA context, NCCL buffers
+and fragmentation. A layout whose worst rank exceeds the device memory is refused with the reason.
+
+The constants come from a calibration file (:class:`Calibration`), which ``launch.profile`` writes
+from measurements; the defaults are round numbers for a well-tuned bf16 H100 run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from kernels.devices import DEVICES, DeviceSpec
+from megavideo.activations import vit_layer_bytes
+from megavideo.config import Config, ConfigError, validate
+from megavideo.describe import local_numel, meta_models
+from megavideo.flops import step_flops
+from megavideo.models.video import Tokens
+from parallel.comm_volume import dp_volume, ring_wire_bytes, tp_layer_volume
+from parallel.distributed import single_rank_world
+from parallel.layout import split_layers
+
+GiB = 2**30
+FIRST_STAGE_PARTS = ("clip_teacher", "mae_teacher")
+PIPELINED_PARTS = ("student", "video")
+
+
+@dataclass
+class Calibration:
+    """The performance model's constants (a JSON file: ``launch.profile`` writes one)."""
+
+    matmul_efficiency: float = 0.5  # achieved / peak FLOP/s of a whole step's compute
+    nvlink_efficiency: float = 0.7  # achieved / nominal bandwidth inside a node
+    network_efficiency: float = 0.7  # achieved / nominal bandwidth between nodes
+    reserve_gib: float = 6.0  # CUDA context, NCCL buffers, allocator fragmentation
+    latency_s: float = 2e-5  # fixed cost of one TP collective or pipeline transfer
+    source: str = "defaults"
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(**{k: v for k, v in data.items() if k in {f.name for f in
+                                                                  dataclasses.fields(cls)}})
+        except (OSError, ValueError, TypeError) as err:
+            raise ConfigError(f"calibration file {path} is unreadable: {err}.") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    vpp: int
+    dp: int
+    sp: bool
+    micro_batch: int
+    recompute: str
+    distributed_optimizer: bool
+
+    def overrides(self) -> list[str]:
+        """The dotted overrides that put a run config on this layout."""
+        return [f"parallel.tp={self.tp}", f"parallel.pp={self.pp}", f"parallel.vpp={self.vpp}",
+                f"parallel.sp={str(self.sp).lower()}", f"train.micro_batch={self.micro_batch}",
+                f"train.recompute={self.recompute}",
+                f"parallel.distributed_optimizer={str(self.distributed_optimizer).lower()}"]
+
+    @classmethod
+    def of(cls, cfg: Config, gpus: int) -> Layout:
+        """The layout a run config asks for on ``gpus`` GPUs (dp 0 when they do not divide)."""
+        par, train = cfg.parallel, cfg.train
+        model_parallel = par.tp * par.pp
+        return cls(par.tp, par.pp, par.vpp, gpus // model_parallel if gpus % model_parallel == 0
+                   else 0, par.sp, train.micro_batch, train.recompute, par.distributed_optimizer)
+
+    def apply(self, cfg: Config) -> Config:
+        par = replace(cfg.parallel, tp=self.tp, pp=self.pp, vpp=self.vpp, sp=self.sp,
+                      distributed_optimizer=self.distributed_optimizer, pipeline_layout=[])
+        train = replace(cfg.train, micro_batch=self.micro_batch, recompute=self.recompute)
+        return replace(cfg, parallel=par, train=train)
+
+
+@dataclass
+class Prediction:
+    layout: Layout
+    step_s: float = 0.0
+    samples_per_s: float = 0.0
+    tflops: float = 0.0  # model TFLOP/s per GPU
+    mfu: float = 0.0
+    bubble: float = 0.0
+    padding: float = 0.0  # share of the hardware FLOPs spent on padding heads and tokens
+    time_s: dict[str, float] = field(default_factory=dict)  # compute, tp, pp, dp
+    memory_gib: dict[str, float] = field(default_factory=dict)  # the worst rank's parts
+    worst_rank: int = 0
+    fits: bool = True
+    why: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Inventory:
+    """Parameter counts per rank for any layout, from one build of the model on the meta device."""
+
+    def __init__(self, cfg: Config) -> None:
+        with single_rank_world():
+            whole, teachers = meta_models(cfg)
+        self.layer, self.first, self.last, self.frozen_last = [], [], [], []
+        for name, param in whole.named_parameters():
+            if name.startswith("blocks.layers.0."):
+                self.layer.append(param)
+            elif name.startswith("blocks.layers."):
+                continue
+            elif name.startswith("embed."):
+                self.first.append(param)
+            elif param.requires_grad:
+                self.last.append(param)
+            else:
+                self.frozen_last.append(param)
+        self.frozen_first = list(teachers.parameters()) if teachers is not None else []
+        self._counts: dict[tuple[str, int], int] = {}
+
+    def _count(self, part: str, tp: int) -> int:
+        if (part, tp) not in self._counts:
+            self._counts[part, tp] = sum(local_numel(p, tp) for p in getattr(self, part))
+        return self._counts[part, tp]
+
+    def rank(self, tp: int, layers: int, first: bool, last: bool) -> tuple[int, int]:
+        """(trained, frozen) parameters of a pipeline rank holding ``layers`` layers."""
+        trained = layers * self._count("layer", tp)
+        frozen = 0
+        if first:
+            trained += self._count("first", tp)
+            frozen += self._count("frozen_first", tp)
+        if last:
+            trained += self._count("last", tp)
+            frozen += self._count("frozen_last", tp)
+        return trained, frozen
+
+
+def pipeline_time(stage_s: list[float], microbatches: int, vpp: int = 1) -> float:
+    """A step of megatron-core's 1F1B (interleaved with ``vpp`` chunks) over pipeline ranks that
+    take ``stage_s`` seconds per micro-batch each: the slowest paces the steady state, every rank's
+    share fills and drains the pipeline once. Equal stages give ``(v m + p - 1) t / v``, i.e. the
+    bubble ``(p - 1) / (v m + p - 1)``."""
+    v = vpp
+    return (microbatches * v - 1) * max(stage_s) / v + sum(stage_s) / v
+
+
+def tp_layer_calls(tp: int, sp: bool, qk_norm: bool, recompute: str) -> float:
+    """TP collectives one block issues per micro-batch: :func:`tp_layer_volume` counts its
+    activation-sized calls in units of one activation and the q/k statistics in 4-byte units."""
+    calls = sum(tp_layer_volume(1, 1, 1, 1, tp, sp, False, recompute).values())
+    return calls + sum(tp_layer_volume(1, 1, 0, 1, tp, sp, qk_norm, recompute).values()) / 4
+
+
+def _divisors(n: int, limit: int) -> list[int]:
+    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
+
+
+def layouts(cfg: Config, gpus: int, global_batch: int, device: DeviceSpec) -> list[Layout]:
+    """Every layout of ``gpus`` GPUs worth predicting: tp within a node, pp dividing the GPUs,
+    vpp splitting the layers, micro-batches dividing the per-replica batch."""
+    layers = cfg.model.student.num_layers
+    out = []
+    for tp in (t for t in (1, 2, 4, 8) if t <= device.gpus_per_node and gpus % t == 0):
+        for pp in _divisors(gpus // tp, min(layers, 16)):
+            dp = gpus // (tp * pp)
+            vpps = [1] + ([v for v in (2, 3, 4, 6, 8) if pp * v <= layers] if pp > 1 else [])
+            for vpp, mb in itertools.product(vpps, (1, 2, 4, 8, 16)):
+                if global_batch % (dp * mb):
+                    continue
+                m = global_batch // (dp * mb)
+                if vpp > 1 and m % pp:
+                    continue
+                for sp, recompute, dist_opt in itertools.product(
+                        (False, True) if tp > 1 else (False,), ("none", "selective", "full"),
+                        (False, True) if dp > 1 else (False,)):
+                    out.append(Layout(tp, pp, vpp, dp, sp, mb, recompute, dist_opt))
+    return out
+
+
+class Planner:
+    """Predicts step time and memory of layouts of one model on ``gpus`` GPUs of ``device``."""
+
+    def __init__(self, cfg: Config, gpus: int, device: str | DeviceSpec, global_batch: int,
+                 calibration: Calibration | None = None, peak_tflops: float = 0.0,
+                 inventory: Inventory | None = None) -> None:
+        """``inventory``: the model's, built beforehand (it needs a process group of its own, so a
+        caller inside a training world builds it before starting that world)."""
+        if cfg.stage == 3:
+            raise ConfigError("launch.plan plans stages 1 and 2 (the pipelined video encoder); "
+                              "stage 3's LLM layouts are not modelled yet.")
+        if isinstance(device, str) and device not in DEVICES:
+            raise ConfigError(f"unknown GPU type '{device}' (known: {', '.join(DEVICES)}).")
+        self.cfg = replace(cfg, train=replace(cfg.train, global_batch=global_batch))
+        self.gpus, self.global_batch = gpus, global_batch
+        self.device = DEVICES[device] if isinstance(device, str) else device
+        self.calibration = calibration or Calibration()
+        self.peak = peak_tflops or self.device.peak_tflops(cfg.train.precision)
+        self.bytes = 2 if cfg.train.precision == "bf16" else 4
+        self.inventory = inventory or Inventory(self.cfg)
+
+    def with_calibration(self, calibration: Calibration) -> Planner:
+        """The same planner (same model inventory) with other constants."""
+        other = copy.copy(self)
+        other.calibration = calibration
+        return other
+
+    def candidates(self) -> list[Layout]:
+        return layouts(self.cfg, self.gpus, self.global_batch, self.device)
+
+    def predict(self, layout: Layout) -> Prediction:
+        """The predicted step of ``layout`` (``fits`` False and ``why`` when it cannot run)."""
+        out = Prediction(layout)
+        cfg = layout.apply(self.cfg)
+        try:
+            validate(cfg, self.gpus)
+        except ConfigError as err:
+            out.fits, out.why = False, str(err)
+            return out
+        m = self.global_batch // (layout.dp * layout.micro_batch)
+        counts = split_layers(cfg.model.student.num_layers, layout.pp, layout.vpp)
+        per_rank = [sum(counts[v * layout.pp + r] for v in range(layout.vpp))
+                    for r in range(layout.pp)]
+        self._memory(cfg, layout, m, per_rank, out)
+        self._time(cfg, layout, m, per_rank, out)
+        return out
+
+    # -- time ---------------------------------------------------------------------------------
+
+    def _bandwidth(self, ranks_spanned: int) -> float:
+        """Bytes/s per GPU of a group whose ranks span ``ranks_spanned`` consecutive GPUs."""
+        c, d = self.calibration, self.device
+        if ranks_spanned <= d.gpus_per_node:
+            return d.nvlink_gbps * 1e9 * c.nvlink_efficiency
+        return d.network_gbps * 1e9 * c.network_efficiency
+
+    def _time(self, cfg: Config, layout: Layout, m: int, per_rank: list[int],
+              out: Prediction) -> None:
+        flops = step_flops(cfg, layout.dp)
+        student = cfg.model.student
+        layers = student.num_layers
+        parts = {k: flops.forward.get(k, 0.0) + flops.backward.get(k, 0.0)
+                 + flops.recompute.get(k, 0.0) for k in set(flops.forward) | set(flops.recompute)}
+        piped = sum(v for k, v in parts.items() if k in PIPELINED_PARTS) + flops.padding
+        first = sum(v for k, v in parts.items() if k in FIRST_STAGE_PARTS)
+        last = sum(v for k, v in parts.items()
+                   if k not in PIPELINED_PARTS and k not in FIRST_STAGE_PARTS)
+        rate = self.peak * 1e12 * self.calibration.matmul_efficiency
+        replicas = layout.dp * m  # micro-batches of the whole step over all replicas
+        tokens = Tokens.of(cfg.model, layout.tp, layout.sp).length
+        tp_bw = self._bandwidth(layout.tp)
+        tp_calls = tp_layer_calls(layout.tp, layout.sp, student.qk_norm, layout.recompute)
+        tp_wire = ring_wire_bytes(tp_layer_volume(tokens, layout.micro_batch, student.hidden_size,
+                                                  self.bytes, layout.tp, layout.sp, student.qk_norm,
+                                                  layout.recompute), layout.tp)
+        pp_bytes = tokens * layout.micro_batch * student.hidden_size * self.bytes / (
+            layout.tp if layout.sp else 1)
+        pp_bw = self._bandwidth(layout.tp * layout.dp * 2)
+        stage_s, tp_s = [], 0.0
+        for r, n in enumerate(per_rank):
+            work = piped * n / layers
+            work += first if r == 0 else 0.0
+            work += last if r == len(per_rank) - 1 else 0.0
+            latency = self.calibration.latency_s
+            comm = n * (tp_wire / tp_bw + tp_calls * latency) if layout.tp > 1 else 0.0
+            p2p = 2 * layout.vpp * (pp_bytes / pp_bw + latency) if layout.pp > 1 else 0.0
+            stage_s.append(work / replicas / layout.tp / rate + comm + p2p)
+            tp_s = max(tp_s, comm * m)
+        pipeline = pipeline_time(stage_s, m, layout.vpp)
+        trained, _ = self.inventory.rank(layout.tp, max(per_rank), True, False)
+        dp_bytes = ring_wire_bytes(dp_volume(trained, layout.dp, layout.distributed_optimizer,
+                                             4, self.bytes), layout.dp)
+        dp_s = dp_bytes / self._bandwidth(layout.tp * layout.dp)
+        step = pipeline + dp_s
+        out.step_s = step
+        out.samples_per_s = self.global_batch / step
+        out.tflops = flops.model / step / self.gpus / 1e12
+        out.mfu = out.tflops / self.peak
+        out.padding = flops.padding / flops.hardware if flops.hardware else 0.0
+        out.bubble = 1.0 - m * sum(stage_s) / len(stage_s) / pipeline
+        out.time_s = {"compute_and_tp": pipeline, "tp": tp_s, "dp": dp_s}
+
+    # -- memory -------------------------------------------------------------------------------
+
+    def _in_flight(self, layout: Layout, rank: int, m: int) -> int:
+        """Micro-batch chunks whose activations rank ``rank`` holds at its peak (megatron-core's
+        warm-up count + 1)."""
+        p, v = layout.pp, layout.vpp
+        if v == 1:
+            return min(p - rank, m)
+        return min(m * v, (p - rank - 1) * 2 + (v - 1) * p + 1)
+
+    def _memory(self, cfg: Config, layout: Layout, m: int, per_rank: list[int],
+                out: Prediction) -> None:
+        student, model = cfg.model.student, cfg.model
+        tokens = Tokens.of(model, layout.tp, layout.sp).length
+        per_layer = vit_layer_bytes(
+            student.hidden_size, student.num_heads,
+            student.mlp_hidden_size, tokens, layout.micro_batch, layout.tp, layout.sp,
+            layout.recompute, self.bytes, attention="flash", qk_norm=student.qk_norm,
+            layer_scale=bool(student.layer_scale_init))
+        optimizer = (4.0 if self.bytes == 2 else 0.0) + 8.0
+        worst, worst_total = {}, -1.0
+        for r, n in enumerate(per_rank):
+            first, last = r == 0, r == layout.pp - 1
+            trained, frozen = self.inventory.rank(layout.tp, n, first, last)
+            parts = {
+                "weights": trained * self.bytes,
+                "grads": trained * 4.0,
+                "optimizer": trained * optimizer / (layout.dp if layout.distributed_optimizer
+                                                    else 1),
+                "frozen": frozen * self.bytes,
+                "activations": per_layer * n / layout.vpp * self._in_flight(layout, r, m),
+                "targets": self._targets(cfg, m, layout) if first and cfg.stage == 1 else 0.0,
+            }
+            parts = {k: v / GiB for k, v in parts.items()}
+            parts["reserve"] = self.calibration.reserve_gib
+            total = sum(parts.values())
+            if total > worst_total:
+                worst, worst_total, out.worst_rank = parts, total, r
+        out.memory_gib = worst | {"total": worst_total}
+        if worst_total > self.device.memory_gib:
+            shown = ", ".join(f"{k} {v:.1f}" for k, v in worst.items() if v >= 0.05)
+            out.fits = False
+            out.why = (f"pipeline rank {out.worst_rank} needs {worst_total:.1f} GiB ({shown}) of "
+                       f"the {self.device.name}'s {self.device.memory_gib:g} GiB")
+
+    def _targets(self, cfg: Config, m: int, layout: Layout) -> float:
+        """Bytes of the stage-1 teacher targets the first stage holds for a step's micro-batches."""
+        model = cfg.model
+        visible = Tokens.of(model, 1, False).real
+        per_sample = (model.clip_layers * visible * model.clip_teacher.hidden_size
+                      + model.mae_layers * (visible - 1) * model.mae_teacher.hidden_size
+                      + model.clip_teacher.pool_dim)
+        return per_sample * layout.micro_batch * m * self.bytes
+
+    def plan(self) -> tuple[list[Prediction], list[Prediction]]:
+        """(fitting layouts fastest first, the smaller memory first among equals; refused
+        layouts)."""
+        fitting, refused = [], []
+        for layout in self.candidates():
+            prediction = self.predict(layout)
+            (fitting if prediction.fits else refused).append(prediction)
+        fitting.sort(key=lambda p: (round(p.step_s, 4), p.memory_gib["total"]))
+        return fitting, refused
+
+
+def format_table(predictions: list[Prediction]) -> str:
+    head = (f"{'#':>3} {'tp':>3} {'pp':>3} {'vpp':>3} {'dp':>4} {'sp':>3} {'mb':>3} "
+            f"{'recompute':>9} {'dist-opt':>8} {'pad%':>5} {'step s':>8} {'samples/s':>9} "
+            f"{'TFLOP/s':>8} {'MFU':>6} {'bubble':>6} {'GiB/rank':>8}")
+    lines = [head]
+    for i, p in enumerate(predictions, 1):
+        lay = p.layout
+        lines.append(
+            f"{i:>3} {lay.tp:>3} {lay.pp:>3} {lay.vpp:>3} {lay.dp:>4} {'y' if lay.sp else 'n':>3} "
+            f"{lay.micro_batch:>3} {lay.recompute:>9} {'y' if lay.distributed_optimizer else 'n':>8} "
+            f"{100 * p.padding:>5.1f} {p.step_s:>8.3f} {p.samples_per_s:>9.1f} {p.tflops:>8.1f} "
+            f"{100 * p.mfu:>5.1f}% {100 * p.bubble:>5.1f}% {p.memory_gib['total']:>8.1f}")
+    return "\n".join(lines)
+
