@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
@@ -193,3 +194,24 @@ def fetch_rows(x: torch.Tensor, index: torch.Tensor, group) -> torch.Tensor:
     if group_size(group) == 1:
         return x[index]
     return _FetchRows.apply(x, index, group)
+
+
+def bus_bandwidth(group=None, nbytes: int = 1 << 24, repeats: int = 5) -> float:
+    """Achieved all-reduce bus bandwidth of ``group`` in bytes/s per rank (NCCL-tests' busbw:
+    the payload x 2 (n - 1) / n over the time), on the group's backend and device."""
+    n = dist.get_world_size(group)
+    if n == 1:
+        return float("inf")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dist.all_reduce(x, group=group)  # warm-up (connections)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dist.all_reduce(x, group=group)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - start) / repeats
+    return nbytes * 2 * (n - 1) / n / elapsed

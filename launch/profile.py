@@ -1,0 +1,69 @@
+"""Profile layouts on this machine:
+``torchrun --nproc-per-node N -m launch.profile CONFIG [key=value ...] [--layout "k=v k=v"]...``.
+
+Runs a few steps of each layout (by default every tp x pp split of the ranks at the config's
+micro-batch and twice it) with the throughput, communication and pipeline accounting on, and writes
+to ``--out``: report.json (per layout the measured medians, the analytic collective volumes and
+bubble, and the planner's prediction), throughput.png, memory.png, predicted.png (measured vs
+predicted step time) and calibration.json for ``launch.plan --calibration``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch.distributed as dist
+
+from launch.common import config_or_exit, setup_logging
+
+log = logging.getLogger("launch.profile")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m launch.profile", description=__doc__)
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--layout", action="append", default=[],
+                        help="one layout as space-separated key=value overrides (repeatable)")
+    parser.add_argument("--steps", type=int, default=4, help="steps per layout, the first warms up")
+    parser.add_argument("--out", type=Path, default=Path("runs/profile"))
+    args = parser.parse_args(argv)
+    setup_logging()
+    cfg = config_or_exit(args.config, args.overrides)
+    from megavideo.planner import Inventory, Layout, Planner
+    from megavideo.sweep import Measured, default_sweep, fit, machine, report, run_layout
+    from parallel.distributed import init_distributed
+
+    inventory = Inventory(cfg)  # in a one-rank world of its own, before the training world
+    launch = init_distributed()
+    world = launch.world_size
+    sweep = [item.split() for item in args.layout] or default_sweep(cfg, world)
+    device = machine(cfg, world)
+    measured = []
+    for overrides in sweep:
+        metrics = run_layout(args.config, args.overrides + overrides, max(args.steps, 2))
+        if metrics is not None:
+            layout_cfg = config_or_exit(args.config, args.overrides + overrides)
+            measured.append(Measured(overrides, Layout.of(layout_cfg, world), metrics))
+            log.info("%s: %.3f s/step, %.3g TFLOP/s per rank, %.2f GiB", " ".join(overrides),
+                     metrics["perf/step_s"], metrics["perf/model_tflops"], metrics["mem/peak_gib"])
+    if launch.rank == 0 and measured:
+        planner = Planner(cfg, world, device, cfg.train.global_batch, inventory=inventory)
+        calibration = fit(measured, planner)
+        tuned = planner.with_calibration(calibration)
+        for m in measured:
+            predicted = tuned.predict(m.layout)
+            m.predicted_step_s = predicted.step_s
+            m.predicted_memory_gib = predicted.memory_gib.get("total", 0.0)
+            log.info("%s: measured %.3f s, predicted %.3f s", " ".join(m.overrides),
+                     m.metrics["perf/step_s"], m.predicted_step_s)
+        report(args.out, device, calibration, measured)
+        log.info("wrote %s (report.json, calibration.json, *.png)", args.out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
