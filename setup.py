@@ -21,6 +21,7 @@ setup(
         "av>=12",  # PyAV: manifests and the CPU decode path
         "safetensors",  # stage 3: Hugging Face LLM weights in and out
         "tokenizers",  # stage 3: the LLM's tokenizer.json
+        "matplotlib",  # launch.profile's plots
     ],
     extras_require={
         # the GPU stack, optional at run time (NVIDIA's apex is used when present, never required:
