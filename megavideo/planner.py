@@ -357,12 +357,14 @@ class Planner:
                        f"the {self.device.name}'s {self.device.memory_gib:g} GiB")
 
     def _targets(self, cfg: Config, m: int, layout: Layout) -> float:
-        """Bytes of the stage-1 teacher targets the first stage holds for a step's micro-batches."""
-        model = cfg.model
+        """Bytes of the stage-1 teacher targets (and the student's frames) the first stage builds
+        for all of a step's micro-batches before the schedule starts."""
+        model, student = cfg.model, cfg.model.student
         visible = Tokens.of(model, 1, False).real
         per_sample = (model.clip_layers * visible * model.clip_teacher.hidden_size
                       + model.mae_layers * (visible - 1) * model.mae_teacher.hidden_size
-                      + model.clip_teacher.pool_dim)
+                      + model.clip_teacher.pool_dim
+                      + 3 * student.num_frames * student.image_size ** 2)
         return per_sample * layout.micro_batch * m * self.bytes
 
     def plan(self) -> tuple[list[Prediction], list[Prediction]]:
