@@ -72,6 +72,7 @@ class StepMeter:
         self.comm = CommCounter(megatron_groups()) if cfg.profile.comm else None
         self.analytic = analytic_volume(cfg, stage, chunks) if cfg.profile.comm else {}
         self.group_sizes = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": stage.dp}
+        self.pp_group = stage.pp_group
         self.timer = PipelineTimer(stage.pp_group) if cfg.profile.pipeline else None
         self.bubble_formula = bubble_fraction(cfg.parallel.pp, stage.num_microbatches,
                                               cfg.parallel.vpp)
@@ -119,7 +120,10 @@ class StepMeter:
                 out[f"comm/{label}_bytes"] = self.comm.bytes.get(label, 0.0) if size > 1 else 0.0
                 out[f"comm/{label}_analytic_bytes"] = self.analytic[label]
         if self.timer is not None and self.timer.steps:
-            out["pipeline/bubble"] = self.timer.steps[-1].bubble
+            bubble = torch.tensor([self.timer.steps[-1].bubble / self.group_sizes["pp"]],
+                                  device=self.device)
+            dist.all_reduce(bubble, group=self.pp_group)  # the mean over the pipeline ranks
+            out["pipeline/bubble"] = float(bubble)
             out["pipeline/bubble_formula"] = self.bubble_formula
         return out
 
