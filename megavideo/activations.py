@@ -20,6 +20,11 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from kernels.backends import layer_backend
+from megavideo.config import Config
+from megavideo.models.specs import transformer_config
+from megavideo.models.video import Tokens
+from megavideo.models.vit import block_stack
 from parallel.layout import padded_heads
 
 FP32 = 4  # bytes of the values this repo computes in fp32 whatever the model's dtype
@@ -304,3 +309,25 @@ def llm_layer_bytes(
         probs = b * a * s * s
         terms.append(FP32 * probs + (B * probs if B != FP32 else 0))
     return float(sum(terms))
+
+
+def student_layer_bytes(cfg: Config) -> dict[str, float]:
+    """Measured and analytic bytes one block of the config's video encoder saves per
+    micro-batch at the config's tp, SP, recomputation and precision: a two-block stack run on a
+    random residual stream (call on every rank of an initialised model-parallel world at that tp)."""
+    vit, par, train = cfg.model.student, cfg.parallel, cfg.train
+    sp = par.sp and par.tp > 1
+    tokens = Tokens.of(cfg.model, par.tp, sp).length
+    config = transformer_config(vit, par, train, pipelined=False, sequence_parallel=sp)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    stack = block_stack(vit, config, 2).to(device).train()
+    x = torch.randn(tokens // par.tp if sp else tokens, train.micro_batch, vit.hidden_size,
+                    dtype=config.params_dtype, device=device, requires_grad=True)
+    measured = measure_layer_bytes(stack, x, None, None)
+    attention = "flash" if layer_backend() == "te" else "unfused"
+    formula = vit_layer_bytes(vit.hidden_size, vit.num_heads, vit.mlp_hidden_size, tokens,
+                              train.micro_batch, par.tp, sp, train.recompute,
+                              config.params_dtype.itemsize, attention, vit.qk_norm,
+                              bool(vit.layer_scale_init))
+    return {"act/layer_bytes": measured, "act/layer_bytes_formula": formula}

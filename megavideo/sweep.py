@@ -21,6 +21,7 @@ import psutil
 import torch.distributed as dist
 
 from kernels.devices import DeviceSpec, local_device, measure_matmul_tflops
+from megavideo.activations import student_layer_bytes
 from megavideo.config import Config, ConfigError, load_config, validate_world
 from megavideo.planner import Calibration, Layout, Planner
 from megavideo.training import Trainer
@@ -79,7 +80,8 @@ def run_layout(config: str, overrides: list[str], steps: int) -> dict[str, float
     trainer = Trainer(cfg)
     trainer.start_data(0, {}, None)
     rows = [trainer.train_step(step) for step in range(steps)][1:]
-    return {key: statistics.median(row[key] for row in rows) for key in rows[0]}
+    return {key: statistics.median(row[key] for row in rows) for key in rows[0]} | \
+        student_layer_bytes(cfg)
 
 
 def fit(measured: list[Measured], planner: Planner) -> Calibration:

@@ -49,10 +49,6 @@ def _llm(tp, sp, recompute, precision, extra) -> float:
     cfg = load_config(CONFIG, _overrides(tp, sp, recompute, precision, extra))
     llm = cfg.model.llm
     config = llm_config(llm, cfg.parallel, cfg.train)
-    if recompute != "none":  # llm_config does not read train.recompute: set megatron-core's fields
-        config.recompute_granularity = recompute
-        if recompute == "full":
-            config.recompute_method, config.recompute_num_layers = "uniform", 1
     model = build_llm(llm, config, num_layers=LAYERS).train()
     x = torch.randn(_rows(tp, sp), MICRO_BATCH, llm.hidden_size, dtype=DTYPES[precision],
                     requires_grad=True)
