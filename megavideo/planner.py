@@ -374,7 +374,7 @@ class Planner:
         for layout in self.candidates():
             prediction = self.predict(layout)
             (fitting if prediction.fits else refused).append(prediction)
-        fitting.sort(key=lambda p: (round(p.step_s, 4), p.memory_gib["total"]))
+        fitting.sort(key=lambda p: (p.step_s, p.memory_gib["total"]))
         return fitting, refused
 
 

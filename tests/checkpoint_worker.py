@@ -1,5 +1,5 @@
-"""Checkpoint helpers run as scripts: a training process killed with SIGKILL in the middle of a
-save, and the differences between two checkpoints' tensors."""
+"""Checkpoint helpers: a training process killed with SIGKILL in the middle of a save (run as a
+script), and the differences between two checkpoints' tensors."""
 
 from __future__ import annotations
 
@@ -29,23 +29,18 @@ def crash_mid_save(config: str, overrides: list[str], dying_save: str) -> None:
     run(load_config(config, overrides))
 
 
-def differences(dir_a: str, dir_b: str) -> None:
-    """Print {key: [max |a - b|, max |a|]} of two checkpoints' tensors as JSON."""
-    import json
-
+def differences(dir_a: str | Path, dir_b: str | Path) -> dict[str, list[float]]:
+    """{key: [max |a - b|, max |a|]} of two checkpoints' tensors (in a one-rank world of its own:
+    call it where no process group exists)."""
     from parallel.distributed import single_rank_world
 
     with single_rank_world():
         a, b = (dist_checkpointing.load_plain_tensors(d) for d in (dir_a, dir_b))
     a, b = ({k: v for k, v in d.items() if isinstance(v, torch.Tensor)} for d in (a, b))
     assert sorted(a) == sorted(b), sorted(set(a) ^ set(b))
-    out = {k: [float((a[k].float() - b[k].float()).abs().max()), float(a[k].float().abs().max())]
-           for k in a}
-    print(json.dumps(out))
+    return {k: [float((a[k].float() - b[k].float()).abs().max()), float(a[k].float().abs().max())]
+            for k in a}
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "differences":
-        differences(sys.argv[2], sys.argv[3])
-    else:
-        crash_mid_save(sys.argv[1], sys.argv[3:], sys.argv[2])
+    crash_mid_save(sys.argv[1], sys.argv[3:], sys.argv[2])

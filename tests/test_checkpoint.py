@@ -11,6 +11,7 @@ e.g. the attention pool's key biases, see test_parity).
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.checkpoint_worker import differences
 from tests.distributed import free_port, torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +32,7 @@ TINY = "configs/stage1_tiny.yaml"
 BASE = ["train.steps=6", "train.warmup_steps=1"]
 ENV = {"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1"}
 ONE_RANK = ["parallel.tp=1", "parallel.pp=1", "parallel.sp=false"]
+PROFILED = ["profile.peak_tflops=0.01", "profile.comm=true", "profile.pipeline=true"]
 
 
 def _cmd(nproc: int, overrides: list[str], module: str = "launch.train") -> list[str]:
@@ -48,11 +51,32 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
-    """6 steps at tp2 x pp2 + SP without interruption, checkpoints after steps 3 and 6."""
+    """6 steps at tp2 x pp2 + SP without interruption, checkpoints after steps 3 and 6, with the
+    throughput accounting on (it changes no number the other runs compare)."""
     run_dir = tmp_path_factory.mktemp("straight")
-    proc = _train(4, [*BASE, f"run.dir={run_dir}", "checkpoint.interval=3"])
+    proc = _train(4, [*BASE, f"run.dir={run_dir}", "checkpoint.interval=3", *PROFILED])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
+
+
+def test_a_four_rank_run_logs_metrics_and_learns(straight):
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(6))
+    for key in ("loss", "loss/clip", "loss/final", "loss/mae", "grad_norm", "lr", "samples_per_s",
+                "perf/model_tflops", "perf/hardware_tflops", "perf/mfu", "perf/hfu",
+                "perf/video_tokens_per_s", "mem/peak_gib", "pipeline/bubble"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]
+    assert glob.glob(str(straight / "tb" / "events.out.tfevents.*"))
+    last = rows[-1]
+    assert last["perf/mfu"] == pytest.approx(last["perf/model_tflops"] / 0.01)
+    assert last["perf/hardware_tflops"] > last["perf/model_tflops"]  # 5 heads padded to 6 at tp 2
+    assert last["pipeline/bubble_formula"] == pytest.approx(1 / 5)  # pp 2, 4 micro-batches
+    assert 0.0 < last["pipeline/bubble"] < 1.0
+    # the blocks' collectives, the activations between stages: the teachers, heads and targets
+    # travel on the same groups, so the measured bytes are at least the analytic ones
+    for group in ("tp", "pp"):
+        assert last[f"comm/{group}_bytes"] >= last[f"comm/{group}_analytic_bytes"] > 0, group
 
 
 def test_sigusr1_saves_exits_75_and_the_resumed_run_matches_bit_for_bit(straight, tmp_path):
@@ -134,12 +158,7 @@ def test_a_checkpoint_reshards_on_load(straight, tmp_path, name, nproc, layout):
     for step in (3, 4, 5):
         assert got[step] == pytest.approx(expected[step], rel=1e-5), (name, step)
     # what this layout saves after 3 more steps (weights, Adam moments) is what tp2 x pp2 saved
-    compare = subprocess.run([sys.executable, "-m", "tests.checkpoint_worker", "differences",
-                              str(straight / "checkpoints" / "step_00000006"),
-                              str(root / "step_00000006")],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert compare.returncode == 0, compare.stderr[-3000:]
-    diffs = json.loads(compare.stdout.splitlines()[-1])
+    diffs = differences(straight / "checkpoints" / "step_00000006", root / "step_00000006")
     kind = {k: ".".join(k.split(".")[: 1 if k.startswith("model.") else 2]) for k in diffs}
     largest = {}
     for key, (_, scale) in diffs.items():
