@@ -42,7 +42,8 @@ def test_the_report_holds_every_layout_measured_and_predicted(profiled):
         assert {"comm/tp_bytes", "comm/tp_analytic_bytes", "pipeline/bubble",
                 "pipeline/bubble_formula"} <= set(row)
         assert row["act/layer_bytes"] == pytest.approx(row["act/layer_bytes_formula"], rel=0.05)
-    assert rows[1]["act/layer_bytes"] < rows[0]["act/layer_bytes"] / 1.9  # SP at tp 2 halves it
+    # SP at tp 2 halves the residual stream; the attention keeps 3 of the 5 heads (padded to 6)
+    assert rows[1]["act/layer_bytes"] < 0.65 * rows[0]["act/layer_bytes"]
     tp2, pp2 = rows[1], rows[2]
     assert tp2["comm/tp_analytic_bytes"] > 0 and pp2["comm/pp_analytic_bytes"] > 0
     assert pp2["pipeline/bubble_formula"] == pytest.approx(1 / 3)  # 8 / (2 x 4): 2 micro-batches

@@ -60,7 +60,8 @@ def test_chat_reproduces_the_memorised_answers_at_tp2(memorised):
         clip = next(tmp.glob(f"clip{k}.*"))
         out = subprocess.run(torchrun(2) + ["-m", "launch.chat", str(run / "checkpoints"),
                                             str(clip), QUESTION, "parallel.tp=2"],
-                             cwd=ROOT, check=True, timeout=300, capture_output=True, text=True)
+                             cwd=ROOT, timeout=300, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
         assert out.stdout.strip() == "{} then {}".format(*PAIRS[k]), out.stderr[-2000:]
 
 
