@@ -23,6 +23,11 @@ VOCAB_MULTIPLE = 128  # the text vocabulary is padded to a multiple of this, wha
 STAGE2_TERMS = ("vtc", "vtm", "mlm", "avtc", "avtm", "avmlm")
 
 
+def padded_vocab(size: int) -> int:
+    """The text vocabulary's size padded to a multiple of :data:`VOCAB_MULTIPLE`."""
+    return -(-size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
 class ConfigError(ValueError):
     """A bad configuration, explained in one sentence."""
 

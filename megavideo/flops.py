@@ -31,7 +31,6 @@ from functools import lru_cache
 from pathlib import Path
 
 from megavideo.config import (
-    VOCAB_MULTIPLE,
     AudioConfig,
     Config,
     EncoderConfig,
@@ -39,8 +38,9 @@ from megavideo.config import (
     ModelConfig,
     QFormerConfig,
     ViTConfig,
+    padded_vocab,
 )
-from megavideo.models.embedding import num_visible, seq_length
+from megavideo.models.embedding import Tokens
 from parallel.layout import padded_heads
 
 BERT_VOCAB = 30522  # bert-base/large-uncased: the text vocabulary when the vocab file is unreadable
@@ -71,27 +71,13 @@ class StepFlops:
                 "model": self.model, "hardware": self.hardware}
 
 
-@dataclass(frozen=True)
-class _Tokens:
-    """The video encoder's tokens per sample: real ones and the length with SP padding (as
-    :class:`megavideo.models.video.Tokens`, without importing megatron-core)."""
-
-    real: int
-    length: int
-
-
-def _video_tokens(cfg: Config) -> _Tokens:
-    """Stages 1 and 2: CLS + the visible patches, padded to a multiple of tp under SP. Stage 3:
-    every patch, no masking, padded to a multiple of encoder_tp under SP (as
-    :meth:`megavideo.stages.stage3.Stage3.pipelined` builds them)."""
-    par, student = cfg.parallel, cfg.model.student
+def _video_tokens(cfg: Config) -> Tokens:
+    """The video encoder's tokens at the layout's TP degree (stage 3: every patch at its own
+    encoder_tp)."""
+    par = cfg.parallel
     if cfg.stage == 3:
-        tp = par.encoder_tp_size
-        real = 1 + student.num_patches
-    else:
-        tp = par.tp
-        real = 1 + student.num_frames * num_visible(student.patches_per_frame, cfg.model.mask_ratio)
-    return _Tokens(real, seq_length(real, tp) if par.sp and tp > 1 else real)
+        return Tokens.whole(cfg.model, par.encoder_tp_size, par.sp)
+    return Tokens.of(cfg.model, par.tp, par.sp)
 
 
 @dataclass(frozen=True)
@@ -205,7 +191,7 @@ class _Tally:
             self.flops.padding += excess * samples
 
 
-def _video_encoder(t: _Tally, part: str, vit: ViTConfig, layers: int, tokens: _Tokens, tp: int,
+def _video_encoder(t: _Tally, part: str, vit: ViTConfig, layers: int, tokens: Tokens, tp: int,
                    samples: float, train: bool) -> None:
     """Patch embedding (over every frame) and ``layers`` blocks on the visible tokens."""
     t.add(part, _patch_embed(vit, vit.num_frames, train), samples)
@@ -297,7 +283,7 @@ def _stage2(cfg: Config, t: _Tally, dp: int) -> None:
     text_mode = _post_norm_layer(length, text, True, True) * first
     encodes = 1 + any(name in weights for name in ("mlm", "avmlm"))  # captions, masked captions
     t.layers("text", text_mode * encodes, b)
-    vocab = -(-_text_vocab(text.vocab_file) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE  # padded_vocab
+    vocab = padded_vocab(_text_vocab(text.vocab_file))
     for (contrast, matching, mlm), memory in pairs:
         fused = _post_norm_layer(length, text, True, True, memory, fusion, True) * text.fusion_layers
         if contrast in weights:

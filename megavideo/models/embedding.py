@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megavideo.config import ViTConfig
+from megavideo.config import ModelConfig, ViTConfig
 
 
 def _sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -113,3 +114,32 @@ def num_visible(patches: int, mask_ratio: float) -> int:
 
 def seq_length(tokens: int, multiple: int) -> int:
     return math.ceil(tokens / multiple) * multiple
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """The video encoder's token sequence: CLS + visible patches, padded for sequence parallelism."""
+
+    real: int
+    length: int
+
+    @classmethod
+    def of(cls, model: ModelConfig, tp: int, sequence_parallel: bool) -> Tokens:
+        """Stages 1 and 2: the CLS token and each frame's visible patches."""
+        student = model.student
+        real = 1 + student.num_frames * num_visible(student.patches_per_frame, model.mask_ratio)
+        return cls(real, seq_length(real, tp) if sequence_parallel else real)
+
+    @classmethod
+    def whole(cls, model: ModelConfig, tp: int, sequence_parallel: bool) -> Tokens:
+        """Stage 3: the CLS token and every patch (no masking)."""
+        real = 1 + model.student.num_patches
+        return cls(real, seq_length(real, tp) if sequence_parallel else real)
+
+    def attention_mask(self, batch: int, device) -> torch.Tensor | None:
+        """[b, 1, 1, s], True on padding keys; None when there is no padding."""
+        if self.length == self.real:
+            return None
+        mask = torch.zeros(batch, 1, 1, self.length, dtype=torch.bool, device=device)
+        mask[..., self.real:] = True
+        return mask

@@ -20,14 +20,10 @@ from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
 from kernels.norms import LayerNorm
-from megavideo.config import VOCAB_MULTIPLE, TextConfig
+from megavideo.config import TextConfig, padded_vocab
 from megavideo.models.encoders import EncoderLayers
 from megavideo.models.specs import INIT_STD, ViTTransformerConfig
 from parallel.comm import group_size
-
-
-def padded_vocab(size: int) -> int:
-    return -(-size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
 def padding_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -10,41 +10,17 @@ a later stage loads the video encoder of an earlier one by name.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from megavideo.config import ModelConfig
-from megavideo.models.embedding import VideoEmbedding, num_visible, seq_length
+from megavideo.models.embedding import Tokens, VideoEmbedding
 from megavideo.models.heads import AttentionPool
 from megavideo.models.specs import ViTTransformerConfig, without_sequence_parallel
 from megavideo.models.vit import block_stack
 from parallel.comm import from_sequence_parallel, to_sequence_parallel
 from parallel.layout import Chunk
-
-
-@dataclass(frozen=True)
-class Tokens:
-    """The video encoder's token sequence: CLS + visible patches, padded for sequence parallelism."""
-
-    real: int
-    length: int
-
-    @classmethod
-    def of(cls, model: ModelConfig, tp: int, sequence_parallel: bool) -> Tokens:
-        student = model.student
-        real = 1 + student.num_frames * num_visible(student.patches_per_frame, model.mask_ratio)
-        return cls(real, seq_length(real, tp) if sequence_parallel else real)
-
-    def attention_mask(self, batch: int, device) -> torch.Tensor | None:
-        """[b, 1, 1, s], True on padding keys; None when there is no padding."""
-        if self.length == self.real:
-            return None
-        mask = torch.zeros(batch, 1, 1, self.length, dtype=torch.bool, device=device)
-        mask[..., self.real:] = True
-        return mask
 
 
 class VideoChunk(MegatronModule):

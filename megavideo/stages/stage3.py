@@ -23,7 +23,6 @@ from dataloaders import conversation
 from dataloaders.synthetic import generator, global_indices, pattern_of, pattern_video
 from megavideo import data
 from megavideo.config import Config
-from megavideo.models.embedding import seq_length
 from megavideo.models.llm import llm_config
 from megavideo.models.lora import is_lora
 from megavideo.models.specs import transformer_config
@@ -66,10 +65,7 @@ class Stage3(PipelineStage):
         counts = split_layers(model.llm.num_layers, par.pp, par.vpp, par.pipeline_layout)
         config = llm_config(model.llm, par, self.cfg.train)
         config.calculate_per_token_loss = True
-        etp = par.encoder_tp_size
-        real = 1 + model.student.num_patches
-        tokens = Tokens(real, seq_length(real, etp) if par.sp and etp > 1 else real)
-        return counts, tokens, config
+        return counts, Tokens.whole(model, par.encoder_tp_size, par.sp), config
 
     @property
     def seq_length(self) -> int:
