@@ -32,21 +32,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging()
     cfg = config_or_exit(args.config, args.overrides)
-    from megavideo.planner import Inventory, Layout, Planner
-    from megavideo.sweep import Measured, default_sweep, fit, machine, report, run_layout
+    from megavideo.planner import Inventory, Planner
+    from megavideo.sweep import default_sweep, fit, machine, report, run_layout
     from parallel.distributed import init_distributed
 
     inventory = Inventory(cfg)  # in a one-rank world of its own, before the training world
     launch = init_distributed()
     world = launch.world_size
     sweep = [item.split() for item in args.layout] or default_sweep(cfg, world)
-    device = machine(cfg, world)
+    device = machine(world)
     measured = []
     for overrides in sweep:
-        metrics = run_layout(args.config, args.overrides + overrides, max(args.steps, 2))
-        if metrics is not None:
-            layout_cfg = config_or_exit(args.config, args.overrides + overrides)
-            measured.append(Measured(overrides, Layout.of(layout_cfg, world), metrics))
+        result = run_layout(args.config, args.overrides, overrides, max(args.steps, 2))
+        if result is not None:
+            measured.append(result)
+            metrics = result.metrics
             log.info("%s: %.3f s/step, %.3g TFLOP/s per rank, %.2f GiB", " ".join(overrides),
                      metrics["perf/step_s"], metrics["perf/model_tflops"], metrics["mem/peak_gib"])
     if launch.rank == 0 and measured:

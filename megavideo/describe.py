@@ -142,11 +142,11 @@ def describe(cfg: Config, world_size: int | None = None) -> dict:
                    "tokens": [tokens.real, tokens.length]},
         "parameters": totals,
         "ranks": ranks,
-        "bytes_per_param": _bytes_per_param(train.precision, par.distributed_optimizer, dp),
+        "bytes_per_param": bytes_per_param(train.precision, par.distributed_optimizer, dp),
     }
 
 
-def _bytes_per_param(precision: str, distributed_optimizer: bool, dp: int) -> dict[str, float]:
+def bytes_per_param(precision: str, distributed_optimizer: bool, dp: int) -> dict[str, float]:
     """Weights, fp32 gradients, and the optimizer's fp32 master copy + Adam moments per param."""
     weights = 2.0 if precision == "bf16" else 4.0
     optimizer = (4.0 if precision == "bf16" else 0.0) + 8.0

@@ -40,12 +40,13 @@ from pathlib import Path
 from kernels.devices import DEVICES, DeviceSpec
 from megavideo.activations import vit_layer_bytes
 from megavideo.config import Config, ConfigError, validate
-from megavideo.describe import local_numel, meta_models
+from megavideo.describe import bytes_per_param, local_numel, meta_models
 from megavideo.flops import step_flops
 from megavideo.models.video import Tokens
 from parallel.comm_volume import dp_volume, ring_wire_bytes, tp_layer_volume
 from parallel.distributed import single_rank_world
 from parallel.layout import split_layers
+from parallel.pipeline_timing import warmup_forwards
 
 GiB = 2**30
 FIRST_STAGE_PARTS = ("clip_teacher", "mae_teacher")
@@ -287,12 +288,12 @@ class Planner:
         pp_bytes = tokens * layout.micro_batch * student.hidden_size * self.bytes / (
             layout.tp if layout.sp else 1)
         pp_bw = self._bandwidth(layout.tp * layout.dp * 2)
+        latency = self.calibration.latency_s
         stage_s, tp_s = [], 0.0
         for r, n in enumerate(per_rank):
             work = piped * n / layers
             work += first if r == 0 else 0.0
             work += last if r == len(per_rank) - 1 else 0.0
-            latency = self.calibration.latency_s
             comm = n * (tp_wire / tp_bw + tp_calls * latency) if layout.tp > 1 else 0.0
             p2p = 2 * layout.vpp * (pp_bytes / pp_bw + latency) if layout.pp > 1 else 0.0
             stage_s.append(work / replicas / layout.tp / rate + comm + p2p)
@@ -313,13 +314,12 @@ class Planner:
 
     # -- memory -------------------------------------------------------------------------------
 
-    def _in_flight(self, layout: Layout, rank: int, m: int) -> int:
+    @staticmethod
+    def _in_flight(layout: Layout, rank: int, m: int) -> int:
         """Micro-batch chunks whose activations rank ``rank`` holds at its peak (megatron-core's
         warm-up count + 1)."""
-        p, v = layout.pp, layout.vpp
-        if v == 1:
-            return min(p - rank, m)
-        return min(m * v, (p - rank - 1) * 2 + (v - 1) * p + 1)
+        total = m * layout.vpp
+        return min(warmup_forwards(rank, layout.pp, layout.vpp, total) + 1, total)
 
     def _memory(self, cfg: Config, layout: Layout, m: int, per_rank: list[int],
                 out: Prediction) -> None:
@@ -330,17 +330,14 @@ class Planner:
             student.mlp_hidden_size, tokens, layout.micro_batch, layout.tp, layout.sp,
             layout.recompute, self.bytes, attention="flash", qk_norm=student.qk_norm,
             layer_scale=bool(student.layer_scale_init))
-        optimizer = (4.0 if self.bytes == 2 else 0.0) + 8.0
+        per_param = bytes_per_param(cfg.train.precision, layout.distributed_optimizer, layout.dp)
         worst, worst_total = {}, -1.0
         for r, n in enumerate(per_rank):
             first, last = r == 0, r == layout.pp - 1
             trained, frozen = self.inventory.rank(layout.tp, n, first, last)
             parts = {
-                "weights": trained * self.bytes,
-                "grads": trained * 4.0,
-                "optimizer": trained * optimizer / (layout.dp if layout.distributed_optimizer
-                                                    else 1),
-                "frozen": frozen * self.bytes,
+                **{part: trained * n_bytes for part, n_bytes in per_param.items()},
+                "frozen": frozen * per_param["weights"],
                 "activations": per_layer * n / layout.vpp * self._in_flight(layout, r, m),
                 "targets": self._targets(cfg, m, layout) if first and cfg.stage == 1 else 0.0,
             }

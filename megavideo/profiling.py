@@ -51,8 +51,8 @@ class StepMeter:
     """Turns one step of a Trainer into throughput metrics (and, when the config asks, its
     collective bytes and pipeline bubble)."""
 
-    def __init__(self, cfg: Config, world_size: int, stage: PipelineStage, chunks: list) -> None:
-        flops = step_flops(cfg, world_size // (cfg.parallel.tp * cfg.parallel.pp))
+    def __init__(self, cfg: Config, world_size: int, stage: PipelineStage) -> None:
+        flops = step_flops(cfg, stage.dp)
         self.world = world_size
         self.model_flops, self.hardware_flops = flops.model, flops.hardware
         self.tokens = video_tokens(cfg)
@@ -60,7 +60,7 @@ class StepMeter:
         self.peak = peak_tflops(cfg.profile.device, cfg.train.precision, cfg.profile.peak_tflops)
         self.device = torch.device("cuda", torch.cuda.current_device()) \
             if torch.cuda.is_available() else torch.device("cpu")
-        self.started = 0.0
+        self.elapsed = 0.0
         if dist.get_rank() == 0:
             log.info("step cost: %.4g model TFLOP (%s), %.4g with recomputation and padding; "
                      "MFU against %s", self.model_flops / 1e12,
@@ -70,7 +70,7 @@ class StepMeter:
                      f"{self.peak:g} TFLOP/s per device" if self.peak else "no known peak")
 
         self.comm = CommCounter(megatron_groups()) if cfg.profile.comm else None
-        self.analytic = analytic_volume(cfg, stage, chunks) if cfg.profile.comm else {}
+        self.analytic = analytic_volume(cfg, stage) if cfg.profile.comm else {}
         self.group_sizes = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": stage.dp}
         self.pp_group = stage.pp_group
         self.timer = PipelineTimer(stage.pp_group) if cfg.profile.pipeline else None
@@ -92,11 +92,11 @@ class StepMeter:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            self.started = time.perf_counter()
+            started = time.perf_counter()
             yield
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            self.elapsed = time.perf_counter() - self.started
+            self.elapsed = time.perf_counter() - started
 
     def metrics(self) -> dict[str, float]:
         """The last step's throughput metrics (collective: every rank calls it)."""
@@ -128,14 +128,14 @@ class StepMeter:
         return out
 
 
-def analytic_volume(cfg: Config, stage: PipelineStage, chunks: list) -> dict[str, float]:
+def analytic_volume(cfg: Config, stage: PipelineStage) -> dict[str, float]:
     """This rank's analytic payload bytes per step: ``tp`` the pipelined model's transformer
     layers (and, with SP, their replicated gradients; not the teachers, heads or embeddings),
     ``pp`` their activations and gradients between stages, ``dp`` the gradient reduction of
     this rank's trained parameters."""
     par, config = cfg.parallel, stage.config
     tokens, m = stage.seq_length, stage.num_microbatches
-    width = 2 if cfg.train.precision == "bf16" else 4
+    width = config.params_dtype.itemsize
     layers = sum(chunk.num_layers for chunk in stage.layout[stage.pp_rank])
     qk_norm = getattr(config, "full_width_qk_norm", False)
     sp = config.sequence_parallel
@@ -146,7 +146,7 @@ def analytic_volume(cfg: Config, stage: PipelineStage, chunks: list) -> dict[str
                                    layer_scale=bool(getattr(config, "layer_scale_init", 0.0)),
                                    linear_bias=config.add_bias_linear).values())
     pp = pp_volume(tokens, cfg.train.micro_batch, config.hidden_size, width, m, par.pp,
-                   stage.pp_rank, par.vpp, par.tp, config.sequence_parallel)
-    trained = sum(p.numel() for chunk in chunks for p in chunk.parameters() if p.requires_grad)
+                   stage.pp_rank, par.vpp, par.tp, sp)
+    trained = sum(p.numel() for chunk in stage.models for p in chunk.parameters() if p.requires_grad)
     dp = dp_volume(trained, stage.dp, par.distributed_optimizer, 4, width)
     return {"tp": tp * layers, "pp": sum(pp.values()), "dp": sum(dp.values())}

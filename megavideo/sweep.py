@@ -55,7 +55,7 @@ def default_sweep(cfg: Config, world: int) -> list[list[str]]:
     return out
 
 
-def machine(cfg: Config, world: int) -> DeviceSpec:
+def machine(world: int) -> DeviceSpec:
     """This machine as the planner sees it: the table's GPU, or for a CPU run a spec measured
     here (every rank's matmul rate, the world's all-reduce bandwidth, the memory per rank)."""
     found = local_device()
@@ -68,20 +68,22 @@ def machine(cfg: Config, world: int) -> DeviceSpec:
                       gpus_per_node=world)
 
 
-def run_layout(config: str, overrides: list[str], steps: int) -> dict[str, float] | None:
-    """Median metrics of ``steps`` - 1 steps after one warm-up (None when the layout is invalid
-    for this world; every rank agrees since they check the same config)."""
+def run_layout(config: str, base: list[str], layout: list[str], steps: int) -> Measured | None:
+    """The median metrics of ``layout`` (overrides on top of ``base``) over ``steps`` - 1 steps
+    after one warm-up (None when the layout is invalid for this world; every rank agrees since
+    they check the same config)."""
     try:
-        cfg = load_config(config, overrides + PROFILE_OVERRIDES + [f"train.steps={steps}"])
+        cfg = load_config(config, base + layout + PROFILE_OVERRIDES + [f"train.steps={steps}"])
         validate_world(cfg, dist.get_world_size())
     except ConfigError as err:
-        log.warning("skipped %s: %s", " ".join(overrides), err)
+        log.warning("skipped %s: %s", " ".join(layout), err)
         return None
     trainer = Trainer(cfg)
     trainer.start_data(0, {}, None)
     rows = [trainer.train_step(step) for step in range(steps)][1:]
-    return {key: statistics.median(row[key] for row in rows) for key in rows[0]} | \
-        student_layer_bytes(cfg)
+    metrics = {key: statistics.median(row[key] for row in rows) for key in rows[0]}
+    return Measured(layout, Layout.of(cfg, dist.get_world_size()),
+                    metrics | student_layer_bytes(cfg))
 
 
 def fit(measured: list[Measured], planner: Planner) -> Calibration:

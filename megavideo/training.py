@@ -85,7 +85,7 @@ class Trainer:
         self.dp_group = parallel_state.get_data_parallel_group()
         self.skips = data.SkipBudget(cfg.data.max_skip_rate, train.global_batch)
         self.manifest: Manifest | None = None
-        self.meter = StepMeter(cfg, dist.get_world_size(), self.stage, self.stage.models)
+        self.meter = StepMeter(cfg, dist.get_world_size(), self.stage)
 
     def _finalize_grads(self, model, num_tokens=None, **kwargs) -> None:
         self.stage.finish_grads()

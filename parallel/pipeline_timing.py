@@ -45,14 +45,20 @@ def bubble_fraction(pp: int, microbatches: int, vpp: int = 1) -> float:
     return (pp - 1) / (vpp * microbatches + pp - 1)
 
 
+def warmup_forwards(rank: int, pp: int, vpp: int, total: int) -> int:
+    """Forwards pipeline rank ``rank`` runs before its first backward in megatron-core's 1F1B
+    (``vpp`` 1) or interleaved schedule, of its ``total`` forward calls (micro-batches x chunks)."""
+    warmup = pp - rank - 1 if vpp == 1 else 2 * (pp - rank - 1) + (vpp - 1) * pp
+    return min(warmup, total)
+
+
 def _order(rank: int, pp: int, vpp: int, microbatches: int) -> list[tuple[str, int, int]]:
     """Rank ``rank``'s ("F" or "B", chunk, micro-batch) in megatron-core's order: the warm-up
     forwards, then one forward and one backward at a time, then the remaining backwards (the
     interleaved schedule with its default of ``pp`` micro-batches per chunk in a row)."""
     table = schedules.get_schedule_table(microbatches, vpp, pp)  # (micro-batch, chunk)
     total = len(table)
-    warmup = pp - rank - 1 if vpp == 1 else 2 * (pp - rank - 1) + (vpp - 1) * pp
-    warmup = min(warmup, total)
+    warmup = warmup_forwards(rank, pp, vpp, total)
     forward = [("F", chunk, mb) for mb, chunk in table]
     backward = [("B", vpp - 1 - chunk, mb) for mb, chunk in table]
     steady = [op for k in range(total - warmup) for op in (forward[warmup + k], backward[k])]
