@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"wrote {out / f'{kind}.pth'}")
     except (KeyMismatch, ValueError) as err:
         exit_with(err)
+    except KeyError as err:  # a tensor without a counterpart in the other layout
+        exit_with(ValueError(f"{err.args[0]}."))
 
 
 if __name__ == "__main__":

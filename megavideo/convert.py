@@ -166,6 +166,10 @@ def to_official(kind: str, model: ModelConfig, state: dict[str, Tensor]) -> dict
     vit = getattr(model, kind)
     names = {b: a for a, b in _mapping(kind, model).items()}
     prefix = "" if kind == "student" else "vit."
+    qkv = {f"{prefix}blocks.layers.{i}.self_attention.linear_qkv.{p}" for i in range(vit.num_layers)
+           for p in (("weight", "bias") if vit.qkv_bias else ("weight",))}
+    _check_keys(set(state), set(names) | qkv | {ours for _, ours in _pos_embeds(kind, model)},
+                f"MegaVideo {kind}")
     out = {names[k]: v for k, v in state.items() if k in names}
     for official, ours in _pos_embeds(kind, model):
         out[official] = state[ours][None]
@@ -201,11 +205,12 @@ KINDS = ("student", "clip_teacher", "mae_teacher")
 
 def _meta_params(cfg: Config) -> dict[str, dict[str, torch.nn.Parameter]]:
     from megavideo.describe import meta_models
+    from megavideo.state import named_parameters
 
     student, teachers = meta_models(cfg)
-    return {"student": dict(student.named_parameters()),
-            "clip_teacher": dict(teachers.clip.named_parameters()),
-            "mae_teacher": dict(teachers.mae.named_parameters())}
+    return {"student": dict(named_parameters(student)),
+            "clip_teacher": dict(named_parameters(teachers.clip)),
+            "mae_teacher": dict(named_parameters(teachers.mae))}
 
 
 def write_checkpoint(cfg: Config, states: dict[str, dict[str, Tensor]], out: Path) -> None:
@@ -285,15 +290,17 @@ def read_llm(cfg: Config, root: Path) -> dict[str, Tensor]:
     from megatron.core import dist_checkpointing
 
     from megavideo.checkpoint import checkpoint_key, resolve
+    from megavideo.describe import meta_device
     from megavideo.models.llm import build_llm, llm_config
     from megavideo.models.lora import is_lora
+    from megavideo.state import named_parameters
     from parallel.checkpointing import assemble, sharded_tensors
     from parallel.distributed import single_rank_world
 
     one = dataclasses.replace(cfg.parallel, tp=1, pp=1, vpp=1, sp=False, pipeline_layout=[])
-    with single_rank_world(), torch.device("meta"):
+    with single_rank_world(), meta_device():
         llm = build_llm(cfg.model.llm, llm_config(cfg.model.llm, one, cfg.train))
-    params = {f"llm.{n}": p for n, p in llm.named_parameters() if not is_lora(f"llm.{n}")}
+    params = {f"llm.{n}": p for n, p in named_parameters(llm) if not is_lora(f"llm.{n}")}
     with single_rank_world():
         request = {n: sharded_tensors(checkpoint_key("student", n), p, None, 0, 1, (0, 0),
                                       torch.float32) for n, p in params.items()}

@@ -16,11 +16,13 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.overrides import TorchFunctionMode
 
 from dataloaders.tokenizer import WordPiece
+from kernels.backends import use_layer_backend
 from megavideo.config import Config
 from megavideo.models.specs import transformer_config
 from megavideo.models.stage2 import Stage2Model
 from megavideo.models.student import Stage1Student, Tokens
 from megavideo.models.teachers import Stage1Teachers
+from megavideo.state import named_parameters
 from parallel.distributed import single_rank_world
 from parallel.layout import Chunk, chunks_of, padded_heads, split_layers
 from parallel.tensors import is_tp_split
@@ -36,8 +38,10 @@ class _OnMeta(TorchFunctionMode):
 
 @contextlib.contextmanager
 def meta_device():
-    """Every tensor created inside lives on the meta device, explicit devices included."""
-    with torch.device("meta"), _OnMeta():
+    """Every tensor created inside lives on the meta device, explicit devices included; models
+    are built with the local spec (see :func:`kernels.backends.use_layer_backend`), so a GPU node
+    with Transformer Engine counts and names them as any other machine."""
+    with torch.device("meta"), _OnMeta(), use_layer_backend("local"):
         yield
 
 
@@ -77,21 +81,48 @@ def _chunk_builder(cfg: Config, tokens: Tokens):
                                              vocab, {})
 
 
-def meta_models(cfg: Config, build=None) -> tuple[MegatronModule, Stage1Teachers | None]:
-    """The whole model of the config's stage and the stage-1 teachers (None in stage 2) at
-    tp = pp = 1 on the meta device (no memory), with every parameter's layout attributes;
-    ``build`` makes the chunks (default: :func:`_chunk_builder`'s). Call inside a process group
+def whole_models(cfg: Config, build=None) -> tuple[MegatronModule, Stage1Teachers | None]:
+    """The whole model of the config's stage (1 or 2) and the stage-1 teachers (None in stage 2)
+    at tp = pp = 1, on the current device with the current layer backend; ``build`` makes the
+    chunks (default: :func:`_chunk_builder`'s). Call inside a process group
     (``single_rank_world``)."""
     model = cfg.model
     build = build or _chunk_builder(cfg, Tokens.of(model, 1, False))
-    with meta_device():
-        whole = build(Chunk(0, 0, 0, model.student.num_layers, True, True),
-                      _whole(cfg, model.student))
-        teachers = None
-        if cfg.stage == 1:
-            teachers = Stage1Teachers(model, _whole(cfg, model.clip_teacher),
-                                      _whole(cfg, model.mae_teacher), None)
+    whole = build(Chunk(0, 0, 0, model.student.num_layers, True, True), _whole(cfg, model.student))
+    teachers = None
+    if cfg.stage == 1:
+        teachers = Stage1Teachers(model, _whole(cfg, model.clip_teacher),
+                                  _whole(cfg, model.mae_teacher), None)
     return whole, teachers
+
+
+def meta_models(cfg: Config, build=None) -> tuple[MegatronModule, Stage1Teachers | None]:
+    """:func:`whole_models` on the meta device (no memory) with the local spec, every parameter
+    with its layout attributes."""
+    with meta_device():
+        return whole_models(cfg, build)
+
+
+def model_parts(stage1: Config, stage2: Config, stage3: Config) -> dict[str, torch.nn.Module]:
+    """Every model MegaVideo writes to disk, built whole (tp = pp = 1) on the current device with
+    the current layer backend: the stage-1 student and teachers, the stage-2 text and audio
+    encoders (``stage2`` with the audio encoder on), the stage-3 QFormer and LLM (and the LLM
+    with LoRA adapters). Call inside a process group (``single_rank_world``)."""
+    from megavideo.models.llm import build_llm, llm_config
+    from megavideo.models.qformer import QFormer
+
+    student, teachers = whole_models(stage1)
+    aligned, _ = whole_models(stage2)
+    model, one = stage3.model, replace(stage3.parallel, tp=1, pp=1, vpp=1, sp=False,
+                                        pipeline_layout=[], encoder_tp=0)
+    parts = {"student": student, "clip_teacher": teachers.clip, "mae_teacher": teachers.mae,
+             "text": aligned.text, "audio": aligned.audio,
+             "qformer": QFormer(model.qformer, _whole(stage3, model.qformer),
+                                model.student.hidden_size, model.llm.hidden_size)}
+    for name, tuning in (("llm", "full"), ("llm_lora", "lora")):
+        llm = replace(model.llm, tuning=tuning)
+        parts[name] = build_llm(llm, llm_config(llm, one, stage3.train))
+    return parts
 
 
 def describe(cfg: Config, world_size: int | None = None) -> dict:
@@ -112,7 +143,7 @@ def describe(cfg: Config, world_size: int | None = None) -> dict:
     totals = {"blocks": 0, "embeddings": 0, "heads": 0}
     if cfg.stage == 2:
         totals |= {"text": 0, "audio": 0}
-    for name, param in whole.named_parameters():
+    for name, param in named_parameters(whole):
         totals[_group(name)] += param.numel()
     totals["model"] = sum(totals.values())
     if teachers is not None:

@@ -1,22 +1,46 @@
 """The model as one layout-independent state: canonical names, whole unpadded tensors.
 
-A parameter's canonical name is its name in the single-rank model: DDP's ``module.`` prefix
-dropped and the layer index made global (``blocks.layers.<global layer>``, the stage-3 LLM's
-``llm.decoder.layers.<global layer>``). Copies of a tied
-parameter report under one name (the last chunk's copy). Used by the parity tests, and by
-checkpoint conversion.
+A parameter's canonical name is its name in the single-rank model built with megatron-core's
+local spec: DDP's ``module.`` prefix dropped, the layer index made global (``blocks.layers.<global
+layer>``, the stage-3 LLM's ``llm.decoder.layers.<global layer>``) and a norm that the Transformer
+Engine spec fuses into the next linear named as the local spec names it (:func:`canonical_name`).
+Copies of a tied parameter report under one name (the last chunk's copy). Everything written to
+disk (checkpoints, converted weights) uses these names, whichever backend wrote or reads it.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
 from parallel.tensors import gather_full, take_shard
 
 _LAYER = re.compile(r"^((?:.*\.)?(?:blocks|decoder)\.layers)\.(\d+)\.")
+# The TE specs hold a block's pre-norms inside the next linear (``self_attention.linear_qkv.
+# layer_norm_weight`` for ``input_layernorm.weight``, ``mlp.linear_fc1.layer_norm_*`` for
+# ``pre_mlp_layernorm.*``); megatron-core's local GPT spec declares that correspondence (local ->
+# TE prefix) for its own checkpoints. Read the other way, it gives every TE name its local one.
+FUSED_NORMS = {te: local for local, te in
+               get_gpt_layer_local_spec().submodules.sharded_state_dict_keys_map.items()}
+
+
+def canonical_name(name: str) -> str:
+    """The local spec's name of a parameter named ``name`` under either spec."""
+    for fused, local in FUSED_NORMS.items():
+        at = name.find(fused)
+        if at == 0 or at > 0 and name[at - 1] == ".":
+            return name[:at] + local + name[at + len(fused):]
+    return name
+
+
+def named_parameters(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """``module.named_parameters()`` under canonical names (layer indices as the module has them)."""
+    for name, param in module.named_parameters():
+        yield canonical_name(name), param
 
 
 def _unwrap(module):
@@ -28,7 +52,7 @@ def canonical_params(chunks) -> list[tuple[str, torch.nn.Parameter]]:
     out = []
     for chunk in chunks:
         model = _unwrap(chunk)
-        for name, param in model.named_parameters():
+        for name, param in named_parameters(model):
             match = _LAYER.match(name)
             if match:
                 stack, index = match.groups()

@@ -63,7 +63,7 @@ def test_mpirun_without_mpi4py_says_what_to_install(monkeypatch):
 
 
 def test_layer_backend_names_its_fallback(caplog):
-    backends.layer_backend.cache_clear()
+    backends.detected_layer_backend.cache_clear()
     with caplog.at_level(logging.INFO, logger="kernels.backends"):
         chosen = backends.layer_backend()
     found = backends.detect()

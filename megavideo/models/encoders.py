@@ -21,7 +21,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import nn
 
 from megavideo.config import EncoderConfig
-from megavideo.models.specs import ViTTransformerConfig, post_norm_layer_spec
+from megavideo.models.specs import ViTTransformerConfig, cross_attention_mask, post_norm_layer_spec
 
 
 class PostNormLayer(TransformerLayer):
@@ -43,9 +43,9 @@ class PostNormLayer(TransformerLayer):
         x = self.input_layernorm(self._add(
             hidden_states, self.self_attention(hidden_states, attention_mask=attention_mask), a))
         if context is not None and self.crosses:
+            mask = cross_attention_mask(context_mask, x.shape[0])
             x = self.pre_cross_attn_layernorm(self._add(
-                x, self.cross_attention(x, attention_mask=context_mask, key_value_states=context),
-                1.0))
+                x, self.cross_attention(x, attention_mask=mask, key_value_states=context), 1.0))
         return self.pre_mlp_layernorm(self._add(x, self.mlp(x), a))
 
 
@@ -56,11 +56,12 @@ class EncoderLayers(nn.Module):
 
     def __init__(self, enc: EncoderConfig, config: ViTTransformerConfig,
                  cross_layers: Collection[int] = (), cross_width: int = 0,
-                 pg_collection=None) -> None:
+                 pg_collection=None, *, padded: bool = False, cross_padded: bool = False) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
             build_module(post_norm_layer_spec(enc, cross_width if i in cross_layers else 0,
-                                              getattr(pg_collection, "tp", None)),
+                                              getattr(pg_collection, "tp", None), padded=padded,
+                                              cross_padded=cross_padded),
                          config=config, layer_number=i + 1, pg_collection=pg_collection)
             for i in range(enc.num_layers))
         self.recompute = config.recompute_granularity == "full"
@@ -68,8 +69,9 @@ class EncoderLayers(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, start: int = 0,
                 stop: int | None = None, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x [s, b, h]; mask [b, 1, 1, s] True on padding; context [m, b, w], context_mask
-        [b, 1, 1, m] True on absent memory tokens."""
+        """x [s, b, h]; mask [b, 1, 1, s] True on padding (None: no padding); context [m, b, w],
+        context_mask [b, 1, 1, m] True on absent memory tokens (None: all present). The masks
+        are the ones the layers were built for (``padded``, ``cross_padded``)."""
         for layer in self.layers[start:stop]:
             if self.recompute and self.training:
                 x = tensor_parallel.checkpoint(layer, False, x, mask, context, context_mask)

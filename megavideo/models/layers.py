@@ -107,7 +107,8 @@ class InternVideo2Block(TransformerLayer):
         nothing: zero q, k, v give zero context, and zero gradients keep them zero)."""
         attn, head_dim = self.self_attention, config.kv_channels
         marks = [(attn.linear_qkv.weight, 0, 3 * head_dim), (attn.linear_proj.weight, 1, head_dim)]
-        if getattr(attn.linear_qkv, "bias", None) is not None:
+        # TE's linears without a bias keep an empty plain tensor in ``bias``, not None
+        if isinstance(getattr(attn.linear_qkv, "bias", None), nn.Parameter):
             marks.append((attn.linear_qkv.bias, 0, 3 * head_dim))
         for norm in (attn.q_layernorm, attn.k_layernorm):
             if norm is not None:

@@ -215,12 +215,32 @@ def _kv_from(linear: type, width: int) -> type:
     return KVLinear
 
 
-def post_norm_layer_spec(enc: EncoderConfig, cross_width: int = 0, tp_group=None) -> ModuleSpec:
+def mask_type(padded: bool) -> AttnMaskType:
+    """``padding`` for attention that is handed a padding mask, ``no_mask`` for attention that
+    sees every token (TE's padding attention refuses to run without a mask)."""
+    return AttnMaskType.padding if padded else AttnMaskType.no_mask
+
+
+def cross_attention_mask(kv_mask: torch.Tensor | None, queries: int):
+    """A padding mask of the memory tokens [b, 1, 1, m] (True: absent) as the backend's
+    cross-attention reads it: megatron-core's local attention broadcasts it over the queries;
+    TE's padding cross-attention takes a (query mask, key/value mask) pair, here with every one
+    of the ``queries`` present."""
+    if kv_mask is None or layer_backend() != "te":
+        return kv_mask
+    query_mask = torch.zeros(kv_mask.shape[0], 1, 1, queries, dtype=torch.bool,
+                             device=kv_mask.device)
+    return query_mask, kv_mask
+
+
+def post_norm_layer_spec(enc: EncoderConfig, cross_width: int = 0, tp_group=None, *,
+                         padded: bool = False, cross_padded: bool = False) -> ModuleSpec:
     """A post-norm encoder layer (BERT, BEATs), with cross-attention to ``cross_width``-wide
     tokens when it is set. The three norm slots of megatron-core's layer hold the norms *after*
-    self-attention, cross-attention and the MLP. ``tp_group``: a TP group other than
-    megatron-core's (megatron-core's CrossAttention does not hand its group to its q and kv
-    projections, so the spec does)."""
+    self-attention, cross-attention and the MLP. ``padded``/``cross_padded``: the self-/cross-
+    attention is given a padding mask (of the tokens/of the memory). ``tp_group``: a TP group
+    other than megatron-core's (megatron-core's CrossAttention does not hand its group to its q
+    and kv projections, so the spec does)."""
     from megavideo.models.encoders import PostNormLayer
 
     if layer_backend() == "te":
@@ -238,7 +258,7 @@ def post_norm_layer_spec(enc: EncoderConfig, cross_width: int = 0, tp_group=None
     if cross_width:
         cross = ModuleSpec(
             module=CrossAttention,
-            params={"attn_mask_type": AttnMaskType.padding},
+            params={"attn_mask_type": mask_type(cross_padded)},
             submodules=CrossAttentionSubmodules(
                 linear_q=partial(column, tp_group=tp_group),
                 linear_kv=partial(_kv_from(column, cross_width), tp_group=tp_group),
@@ -250,7 +270,7 @@ def post_norm_layer_spec(enc: EncoderConfig, cross_width: int = 0, tp_group=None
             input_layernorm=norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.padding},
+                params={"attn_mask_type": mask_type(padded)},
                 submodules=SelfAttentionSubmodules(linear_qkv=column, core_attention=core,
                                                    linear_proj=row),
             ),

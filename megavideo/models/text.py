@@ -49,7 +49,7 @@ class TextEncoder(MegatronModule):
             nn.init.normal_(table.weight, std=INIT_STD)
         self.embed_norm = LayerNorm(config, h, text.norm_eps)
         self.layers = EncoderLayers(text, config, range(self.first_fusion, text.num_layers),
-                                    cross_width)
+                                    cross_width, padded=True, cross_padded=True)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, L] -> [L, B, H]."""

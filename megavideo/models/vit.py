@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from torch import nn
 
@@ -11,7 +10,7 @@ from kernels.norms import NORMS
 from megavideo.config import ViTConfig
 from megavideo.models.embedding import VideoEmbedding
 from megavideo.models.layers import BlockStack
-from megavideo.models.specs import ViTTransformerConfig, vit_layer_spec
+from megavideo.models.specs import ViTTransformerConfig, mask_type, vit_layer_spec
 
 
 def block_stack(
@@ -27,10 +26,9 @@ def block_stack(
 ) -> BlockStack:
     """``num_layers`` InternVideo2 blocks (the ones this rank holds), with the final norm if any;
     ``pg_collection`` gives them other process groups than megatron-core's (stage 3)."""
-    mask = AttnMaskType.padding if padded else AttnMaskType.no_mask
     tp_group = pg_collection.tp if pg_collection is not None else None
     submodules = TransformerBlockSubmodules(
-        layer_specs=[vit_layer_spec(vit, mask, tp_group)] * num_layers,
+        layer_specs=[vit_layer_spec(vit, mask_type(padded), tp_group)] * num_layers,
         layer_norm=NORMS[vit.norm] if vit.final_norm else None,
     )
     return BlockStack(config, submodules, post_layer_norm=vit.final_norm,
