@@ -2,6 +2,8 @@
 
 from setuptools import find_packages, setup
 
+DALI = "nvidia-dali-cuda120>=2.0"  # dataloaders/dali.py: MIN_VERSION
+
 setup(
     name="megavideo",
     version="0.1.0",
@@ -11,8 +13,9 @@ setup(
     packages=find_packages(include=["megavideo*", "parallel*", "kernels*", "dataloaders*",
                                     "launch*"]),
     install_requires=[
-        # a lower bound only: clusters bring their own build (e.g. the NGC PyTorch container)
-        "torch>=2.4",
+        # a lower bound only (megatron-core 0.16.1's): clusters bring their own build, e.g. the
+        # NGC PyTorch container (slurm/install_keeping_torch.sh installs beside it)
+        "torch>=2.6",
         "megatron-core==0.16.1",
         "psutil",  # megatron-core's checkpoint writer needs it but does not declare it
         "einops",
@@ -25,13 +28,16 @@ setup(
     ],
     extras_require={
         # the GPU stack, optional at run time (NVIDIA's apex is used when present, never required:
-        # the PyPI package named "apex" is unrelated)
-        "gpu": ["transformer-engine[pytorch]", "flash-attn", "nvidia-dali-cuda120"],
+        # the PyPI package named "apex" is unrelated). Transformer Engine: the releases
+        # megatron-core 0.16.1 was released against (its own dev extra); flash-attn: the range
+        # those TE releases accept; DALI: fn.decoders.video with frames= and pad_mode=
+        "gpu": ["transformer-engine[pytorch]>=2.9.0a0,<2.12.0", "flash-attn>=2.1.1,<=2.8.1",
+                DALI],
         # DALI alone: its CPU pipeline decodes VP8/VP9/MJPEG without a GPU (CI tests it)
-        "dali": ["nvidia-dali-cuda120"],
+        "dali": [DALI],
         "mpi": ["mpi4py"],
         # the decoder the official InternVideo2 code uses, for launch.bench_data's baseline
         "bench": ["decord"],
-        "dev": ["pytest", "ruff", "nvidia-dali-cuda120", "mpi4py"],
+        "dev": ["pytest", "ruff", DALI, "mpi4py"],
     },
 )

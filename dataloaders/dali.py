@@ -10,6 +10,8 @@ and the failing samples are found by decoding them one by one.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -17,15 +19,46 @@ from dataloaders.sampling import Draw
 from dataloaders.transform import MEAN_STD
 
 CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
+MIN_VERSION = "2.0"  # the first release whose fn.decoders.video takes frames= and pad_mode=
+# (operator schema, its path under nvidia.dali.fn) of the decoders this module can use, best first:
+# fn.decoders.video (DALI 2.0 on), fn.experimental.decoders.video (DALI 1.48 to 1.53 take the two
+# arguments there)
+DECODERS = (("decoders__Video", ("decoders", "video")),
+            ("experimental__decoders__Video", ("experimental", "decoders", "video")))
+
+
+@functools.cache
+def video_decoder() -> tuple[tuple[str, ...] | None, str]:
+    """(the ``nvidia.dali.fn`` path of a video decoder taking ``frames=`` and ``pad_mode=``, or
+    None with the reason), read from DALI's operator schemas: the import alone does not say."""
+    try:
+        import nvidia.dali
+        from nvidia.dali import backend
+    except ImportError as e:
+        return None, f"NVIDIA DALI is not installed ({e}); pip install nvidia-dali-cuda120"
+    lookup = getattr(backend, "TryGetSchema", None)
+    for schema, path in DECODERS:
+        found = lookup(schema) if lookup is not None else None
+        if found is not None and found.HasArgument("frames") and found.HasArgument("pad_mode"):
+            return path, ""
+    return None, (f"NVIDIA DALI {nvidia.dali.__version__} has no video decoder taking frames= "
+                  f"and pad_mode= (fn.decoders.video has them from DALI {MIN_VERSION} on); "
+                  "upgrade it: pip install -U nvidia-dali-cuda120")
 
 
 def missing() -> str | None:
-    """Why DALI cannot run here, or None when it can."""
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError as e:
-        return f"NVIDIA DALI is not installed ({e}); pip install nvidia-dali-cuda120"
-    return None
+    """Why DALI cannot decode here, or None when it can."""
+    return video_decoder()[1] or None
+
+
+def summary() -> str:
+    """One line for the start-up log: the DALI that runs, or why none does."""
+    path, why = video_decoder()
+    if path is None:
+        return f"no DALI ({why})"
+    import nvidia.dali
+
+    return f"DALI {nvidia.dali.__version__} (fn.{'.'.join(path)})"
 
 
 def _pipeline(device: str, size: int, normalize: str, batch_size: int, threads: int,
@@ -42,7 +75,8 @@ def _pipeline(device: str, size: int, normalize: str, batch_size: int, threads: 
         roi_start = fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1)
         roi_end = fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1)
         mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
-        video = fn.decoders.video(encoded, device=device, frames=frames, pad_mode="none")
+        decode = functools.reduce(getattr, video_decoder()[0], fn)
+        video = decode(encoded, device=device, frames=frames, pad_mode="none")
         video = fn.resize(video, size=[size, size], roi_start=roi_start, roi_end=roi_end,
                           interp_type=types.INTERP_LINEAR, antialias=True)
         return fn.crop_mirror_normalize(video, mirror=mirror, mean=mean, std=std,
@@ -120,4 +154,5 @@ def _reason(error: RuntimeError) -> str:
     return lines[0][:200] if lines else "DALI decode error"
 
 
-__all__ = ["CPU_CODECS", "DaliDecoder", "missing"]
+__all__ = ["CPU_CODECS", "DECODERS", "MIN_VERSION", "DaliDecoder", "missing", "summary",
+           "video_decoder"]

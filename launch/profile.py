@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from launch.common import config_or_exit, setup_logging
+from launch.common import config_or_exit, exit_with, setup_logging
+from megavideo.config import ConfigError, validate_device
 
 log = logging.getLogger("launch.profile")
 
@@ -32,6 +33,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging()
     cfg = config_or_exit(args.config, args.overrides)
+    try:
+        validate_device(cfg)  # before the inventory's one-rank world
+    except ConfigError as err:
+        exit_with(err)
     from megavideo.planner import Inventory, Planner
     from megavideo.sweep import default_sweep, fit, machine, report, run_layout
     from parallel.distributed import init_distributed

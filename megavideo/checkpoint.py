@@ -34,10 +34,10 @@ from megavideo import hf_llm
 from megavideo.config import Config, ConfigError
 from megavideo.models.embedding import interpolate_frames
 from megavideo.models.lora import is_lora
-from megavideo.state import canonical_params
+from megavideo.state import canonical_params, named_parameters
 from parallel import optimizer_state
 from parallel.checkpointing import assemble, sharded_tensors
-from parallel.distributed import device
+from parallel.comm import group_device
 from parallel.tensors import take_shard, whole_shape
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def teacher_params(teachers) -> dict[str, torch.nn.Parameter]:
         return {}
     return {checkpoint_key(kind, n): p for kind, module in (("clip_teacher", teachers.clip),
                                                             ("mae_teacher", teachers.mae))
-            for n, p in module.named_parameters()}
+            for n, p in named_parameters(module)}
 
 
 def resolve(path: str | Path) -> Path:
@@ -156,8 +156,7 @@ class StopSignal:
 
     def agreed(self) -> bool:
         """True on every rank when any rank got a signal (one small all-reduce per step)."""
-        # on the rank's device: NCCL reduces no CPU tensors
-        flag = torch.tensor([1 if self.received is not None else 0], device=device())
+        flag = torch.tensor([1 if self.received is not None else 0], device=group_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 

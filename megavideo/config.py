@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from kernels.devices import DEVICES
+from parallel.distributed import gpus_expected
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 VOCAB_MULTIPLE = 128  # the text vocabulary is padded to a multiple of this, whatever the tp
@@ -277,6 +280,9 @@ class RunConfig:
     dir: str = "runs/default"
     log_interval: int = 1
     tensorboard: bool = True
+    # auto: the GPUs torch sees (NCCL), else the CPU (gloo), but an error where the job was given
+    # GPUs torch cannot see; cuda: refuse to start without them; cpu: the CPU, on a GPU-less node
+    device: str = "auto"
 
 
 @dataclass
@@ -694,6 +700,9 @@ def validate(config: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"profile.device must be auto or one of {', '.join(DEVICES)} and "
                           f"profile.peak_tflops >= 0, got '{config.profile.device}' and "
                           f"{config.profile.peak_tflops}.")
+    if config.run.device not in DEVICE_CHOICES:
+        raise ConfigError(f"run.device must be one of {', '.join(DEVICE_CHOICES)}, got "
+                          f"'{config.run.device}'.")
     if config.checkpoint.interval < 0 or config.checkpoint.keep < 1:
         raise ConfigError("checkpoint.interval must be >= 0 and checkpoint.keep >= 1.")
     _validate_data(config.data)
@@ -701,6 +710,7 @@ def validate(config: Config, world_size: int | None = None) -> None:
         validate_world(config, world_size)
 
 
+DEVICE_CHOICES = ("auto", "cuda", "cpu")
 DATA_CHOICES = {
     "source": ("synthetic", "manifest"),
     "backend": ("auto", "pyav", "dali"),
@@ -747,12 +757,43 @@ def validate_world(config: Config, world_size: int) -> int:
             f"train.global_batch ({train.global_batch}) must be a multiple of train.micro_batch "
             f"x data-parallel size ({train.micro_batch} x {dp})."
         )
-    if par.vpp > 1 and train.global_batch // (train.micro_batch * dp) < par.pp:
-        raise ConfigError(
-            f"the interleaved schedule needs at least parallel.pp ({par.pp}) micro-batches per "
-            f"step, got {train.global_batch // (train.micro_batch * dp)}."
-        )
+    micro_batches = train.global_batch // (train.micro_batch * dp)
+    if par.vpp > 1:
+        validate_interleaving(micro_batches, par.pp, "train.global_batch / (train.micro_batch x "
+                              "data-parallel size)")
     return dp
+
+
+def validate_interleaving(micro_batches: int, pp: int, what: str) -> None:
+    """megatron-core's start-up rule of the interleaved 1F1B schedule (in groups of pp
+    micro-batches, the last group whole or at least pp): the micro-batch count is a multiple of
+    parallel.pp."""
+    if micro_batches % pp:
+        raise ConfigError(
+            f"the interleaved schedule (parallel.vpp > 1) runs micro-batches in groups of "
+            f"parallel.pp ({pp}): the micro-batches per step, {what} = {micro_batches}, must be "
+            f"a multiple of {pp}."
+        )
+
+
+def validate_device(config: Config, env: Mapping[str, str] | None = None) -> None:
+    """Check ``run.device`` against this node before any process group: a node where the job
+    was given GPUs (or the config asks for them) but torch sees none is an error, not a quiet
+    run on the CPU."""
+    device = config.run.device
+    if torch.cuda.is_available():
+        if device == "cpu":
+            raise ConfigError("run.device=cpu on a node where torch sees a GPU: hide the GPUs "
+                              "(CUDA_VISIBLE_DEVICES=) to run on the CPU.")
+        return
+    if device == "cpu":
+        return
+    why = "run.device=cuda asks for a GPU" if device == "cuda" else gpus_expected(env)
+    if why:
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(f"{why} but torch.cuda.is_available() is false here (torch "
+                          f"{torch.__version__}, {build}): start the job in the cluster's CUDA "
+                          "environment or container, or set run.device=cpu to run on the CPU.")
 
 
 def dump(config: Config) -> str:
@@ -778,5 +819,7 @@ __all__ = [
     "load_config",
     "parse_overrides",
     "validate",
+    "validate_device",
+    "validate_interleaving",
     "validate_world",
 ]

@@ -26,10 +26,11 @@ def backend(data: DataConfig, cuda: bool) -> str:
     """'dali' or 'pyav': auto takes DALI's NVDEC decoder on GPU ranks when DALI is installed."""
     if data.backend != "auto":
         return data.backend
-    if cuda and dali.missing() is None:
+    reason = dali.missing()
+    if cuda and reason is None:
         return "dali"
     if cuda:
-        log.info("video decode: DALI is not installed, PyAV decodes on the CPU instead")
+        log.info("video decode: PyAV on the CPU (DALI's NVDEC decoder not used: %s)", reason)
     return "pyav"
 
 

@@ -57,9 +57,12 @@ def embed(trainer: Trainer, batches: list[list]) -> dict[str, torch.Tensor]:
 def retrieval(trainer: Trainer, items: list[int], micro_batch: int) -> dict[str, float]:
     """R@k of held-out clips against their captions: ``items`` are synthetic patterns or, when
     the stage reads a manifest, its rows. The last micro-batch is padded with repeats of the last
-    item, whose embeddings are then dropped."""
+    item, whose embeddings are then dropped (and, for the interleaved schedule, whole micro-batches
+    of them up to a multiple of parallel.pp)."""
     stage = trainer.stage
-    padded = items + items[-1:] * (-len(items) % micro_batch)
+    par = trainer.cfg.parallel
+    group = micro_batch * (par.pp if par.vpp > 1 else 1)
+    padded = items + items[-1:] * (-len(items) % group)
     features = embed(trainer, stage.eval_micro_batches(padded, micro_batch))
     result = None
     if features:

@@ -15,10 +15,12 @@ from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from dataloaders import dali
 from dataloaders.manifest import Manifest
+from kernels import backends
 from megavideo import data
 from megavideo.checkpoint import EXIT_REQUEUE, Checkpointer, StopSignal
-from megavideo.config import Config, validate_world
+from megavideo.config import Config, validate_device, validate_world
 from megavideo.metrics import MetricsWriter
 from megavideo.profiling import StepMeter
 from megavideo.stages.stage1 import Stage1
@@ -45,7 +47,9 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         par, train = cfg.parallel, cfg.train
+        validate_device(cfg)  # before any process group
         self.launch = init_distributed()
+        log.info("GPU stack: %s; video decode: %s", backends.detect().summary(), dali.summary())
         init_model_parallel(par.tp, par.pp, par.vpp, train.seed)
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         # Megatron-LM's convention: stages draw their initial weights from different streams
@@ -100,12 +104,13 @@ class Trainer:
         batches = stage.micro_batches(step)
         terms_names = stage.TERMS
         summed = terms_names + (("tokens",) if stage.PER_TOKEN else ())
-        sums = torch.zeros(len(summed), dtype=torch.float64)
+        # on the device: the terms are added up without a host sync per micro-batch
+        sums = torch.zeros(len(summed), dtype=torch.float64, device=self.device)
 
         def forward_step(data_iterator, model):
             output, terms = model(next(data_iterator))
             for name, value in terms.items():
-                sums[summed.index(name)] += value.double().item()
+                sums[summed.index(name)] += value.detach().double()
             if stage.PER_TOKEN:
                 return output, lambda out: (out, terms["tokens"].to(torch.int), {})
             return output, lambda out: (out, {})
@@ -123,12 +128,12 @@ class Trainer:
         )
         if not stage.PER_TOKEN:
             sums /= stage.num_microbatches
-        self.locally_finite = bool(torch.isfinite(sums).all())
+        finite = torch.isfinite(sums).all()
         # the data counts (skipped, attempts) ride along: TP peers hold the same, others zeros
-        totals = torch.cat([sums, stage.take_data_counts()]).to(self.device)
+        totals = torch.cat([sums, stage.take_data_counts()])
         dist.all_reduce(totals, group=self.pp_group)
         dist.all_reduce(totals, group=self.dp_group)
-        totals = totals.cpu()
+        totals, self.locally_finite = totals.cpu(), bool(finite)
         if stage.PER_TOKEN:
             sums = totals[: len(terms_names)] / totals[len(terms_names)].clamp(min=1)
         else:

@@ -14,6 +14,14 @@ def group_size(group) -> int:
     return 1 if group is None or not dist.is_initialized() else group.size()
 
 
+def group_device(group=None) -> torch.device:
+    """Where the tensors of a collective on ``group`` (default: the world) must live: this rank's
+    GPU for NCCL, the CPU for gloo."""
+    if dist.get_backend(group) == dist.Backend.NCCL:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class _AllReduceSum(torch.autograd.Function):
     """Sum over a group in the forward pass and in the backward pass.
 
@@ -202,9 +210,7 @@ def bus_bandwidth(group=None, nbytes: int = 1 << 24, repeats: int = 5) -> float:
     n = dist.get_world_size(group)
     if n == 1:
         return float("inf")
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
-    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=group_device(group))
     dist.all_reduce(x, group=group)  # warm-up (connections)
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -21,6 +21,7 @@ import os
 import re
 import socket
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -99,12 +100,37 @@ def detect_launch(env: dict | None = None) -> Launch:
     return Launch("single", 0, 1, 0, "127.0.0.1", _free_port())
 
 
+# set by SLURM in a job that was given GPUs (gres/gpu): the GPU indices, and their number
+SLURM_GPU_VARIABLES = ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE")
+
+
+def gpus_expected(env: Mapping[str, str] | None = None) -> str | None:
+    """Why this process should see a GPU (SLURM gave its job some, ``CUDA_VISIBLE_DEVICES``
+    names some), or None."""
+    env = os.environ if env is None else env
+    for name in SLURM_GPU_VARIABLES:
+        value = env.get(name, "").strip()
+        if value and value != "(null)" and not (name == "SLURM_GPUS_ON_NODE" and value == "0"):
+            return f"SLURM gave this job GPUs ({name}={value})"
+    visible = env.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if visible and not visible.startswith("-1") and visible != "NoDevFiles":
+        return f"CUDA_VISIBLE_DEVICES={visible} names GPUs"
+    return None
+
+
+def use_local_gpu(launch: Launch) -> None:
+    """Make this rank's GPU (its local rank's, round robin) the current CUDA device; do it
+    before anything touches CUDA, or every rank of a node opens a context on GPU 0."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+
+
 def init_distributed(timeout_minutes: int = 30) -> Launch:
     """Start the default process group (NCCL on GPU, gloo on CPU) for this launch."""
     launch = detect_launch()
     if torch.cuda.is_available():
         backend = "nccl"
-        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+        use_local_gpu(launch)
     else:
         backend = "gloo"
         cpu_compat.apply()
@@ -150,7 +176,9 @@ def single_rank_world():
     models without training them, e.g. on the meta device)."""
     from megatron.core import parallel_state
 
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        use_local_gpu(detect_launch())  # megatron-core's RNG tracker below touches the device
+    else:
         cpu_compat.apply()
     with tempfile.TemporaryDirectory() as tmp:
         dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from parallel.comm import group_device
+
 STATES = ("main", "exp_avg", "exp_avg_sq")
 
 
@@ -77,7 +79,9 @@ def gather(param: torch.nn.Parameter, slot: Slot | None, name: str, dp_group, ow
             return None
         value = slot.tensor(name)
         return torch.zeros(param.shape) if value is None else value.detach().float().cpu().clone()
-    full = torch.zeros(param.numel(), dtype=torch.float32, device=slot.main.device if slot else "cpu")
+    # every rank reduces, those holding no shard of ``param`` too: the buffer is on the group's
+    # device on each of them (NCCL takes no CPU tensor)
+    full = torch.zeros(param.numel(), dtype=torch.float32, device=group_device(dp_group))
     if slot is not None and slot.tensor(name) is not None:
         full[slot.start:slot.end] = slot.tensor(name).detach().view(-1).float()
     dist.reduce(full, dst=dist.get_global_rank(dp_group, owner), group=dp_group)

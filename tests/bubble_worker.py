@@ -82,6 +82,29 @@ def _uniform_steps(world: int, vpp: int, microbatches: int, forward_s: float, ba
     return timer.steps
 
 
+def interleaving_accepted(world: int, microbatches: range) -> dict[int, bool]:
+    """Per micro-batch count, whether megatron-core's interleaved schedule (pp ``world``, vpp 2)
+    starts a forward-only step or refuses it at start-up."""
+    init_model_parallel(1, world, 2, 0)
+    config = TransformerConfig(
+        num_layers=world * 2, hidden_size=8, num_attention_heads=1,
+        pipeline_model_parallel_size=world, virtual_pipeline_model_parallel_size=2,
+        pipeline_dtype=torch.float32, batch_p2p_comm=False, batch_p2p_sync=False)
+    rank = parallel_state.get_pipeline_model_parallel_rank()
+    chunks = [UniformChunk(config, rank == 0 and v == 0, 0.0, 0.0) for v in range(2)]
+    accepted = {}
+    for m in microbatches:
+        try:
+            get_forward_backward_func()(
+                forward_step_func=lambda it, model: (model(next(it)), lambda out: (out.sum(), {})),
+                data_iterator=[iter([torch.ones(4, 1, 8)] * m) for _ in chunks], model=chunks,
+                num_microbatches=m, seq_length=4, micro_batch_size=1, forward_only=True)
+            accepted[m] = True
+        except (ValueError, RuntimeError):  # its two start-up checks, before any communication
+            accepted[m] = False
+    return accepted
+
+
 def _student_steps(overrides: list[str], steps: int) -> list[StepTiming]:
     trainer = Trainer(load_config(CONFIG, overrides))
     with PipelineTimer(group=trainer.pp_group) as timer:
@@ -107,6 +130,7 @@ def measure(rank: int, world: int, uniform: dict, student: dict, steps: int, out
     for name, overrides in student.items():
         results[name] = _gather(_student_steps(overrides, steps), world)
     results["restored"] = (schedules.forward_step, schedules.backward_step) == original
+    results["interleaving"] = interleaving_accepted(world, range(1, 9))
     if rank == 0:
         torch.save(results, out)
 

@@ -146,3 +146,20 @@ def test_student_matches_the_formula_at_its_stage_times(timings):
 
 def test_schedules_restored(timings):
     assert timings["restored"]
+
+
+def test_config_refuses_exactly_the_micro_batch_counts_megatron_refuses(timings):
+    """validate_world's interleaving rule against megatron-core's own interleaved schedule (pp 2,
+    vpp 2) for 1 to 8 micro-batches per step."""
+    from megavideo.config import ConfigError, validate_interleaving
+
+    def ours(m: int) -> bool:
+        try:
+            validate_interleaving(m, PP, "m")
+        except ConfigError:
+            return False
+        return True
+
+    megatron = timings["interleaving"]
+    assert megatron == {m: ours(m) for m in range(1, 9)}
+    assert sorted(m for m, ok in megatron.items() if ok) == [2, 4, 6, 8]

@@ -76,7 +76,13 @@ def test_bad_config_fails_with_one_sentence(overrides, message):
         (["train.global_batch=6"], 8, "train.global_batch (6) must be a multiple of train.micro_batch "
                                       "x data-parallel size (2 x 2)."),
         (["parallel.vpp=2", "train.global_batch=2"], 4,
-         "the interleaved schedule needs at least parallel.pp (2) micro-batches per step, got 1."),
+         "the interleaved schedule (parallel.vpp > 1) runs micro-batches in groups of parallel.pp "
+         "(2): the micro-batches per step, train.global_batch / (train.micro_batch x data-parallel "
+         "size) = 1, must be a multiple of 2."),
+        (["parallel.vpp=2", "train.global_batch=6"], 4,
+         "the interleaved schedule (parallel.vpp > 1) runs micro-batches in groups of parallel.pp "
+         "(2): the micro-batches per step, train.global_batch / (train.micro_batch x data-parallel "
+         "size) = 3, must be a multiple of 2."),
     ],
 )
 def test_layout_must_fit_the_world(overrides, world, message):

@@ -338,3 +338,58 @@ def test_the_dali_feed_prefetches_the_same_micro_batches_as_the_pyav_feed(videos
         assert a.attempts == b.attempts
         assert (a.video - b.video).abs().mean() < 0.05
     assert sum(len(b.skipped) for b in dali_feed) >= 1
+
+
+class _Schema:
+    """A DALI operator schema that has, or lacks, the decoder's frame-selection arguments."""
+
+    def __init__(self, has_frames: bool) -> None:
+        self.has_frames = has_frames
+
+    def HasArgument(self, name: str) -> bool:  # noqa: N802 (DALI's name)
+        return self.has_frames or name not in ("frames", "pad_mode")
+
+
+@pytest.fixture
+def dali_schemas(monkeypatch):
+    """Make DALI report the schemas a test gives (None: the operator is absent)."""
+    from nvidia.dali import backend
+
+    def install(schemas: dict):
+        monkeypatch.setattr(backend, "TryGetSchema", lambda name: schemas.get(name))
+        dali.video_decoder.cache_clear()
+
+    yield install
+    dali.video_decoder.cache_clear()
+
+
+@needs_dali
+def test_dalis_decoder_is_found_by_its_arguments_not_by_the_import():
+    assert dali.video_decoder() == (("decoders", "video"), "")
+    assert dali.summary().startswith("DALI ") and "(fn.decoders.video)" in dali.summary()
+
+
+@needs_dali
+def test_a_dali_whose_decoder_lacks_frame_selection_is_not_used(dali_schemas, caplog,
+                                                               stale_manifest):
+    from megavideo.data import backend, check
+
+    dali_schemas({"decoders__Video": _Schema(False), "experimental__decoders__Video": None})
+    reason = dali.missing()
+    assert "has no video decoder taking frames= and pad_mode=" in reason
+    assert f"from DALI {dali.MIN_VERSION} on" in reason and "\n" not in reason
+    cfg = load_config(ROOT / "configs" / "stage1_tiny.yaml", [
+        "data.source=manifest", f"data.manifest={stale_manifest}", "data.backend=dali"])
+    with caplog.at_level("INFO", logger="megavideo.data"):
+        assert backend(cfg.data, cuda=True) == "dali"  # asked for by name: used as asked
+        auto = load_config(ROOT / "configs" / "stage1_tiny.yaml").data
+        assert backend(auto, cuda=True) == "pyav"
+    assert f"PyAV on the CPU (DALI's NVDEC decoder not used: {reason})" in caplog.text
+    with pytest.raises(ConfigError, match="data.backend=dali: NVIDIA DALI .* has no video decoder"):
+        check(cfg)
+
+
+@needs_dali
+def test_older_dali_releases_decode_with_the_experimental_operator(dali_schemas):
+    dali_schemas({"decoders__Video": None, "experimental__decoders__Video": _Schema(True)})
+    assert dali.video_decoder() == (("experimental", "decoders", "video"), "")

@@ -47,7 +47,8 @@ class PipelineStage:
         self.models: list[torch.nn.Module] = []
         self.teachers = None
         self.tied: dict[str, tuple[int, ...]] = {}
-        self.data_counts = torch.zeros(2, dtype=torch.float64)  # this step: skipped, attempts
+        # this step's decodes (skipped, attempts), kept on the device: no host sync per batch
+        self.data_counts = torch.zeros(2, dtype=torch.float64, device=device)
         self.data_wait = 0.0  # seconds this step waited for decoded clips
         self.manifest: Manifest | None = None
         self.from_files = cfg.data.source == "manifest" and self.pp_rank == 0
@@ -99,7 +100,8 @@ class PipelineStage:
             if batch.fbank is not None:
                 out |= {"fbank": batch.fbank, "has_audio": batch.has_audio.long()}
             out = {k: v.to(self.device, non_blocking=True) for k, v in out.items()}
-            counts += torch.tensor([len(batch.skipped), batch.attempts], dtype=torch.float64)
+            counts += torch.tensor([len(batch.skipped), batch.attempts], dtype=torch.float64,
+                                   device=self.device)
             for path, reason in batch.skipped:
                 if path not in self._reported:
                     self._reported.add(path)
@@ -111,12 +113,13 @@ class PipelineStage:
             src = parallel_state.get_tensor_model_parallel_src_rank()
             for tensor in (*out.values(), counts):
                 dist.broadcast(tensor, src, group=self.tp_group)
-        self.data_counts += counts.cpu()
+        self.data_counts += counts
         out["has_audio"] = out["has_audio"].bool() if "has_audio" in out else None
         return out
 
     def take_data_counts(self) -> torch.Tensor:
-        counts, self.data_counts = self.data_counts, torch.zeros(2, dtype=torch.float64)
+        """This step's (skipped, attempts) on the device, and a fresh count for the next."""
+        counts, self.data_counts = self.data_counts, torch.zeros_like(self.data_counts)
         return counts
 
     def _drop_u(self, step: int, indices: list[int]) -> torch.Tensor:
