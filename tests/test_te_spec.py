@@ -36,14 +36,19 @@ MASKS = {
     "llm": {("SelfAttention", "causal")},
     "llm_lora": {("SelfAttention", "causal")},
 }
-# parameters the TE spec holds inside the next linear, per model (raw TE names)
+# the models whose norms the TE spec holds inside the next linear
 FUSED = {"student", "clip_teacher", "mae_teacher", "llm", "llm_lora"}
+
+
+def _configs() -> list:
+    """The tiny configs of stages 1, 2 and 3 at one rank."""
+    return [load_config(ROOT / "configs" / f"stage{i}_tiny.yaml", ONE_RANK) for i in (1, 2, 3)]
 
 
 @pytest.fixture(scope="module")
 def parts():
     """Every model written to disk, built with the local spec and with the TE spec's layout."""
-    configs = [load_config(ROOT / "configs" / f"stage{i}_tiny.yaml", ONE_RANK) for i in (1, 2, 3)]
+    configs = _configs()
     with pytest.MonkeyPatch.context() as monkeypatch, single_rank_world():
         te_twins.install(monkeypatch)
         built = {}
@@ -84,8 +89,7 @@ def test_te_names_map_both_ways_onto_the_local_spec(parts, part):
 def test_te_linears_without_bias_are_not_marked_as_head_parameters(parts):
     qkv = parts["te"]["student"].blocks.layers[0].self_attention.linear_qkv
     assert not isinstance(qkv.bias, torch.nn.Parameter) and not hasattr(qkv.bias, "head_padding")
-    assert qkv.weight.head_padding[2] == load_config(ROOT / "configs" / "stage1_tiny.yaml").model \
-        .student.num_heads  # the weight is
+    assert qkv.weight.head_padding[2] == _configs()[0].model.student.num_heads  # the weight is
 
 
 @pytest.mark.parametrize("backend", ["local", "te"])
@@ -125,10 +129,10 @@ def test_fusion_layers_hand_their_attention_the_backends_masks(backend, monkeypa
     """BERT's fusion layer (built with the local spec, run under each backend's mask rule): the
     self-attention gets the text's [b, 1, 1, L] mask, the cross-attention the local broadcast
     mask or TE's (query, memory) pair."""
-    cfg = load_config(ROOT / "configs" / "stage2_tiny.yaml", ONE_RANK)
+    configs = _configs()
     with single_rank_world():
-        text = model_parts(cfg_stage1(), cfg, cfg_stage3())["text"]
-        _run_fusion_layer(text, cfg, backend, monkeypatch)
+        text = model_parts(*configs)["text"]
+        _run_fusion_layer(text, configs[1], backend, monkeypatch)
 
 
 def _run_fusion_layer(text, cfg, backend: str, monkeypatch) -> None:
@@ -159,16 +163,36 @@ def _run_fusion_layer(text, cfg, backend: str, monkeypatch) -> None:
         assert torch.equal(kv, padding_mask(memory_mask))
 
 
-def cfg_stage1():
-    return load_config(ROOT / "configs" / "stage1_tiny.yaml", ONE_RANK)
-
-
-def cfg_stage3():
-    return load_config(ROOT / "configs" / "stage3_tiny.yaml", ONE_RANK)
-
-
 def test_models_on_the_meta_device_use_the_local_spec():
     with use_layer_backend("te"):
         with meta_device():
             assert layer_backend() == "local"
         assert layer_backend() == "te"
+
+
+def _right_padded(mask: torch.Tensor) -> bool:
+    """[b, n] with 1 (or True) on present tokens: every row's present tokens come first."""
+    return bool((mask.long().diff(dim=1) <= 0).all())  # never absent, then present again
+
+
+def test_silent_clips_mask_the_end_of_the_audio_video_memory():
+    """TE's fused attention reads a padding mask as sequence lengths (the present tokens first):
+    the stage-2 [video ; audio] memory of a clip without audio has its masked tokens last."""
+    from megavideo.describe import whole_models
+    from megavideo.models.stage2 import Stage2Batch
+
+    cfg = load_config(ROOT / "configs" / "stage2_tiny.yaml", ONE_RANK)
+    with single_rank_world():
+        model, _ = whole_models(cfg)
+        audio = cfg.model.audio
+        batch = Stage2Batch(drop_u=torch.zeros(2, 1, 2), loss_scale=1.0,
+                            fbank=torch.randn(2, audio.frames, audio.mel_bins),
+                            has_audio=torch.tensor([True, False]))
+        width = cfg.model.objectives.fusion_dim
+        memory, memory_mask = torch.randn(7, 2, width), torch.ones(2, 7, dtype=torch.long)
+        v = torch.randn(2, cfg.model.objectives.embed_dim)
+        _, av_memory, av_mask = model._audio_video(batch, v, memory, memory_mask)
+    assert torch.equal(av_memory[:7], memory)  # the video tokens first
+    assert av_mask[0].all() and av_mask[1, :7].all() and not av_mask[1, 7:].any()
+    assert _right_padded(av_mask)
+    assert not _right_padded(torch.tensor([[0, 1, 1]]))

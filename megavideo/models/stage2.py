@@ -9,7 +9,7 @@ also holds the text and audio encoders, the projections and the heads, and compu
     VTC   InfoNCE(v, t)                      VTM   matching head on fused [CLS], hard negatives
     MLM   masked caption -> text layers -> fusion layers over the memory -> vocab-parallel CE
     with audio: fbank -> BEATs -> mean -> audio_proj -> a;  av = av_fusion([a, v])
-          audio tokens -> fusion_proj -> [audio ; video] memory (absent audio masked out)
+          audio tokens -> fusion_proj -> [video ; audio] memory (absent audio masked out)
     AVTC, AVTM, AVMLM   the same three with av and the audio-video memory
 
 The loss is the weighted sum of the terms (``model.objectives``); all share one learnable
@@ -199,7 +199,8 @@ class Stage2Model(VideoChunk):
                              video_negatives, text_negatives, self.dp_group)
 
     def _audio_video(self, batch: Stage2Batch, v, memory, memory_mask):
-        """The fused audio-video vector [B, E] and the [audio ; video] memory with its mask."""
+        """The fused audio-video vector [B, E] and the [video ; audio] memory with its mask
+        (absent audio last: the right padding TE's fused attention reads from sequence lengths)."""
         frozen = self.model_config.audio.frozen
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             audio = self.audio(batch.fbank)  # [Na, B, Ha]
@@ -209,5 +210,5 @@ class Stage2Model(VideoChunk):
         av = self.av_fusion(torch.cat([a, v], dim=-1))[0]
         audio_memory = self.audio_fusion_proj(audio)
         audio_mask = batch.has_audio[:, None].to(memory_mask.dtype).expand(-1, audio.shape[0])
-        return (av, torch.cat([audio_memory, memory]),
-                torch.cat([audio_mask, memory_mask], dim=1))
+        return (av, torch.cat([memory, audio_memory]),
+                torch.cat([memory_mask, audio_mask], dim=1))
