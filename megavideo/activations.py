@@ -25,6 +25,7 @@ from megavideo.config import Config
 from megavideo.models.specs import transformer_config
 from megavideo.models.video import Tokens
 from megavideo.models.vit import block_stack
+from parallel.distributed import device as rank_device
 from parallel.layout import padded_heads
 
 FP32 = 4  # bytes of the values this repo computes in fp32 whatever the model's dtype
@@ -319,8 +320,7 @@ def student_layer_bytes(cfg: Config) -> dict[str, float]:
     sp = par.sp and par.tp > 1
     tokens = Tokens.of(cfg.model, par.tp, sp).length
     config = transformer_config(vit, par, train, pipelined=False, sequence_parallel=sp)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
+    device = rank_device()
     stack = block_stack(vit, config, 2).to(device).train()
     x = torch.randn(tokens // par.tp if sp else tokens, train.micro_batch, vit.hidden_size,
                     dtype=config.params_dtype, device=device, requires_grad=True)

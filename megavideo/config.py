@@ -765,9 +765,9 @@ def validate_world(config: Config, world_size: int) -> int:
 
 
 def validate_interleaving(micro_batches: int, pp: int, what: str) -> None:
-    """megatron-core's start-up rule of the interleaved 1F1B schedule (in groups of pp
-    micro-batches, the last group whole or at least pp): the micro-batch count is a multiple of
-    parallel.pp."""
+    """megatron-core's interleaved 1F1B schedule takes the step's micro-batches in groups of pp
+    and refuses at start-up a count that is not a multiple of pp (a last group of fewer); say so
+    here, before any process group. ``what`` names where the count comes from."""
     if micro_batches % pp:
         raise ConfigError(
             f"the interleaved schedule (parallel.vpp > 1) runs micro-batches in groups of "

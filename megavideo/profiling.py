@@ -27,6 +27,7 @@ from kernels.devices import peak_tflops
 from megavideo.config import Config
 from megavideo.flops import step_flops, video_tokens
 from megavideo.stages.common import PipelineStage
+from parallel.comm import group_device
 from parallel.comm_volume import (
     CommCounter,
     dp_volume,
@@ -58,8 +59,7 @@ class StepMeter:
         self.tokens = video_tokens(cfg)
         self.samples = cfg.train.global_batch
         self.peak = peak_tflops(cfg.profile.device, cfg.train.precision, cfg.profile.peak_tflops)
-        self.device = torch.device("cuda", torch.cuda.current_device()) \
-            if torch.cuda.is_available() else torch.device("cpu")
+        self.device = group_device()  # of the step's max-over-ranks all-reduces
         self.elapsed = 0.0
         if dist.get_rank() == 0:
             log.info("step cost: %.4g model TFLOP (%s), %.4g with recomputation and padding; "

@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel import schedules
 
+from parallel.comm import group_device
+
 SCHEDULES = ("forward_backward_no_pipelining", "forward_backward_pipelining_without_interleaving",
              "forward_backward_pipelining_with_interleaving")
 
@@ -214,8 +216,8 @@ class PipelineTimer:
             out = fn(*args, **kwargs)
             span = self._last_end - start
             if self.group is not None:
-                device = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"
-                longest = torch.tensor([span], dtype=torch.float64, device=device)
+                longest = torch.tensor([span], dtype=torch.float64,
+                                       device=group_device(self.group))
                 dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=self.group)
                 span = float(longest.item())
             self._current.step_s += span
