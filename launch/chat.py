@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     from dataloaders.conversation import TokenizerError
     from dataloaders.manifest import ProbeError
     from megavideo.chat import Chat, chat_config, read_video
-    from megavideo.config import ConfigError, validate_world
+    from megavideo.config import ConfigError, validate_device, validate_world
     from parallel.distributed import detect_launch
 
     try:
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         if validate_world(cfg, world) != 1:
             raise ConfigError(f"chat answers one question at a time: run it on tp x pp = "
                               f"{cfg.parallel.tp * cfg.parallel.pp} ranks, not {world}.")
+        validate_device(cfg)
         video = read_video(cfg, args.video)
     except ProbeError as err:
         exit_with(ValueError(f"{args.video}: {err}."))

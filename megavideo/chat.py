@@ -40,7 +40,7 @@ def chat_config(checkpoint: str | Path, overrides: list[str]) -> Config:
                           "a stage-3 one.")
     layout = ["parallel.tp=1", "parallel.pp=1", "parallel.vpp=1", "parallel.sp=false",
               "parallel.encoder_tp=0", "parallel.pipeline_layout=[]",
-              "parallel.distributed_optimizer=false"]
+              "parallel.distributed_optimizer=false", "run.device=auto"]  # this node's, not the run's
     cfg = _from_dict(saved, layout + list(overrides))
     replicas = cfg.parallel.tp // cfg.parallel.encoder_tp_size
     fixed = [f"train.micro_batch={replicas}", f"train.global_batch={replicas}",

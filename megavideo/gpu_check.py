@@ -50,9 +50,12 @@ class Context:
     workdir: Path
     device: str  # cuda | cpu
 
-    def dir(self, name: str) -> Path:
+    def fresh_dir(self, name: str) -> Path:
+        """The check ``name``'s own directory, emptied (an earlier run's checkpoints would be
+        resumed from)."""
         path = self.workdir / name
-        path.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
         return path
 
 
@@ -79,8 +82,10 @@ class Check:
 # helpers of the checks (they run in the child process)
 
 
-def _config(name: str, ctx: Context, run_dir: Path, overrides: list[str] = (), *,
-            device: str | None = None):
+def run_config(name: str, ctx: Context, run_dir: Path, overrides: list[str] = (), *,
+               device: str | None = None):
+    """The config file ``configs/<name>`` as a check runs it: one rank, a small batch, no
+    warm-up, no saving, into ``run_dir``, on the check's device, then ``overrides``."""
     from megavideo.config import load_config
 
     return load_config(CONFIG_DIR / name, [
@@ -253,8 +258,8 @@ def check_te_names(ctx: Context) -> str:
 def check_cpu_reference(ctx: Context) -> str:
     """Two fp32 steps of the tiny stage-1 model on the CPU, saved after the first: the
     reference the GPU's step, its checkpoint load and the converter are compared with."""
-    out = ctx.dir("cpu_reference")
-    run = _Run(_config("stage1_tiny.yaml", ctx, out / "run", device="cpu"))
+    out = ctx.fresh_dir("cpu_reference")
+    run = _Run(run_config("stage1_tiny.yaml", ctx, out / "run", device="cpu"))
     first = run.train(1)
     run.save()
     state = run.state()
@@ -266,7 +271,7 @@ def check_cpu_reference(ctx: Context) -> str:
 
 def check_stage1_tiny(ctx: Context) -> str:
     reference = _reference(ctx)
-    run = _Run(_config("stage1_tiny.yaml", ctx, ctx.dir("stage1_tiny") / "run"))
+    run = _Run(run_config("stage1_tiny.yaml", ctx, ctx.fresh_dir("stage1_tiny") / "run"))
     (metrics,) = run.train(1)
     return _close(metrics["loss"], reference["losses"][0], "CPU")
 
@@ -274,7 +279,7 @@ def check_stage1_tiny(ctx: Context) -> str:
 def check_stage1_6b_slice(ctx: Context) -> str:
     if ctx.device == "cpu":
         raise Skip("CPU mode: a vit-6b-width step needs a GPU")
-    cfg = _config("stage1_vit6b.yaml", ctx, ctx.dir("stage1_6b_slice") / "run", SLICE)
+    cfg = run_config("stage1_vit6b.yaml", ctx, ctx.fresh_dir("stage1_6b_slice") / "run", SLICE)
     if cfg.train.precision != "bf16":
         raise AssertionError(f"configs/stage1_vit6b.yaml trains in {cfg.train.precision}, not bf16")
     run = _Run(cfg)
@@ -287,7 +292,7 @@ def check_stage1_6b_slice(ctx: Context) -> str:
 
 
 def _stage_steps(name: str, ctx: Context, overrides: list[str] = ()) -> str:
-    run = _Run(_config(name, ctx, ctx.dir(name.removesuffix(".yaml")) / "run",
+    run = _Run(run_config(name, ctx, ctx.fresh_dir(name.removesuffix(".yaml")) / "run",
                        ["parallel.encoder_tp=0", *overrides]))
     history = run.train(2)
     terms = ", ".join(f"{k[5:]} {v:.3f}" for k, v in history[-1].items() if k.startswith("loss/"))
@@ -305,8 +310,8 @@ def check_stage3_tiny(ctx: Context) -> str:
 def check_checkpoint(ctx: Context) -> str:
     """Save on the device after one step, load into a fresh model: the same weights exactly,
     and the same next step."""
-    out = ctx.dir("checkpoint")
-    cfg = _config("stage1_tiny.yaml", ctx, out / "run")
+    out = ctx.fresh_dir("checkpoint")
+    cfg = run_config("stage1_tiny.yaml", ctx, out / "run")
     run = _Run(cfg)
     run.train(1)
     path = run.save()
@@ -320,20 +325,19 @@ def check_checkpoint(ctx: Context) -> str:
         raise AssertionError(f"the loaded weights differ from the saved ones: {differs}")
     (metrics,) = resumed.train(1)
     return (f"{path.name}: {len(saved)} tensors loaded exactly; next step "
-            + _close(metrics["loss"], expected["loss"], "before the save"))
+            + _close(metrics["loss"], expected["loss"], "the saving run"))
 
 
 def check_cpu_checkpoint(ctx: Context) -> str:
     """The CPU's checkpoint resumed on the device: its weights exactly, then its next step."""
     reference = _reference(ctx)
-    out = ctx.dir("cpu_checkpoint")
+    out = ctx.fresh_dir("cpu_checkpoint")
     written = ctx.workdir / "cpu_reference" / "run" / "checkpoints"
-    shutil.rmtree(out / "run", ignore_errors=True)
     (out / "run" / "checkpoints").mkdir(parents=True)
     for name in ("step_00000001", "teachers"):
         shutil.copytree(written / name, out / "run" / "checkpoints" / name)
     (out / "run" / "checkpoints" / "latest").write_text("step_00000001\n")
-    run = _Run(_config("stage1_tiny.yaml", ctx, out / "run"))
+    run = _Run(run_config("stage1_tiny.yaml", ctx, out / "run"))
     differs = _differences(run.state(), reference["state"])
     if differs:
         raise AssertionError(f"the CPU-written checkpoint loaded wrong: {differs}")
@@ -346,7 +350,7 @@ def check_official_import(ctx: Context) -> str:
     """``launch.convert export`` of the CPU checkpoint to the official layout, ``launch.convert
     import`` back on this node, and the imported files loaded on the device: the same weights."""
     reference = _reference(ctx)
-    out = ctx.dir("official_import")
+    out = ctx.fresh_dir("official_import")
     config = str(CONFIG_DIR / "stage1_tiny.yaml")
     written = ctx.workdir / "cpu_reference" / "run" / "checkpoints"
     _tool("launch.convert", "export", config, "--checkpoint", str(written / "step_00000001"),
@@ -354,7 +358,7 @@ def check_official_import(ctx: Context) -> str:
     _tool("launch.convert", "import", config, "--out", str(out / "imported"),
           *(f"--{kind.replace('_', '-')}={out / 'official' / f'{kind}.pth'}"
             for kind in ("student", "clip_teacher", "mae_teacher")))
-    run = _Run(_config("stage1_tiny.yaml", ctx, out / "run",
+    run = _Run(run_config("stage1_tiny.yaml", ctx, out / "run",
                        [f"checkpoint.load={out / 'imported'}"]))
     differs = _differences(run.state(), reference["state"])
     if differs:
@@ -370,7 +374,7 @@ def check_clips(ctx: Context) -> str:
     from dataloaders.clips import write_clip
     from dataloaders.manifest import build_manifest
 
-    out = ctx.dir("clips")
+    out = ctx.fresh_dir("clips")
     for i, (codec, frames) in enumerate(CLIPS):
         write_clip(out / f"clip{i}", codec, frames=frames, width=128, height=96)
     kept, rejected = build_manifest(out, out / "manifest.jsonl", workers=1, progress=False)
@@ -382,7 +386,7 @@ def check_clips(ctx: Context) -> str:
 def check_manifest_pyav(ctx: Context) -> str:
     """Stage-1 steps from video files: PyAV decode workers, the clips moved to the device."""
     manifest = ctx.workdir / "clips" / "manifest.jsonl"
-    run = _Run(_config("stage1_tiny.yaml", ctx, ctx.dir("manifest_pyav") / "run",
+    run = _Run(run_config("stage1_tiny.yaml", ctx, ctx.fresh_dir("manifest_pyav") / "run",
                        ["data.source=manifest", f"data.manifest={manifest}", "data.backend=pyav",
                         "data.workers=1"]))
     history = run.train(2)

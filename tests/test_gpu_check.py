@@ -53,3 +53,20 @@ def test_the_checks_pass_on_the_cpu(tmp_path):
     assert proc.returncode == 0
     detail = next(r["detail"] for r in report["results"] if r["name"] == "cpu_checkpoint")
     assert "relative difference 0.0e+00" in detail  # the same step on the same device
+
+
+def test_the_vit6b_slice_is_the_6b_config_at_full_width_on_one_gpu(tmp_path):
+    """The one check no CPU can run: its config is valid for one rank and keeps the 6B's widths."""
+    from megavideo.config import load_config, validate_world
+    from megavideo.gpu_check import SLICE, Context, run_config
+
+    cfg = run_config("stage1_vit6b.yaml", Context(tmp_path, "cuda"), tmp_path / "run", SLICE)
+    full = load_config(ROOT / "configs" / "stage1_vit6b.yaml")
+    validate_world(cfg, 1)
+    assert cfg.train.precision == "bf16" and cfg.train.recompute == "full"
+    assert cfg.run.device == "cuda"
+    for name in ("student", "clip_teacher", "mae_teacher"):
+        part, whole = getattr(cfg.model, name), getattr(full.model, name)
+        assert (part.hidden_size, part.num_heads, part.mlp_hidden_size) == \
+            (whole.hidden_size, whole.num_heads, whole.mlp_hidden_size)
+        assert part.num_layers == 4
