@@ -2,15 +2,15 @@
 PASS, FAIL or SKIP line each (``python -m launch.gpu_check``; docs/cluster.md).
 
 Each check runs in a child process of its own (one rank: its own CUDA context and NCCL world),
-so a crash or a hang fails that check alone, within its time limit; the parent process never
-touches the GPU. Checks that read another's output (the CPU-written checkpoint, the clips) run
-after it and SKIP when it did not pass. Where no CUDA device is visible every check that needs
-one SKIPs with that reason; ``device="cpu"`` runs the same checks on the CPU instead (gloo, the
-local spec), which is how the test suite checks the checks themselves.
+so a crash or a hang fails that check alone, within its time limit; the parent process only
+finds out which packages are installed. Checks that read another's output (the CPU-written
+checkpoint, the clips) run after it and SKIP when it did not pass. Where no CUDA device is
+visible every check that needs one SKIPs with that reason; ``device="cpu"`` runs the same checks
+on the CPU instead (gloo, the local spec), which is how the test suite checks the checks.
 
 The references are independent of the GPU path under test: a CPU run of the same step (its loss,
-its checkpoint, its weights), the official-layout files the converter writes, PyAV's decode of
-the clips DALI decodes, and the CPU's parameter counts.
+its checkpoint and its weights, which the converter's round trip must also give back), PyAV's
+decode of the clips DALI decodes, and the CPU's parameter counts.
 """
 
 from __future__ import annotations
