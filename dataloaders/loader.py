@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dataloaders.audio import AudioSpec, clip_fbank
-from dataloaders.dali import DaliDecoder
+from dataloaders.dali import DaliDecoder, summary
 from dataloaders.manifest import Manifest
 from dataloaders.pyav_decode import DecodeError, read_frames
 from dataloaders.sampling import Draw, Sampling, position_row
@@ -229,7 +229,8 @@ class Feed:
         if self.backend == "dali":
             decoder = DaliDecoder(self.clips.size, self.clips.normalize, self.micro_batch,
                                   self.workers, self.dali_device_id)
-            log.info("video decode: %s, %d threads", decoder.name, self.workers)
+            log.info("video decode: %s, %d threads: %s", decoder.name, self.workers,
+                     summary())
             stream = _threaded(lambda key: self.clips.load_dali(self.positions(*key), decoder),
                                keys, self.prefetch)
         elif self.workers > 0:

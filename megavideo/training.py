@@ -15,7 +15,6 @@ from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from dataloaders import dali
 from dataloaders.manifest import Manifest
 from kernels import backends
 from megavideo import data
@@ -49,7 +48,7 @@ class Trainer:
         par, train = cfg.parallel, cfg.train
         validate_device(cfg)  # before any process group
         self.launch = init_distributed()
-        log.info("GPU stack: %s; video decode: %s", backends.detect().summary(), dali.summary())
+        log.info("GPU stack: %s", backends.detect().summary())
         init_model_parallel(par.tp, par.pp, par.vpp, train.seed)
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         # Megatron-LM's convention: stages draw their initial weights from different streams
