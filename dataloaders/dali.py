@@ -52,13 +52,11 @@ def missing() -> str | None:
 
 
 def summary() -> str:
-    """One line for the start-up log: the DALI that runs, or why none does."""
-    path, why = video_decoder()
-    if path is None:
-        return f"no DALI ({why})"
+    """The DALI release and decoder operator that run (where :func:`missing` says none is
+    missing), for the log."""
     import nvidia.dali
 
-    return f"DALI {nvidia.dali.__version__} (fn.{'.'.join(path)})"
+    return f"DALI {nvidia.dali.__version__} (fn.{'.'.join(video_decoder()[0])})"
 
 
 def _pipeline(device: str, size: int, normalize: str, batch_size: int, threads: int,

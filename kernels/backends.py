@@ -120,8 +120,9 @@ def detected_layer_backend() -> str:
     found = detect()
     if found.cuda and found.transformer_engine:
         log.info("transformer blocks: Transformer Engine spec (fused LayerNorm-linear, TE attention)")
-        if found.te_untested():
-            log.warning("%s", found.te_untested())
+        untested = found.te_untested()
+        if untested:
+            log.warning("%s", untested)
         return "te"
     why = "no CUDA device" if not found.cuda else found.reason("transformer_engine")
     log.info("transformer blocks: megatron-core local spec (Transformer Engine not used: %s)", why)

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 from megavideo.config import CONFIG_DIR
+from parallel.distributed import free_port
 
 ROOT = CONFIG_DIR.parent
 ONE_RANK = ["parallel.tp=1", "parallel.pp=1", "parallel.vpp=1", "parallel.sp=false",
@@ -330,13 +330,15 @@ def check_checkpoint(ctx: Context) -> str:
 
 def check_cpu_checkpoint(ctx: Context) -> str:
     """The CPU's checkpoint resumed on the device: its weights exactly, then its next step."""
+    from megavideo.checkpoint import point_latest
+
     reference = _reference(ctx)
     out = ctx.fresh_dir("cpu_checkpoint")
     written = ctx.workdir / "cpu_reference" / "run" / "checkpoints"
     (out / "run" / "checkpoints").mkdir(parents=True)
     for name in ("step_00000001", "teachers"):
         shutil.copytree(written / name, out / "run" / "checkpoints" / name)
-    (out / "run" / "checkpoints" / "latest").write_text("step_00000001\n")
+    point_latest(out / "run" / "checkpoints", "step_00000001")
     run = _Run(run_config("stage1_tiny.yaml", ctx, out / "run"))
     differs = _differences(run.state(), reference["state"])
     if differs:
@@ -505,16 +507,10 @@ def run_one(name: str, ctx: Context) -> Result:
     return result
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _in_child(check: Check, ctx: Context, limit_s: float) -> Result:
     """Run ``check`` in a one-rank child process, within ``limit_s``."""
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     device = ctx.device
     if check.cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""

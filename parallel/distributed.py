@@ -59,7 +59,8 @@ def expand_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now."""
     with socket.socket() as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]
@@ -75,7 +76,7 @@ def _mpi_launch(env) -> Launch:
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
-    addr, port = comm.bcast((socket.gethostname(), _free_port()) if rank == 0 else None, root=0)
+    addr, port = comm.bcast((socket.gethostname(), free_port()) if rank == 0 else None, root=0)
     addr = env.get("MASTER_ADDR", addr)
     port = int(env.get("MASTER_PORT", port))
     return Launch("mpi", rank, size, local, addr, port)
@@ -97,7 +98,7 @@ def detect_launch(env: dict | None = None) -> Launch:
                       int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", 1))),
                       int(env.get("SLURM_LOCALID", 0)),
                       env.get("MASTER_ADDR", expand_nodelist(nodes)[0]), port)
-    return Launch("single", 0, 1, 0, "127.0.0.1", _free_port())
+    return Launch("single", 0, 1, 0, "127.0.0.1", free_port())
 
 
 # set by SLURM in a job that was given GPUs (gres/gpu): the GPU indices, and their number
