@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from launch.common import exit_with, setup_logging
+from launch.common import exit_with, process_groups_closed, setup_logging
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,9 +45,10 @@ def main(argv: list[str] | None = None) -> None:
         exit_with(ValueError(f"{args.video}: {err}."))
     except (ConfigError, TokenizerError) as err:
         exit_with(err)
-    answer = Chat(cfg, args.checkpoint).answer(video, args.question, args.max_new_tokens)
-    if dist.get_rank() == 0:
-        print(answer, flush=True)
+    with process_groups_closed():
+        answer = Chat(cfg, args.checkpoint).answer(video, args.question, args.max_new_tokens)
+        if dist.get_rank() == 0:
+            print(answer, flush=True)
 
 
 if __name__ == "__main__":

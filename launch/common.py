@@ -1,11 +1,14 @@
-"""Shared start-up of the command-line entry points: logging and config errors as one sentence."""
+"""Shared start-up and end of the command-line entry points: logging, config errors as one
+sentence, and the process groups torn down on a clean exit."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 
 from megavideo.config import ConfigError, load_config
 
@@ -40,3 +43,20 @@ def config_or_exit(path: str | None, overrides: list[str]):
         return load_config(path, overrides)
     except ConfigError as err:
         exit_with(err)
+
+
+@contextlib.contextmanager
+def process_groups_closed(*agreed_exits: int) -> Iterator[None]:
+    """Tear the process groups down (:func:`parallel.distributed.shutdown`) when the body returns
+    or exits with one of ``agreed_exits``, codes every rank reaches together (the requeue after an
+    agreed stop). An error raised on some ranks only leaves them alone, as torchtitan does:
+    destroying a group is collective under NCCL, and the launcher stops the other ranks."""
+    from parallel.distributed import shutdown
+
+    try:
+        yield
+    except SystemExit as stop:
+        if stop.code in agreed_exits:
+            shutdown()
+        raise
+    shutdown()

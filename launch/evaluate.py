@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from dataloaders.loader import DataError
-from launch.common import config_or_exit, exit_with, setup_logging
+from launch.common import config_or_exit, exit_with, process_groups_closed, setup_logging
 from megavideo.config import ConfigError, validate_world
 from parallel.distributed import detect_launch
 
@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
         validate_world(cfg, launch.world_size)
         from megavideo.evaluate import evaluate
 
-        result = evaluate(cfg, args.checkpoint, args.micro_batch)
+        with process_groups_closed():
+            result = evaluate(cfg, args.checkpoint, args.micro_batch)
     except ConfigError as err:
         exit_with(err, show=launch.rank == 0)
     except DataError as err:

@@ -14,8 +14,6 @@ import argparse
 import logging
 from pathlib import Path
 
-import torch.distributed as dist
-
 from launch.common import config_or_exit, exit_with, setup_logging
 from megavideo.config import ConfigError, validate_device
 
@@ -39,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         exit_with(err)
     from megavideo.planner import Inventory, Planner
     from megavideo.sweep import default_sweep, fit, machine, report, run_layout
-    from parallel.distributed import init_distributed
+    from parallel.distributed import init_distributed, shutdown
 
     inventory = Inventory(cfg)  # in a one-rank world of its own, before the training world
     launch = init_distributed()
@@ -66,8 +64,7 @@ def main(argv: list[str] | None = None) -> None:
                      m.metrics["perf/step_s"], m.predicted_step_s)
         report(args.out, device, calibration, measured)
         log.info("wrote %s (report.json, calibration.json, *.png)", args.out)
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from launch.common import config_or_exit, exit_with, setup_logging
+from launch.common import config_or_exit, exit_with, process_groups_closed, setup_logging
 from megavideo.config import ConfigError, validate_device, validate_world
 from parallel.distributed import detect_launch
 
@@ -31,13 +31,17 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         exit_with(err)
     from dataloaders.loader import DataError
+    from megavideo.checkpoint import EXIT_REQUEUE
     from megavideo.training import NonFiniteError, run
 
     codes = {ConfigError: 2, NonFiniteError: EXIT_NONFINITE, DataError: EXIT_DATA}
-    try:
-        run(cfg)
-    except tuple(codes) as err:
-        exit_with(err, codes[type(err)], show=detect_launch().rank == 0)
+    # every rank stops together: on a checkpoint they all read, a non-finite step, the skip
+    # budget (all-reduced counts), and an agreed requeue
+    with process_groups_closed(2, EXIT_NONFINITE, EXIT_DATA, EXIT_REQUEUE):
+        try:
+            run(cfg)
+        except tuple(codes) as err:
+            exit_with(err, codes[type(err)], show=detect_launch().rank == 0)
 
 
 if __name__ == "__main__":

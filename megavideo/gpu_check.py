@@ -501,9 +501,12 @@ def _outcome(check: Check, ctx: Context) -> Result:
 
 def run_one(name: str, ctx: Context) -> Result:
     """The child's side: run the check ``name`` and leave its result in ``<workdir>/<name>.json``."""
+    from parallel.distributed import shutdown
+
     check = next(c for c in CHECKS if c.name == name)
     result = _outcome(check, ctx)
     (ctx.workdir / f"{name}.json").write_text(json.dumps(asdict(result)))
+    shutdown()  # a one-rank world: nothing to agree on
     return result
 
 

@@ -165,6 +165,22 @@ def init_model_parallel(tp: int, pp: int, vpp: int, seed: int) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
+def shutdown() -> None:
+    """Destroy megatron-core's groups and the default process group, if they exist.
+
+    Every rank calls it at the end of a job that ended the same way everywhere. A process that
+    exits with its gloo group alive can abort while its worker threads are torn down ("terminate
+    called without an active exception", exit -6, and the launcher then kills its peers); NCCL
+    warns that transfers may be left pending.
+    """
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
@@ -190,5 +206,4 @@ def single_rank_world():
             model_parallel_cuda_manual_seed(0)
             yield
         finally:
-            parallel_state.destroy_model_parallel()
-            dist.destroy_process_group()
+            shutdown()

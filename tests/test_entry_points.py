@@ -46,9 +46,10 @@ def test_describe_reports_pipeline_shards_in_a_table():
 
 
 def test_train_bf16_with_the_distributed_optimizer(tmp_path):
-    cmd = [*torchrun(2), "-m", "launch.train", "configs/stage1_tiny.yaml", "parallel.tp=1", "parallel.pp=1",
-           "parallel.sp=false", "parallel.distributed_optimizer=true", "train.precision=bf16",
-           "train.steps=3", "train.warmup_steps=1", f"run.dir={tmp_path}"]
+    # launch.train's main, with a line at interpreter exit saying whether a group is still alive
+    cmd = [*torchrun(2), "-m", "tests.exit_probe", "configs/stage1_tiny.yaml", "parallel.tp=1",
+           "parallel.pp=1", "parallel.sp=false", "parallel.distributed_optimizer=true",
+           "train.precision=bf16", "train.steps=3", "train.warmup_steps=1", f"run.dir={tmp_path}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={"PATH": "", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -56,6 +57,7 @@ def test_train_bf16_with_the_distributed_optimizer(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(0.0 < r["loss"] < 6.0 for r in rows)
     assert rows[-1]["loss"] < rows[0]["loss"]
+    assert proc.stdout.count("process group alive at exit: False") == 2
 
 
 def _train(tmp_path, nproc: int, *overrides: str) -> subprocess.CompletedProcess:

@@ -111,3 +111,36 @@ def test_cpu_compat_redirects_cuda_to_the_cpu():
     # in a child process: the redirection is process-wide and would leak into other tests
     proc = subprocess.run([sys.executable, "-c", COMPAT_PROBE], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_process_groups_close_on_the_exits_every_rank_reaches_together(monkeypatch):
+    import launch.common
+    from parallel import distributed
+
+    closed = []
+    monkeypatch.setattr(distributed, "shutdown", lambda: closed.append(True))
+    with launch.common.process_groups_closed(75):
+        pass
+    assert len(closed) == 1
+    with pytest.raises(SystemExit), launch.common.process_groups_closed(75):
+        raise SystemExit(75)
+    assert len(closed) == 2
+    # one rank's own error: destroying is collective under NCCL, the launcher stops the others
+    with pytest.raises(SystemExit), launch.common.process_groups_closed(75):
+        raise SystemExit(2)
+    with pytest.raises(RuntimeError), launch.common.process_groups_closed(75):
+        raise RuntimeError("rank-local")
+    assert len(closed) == 2
+
+
+def test_shutdown_destroys_megatron_groups_and_the_default_group():
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from parallel.distributed import shutdown, single_rank_world
+
+    with single_rank_world():
+        assert parallel_state.model_parallel_is_initialized() and dist.is_initialized()
+        shutdown()
+        assert not parallel_state.model_parallel_is_initialized() and not dist.is_initialized()
+    shutdown()  # nothing left: a no-op
