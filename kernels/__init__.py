@@ -1,1 +1,2 @@
-"""Compute backends: capability detection, norms and the attention/linear layers MegaVideo runs on."""
+"""Compute kernels and backend selection: which of Transformer Engine, flash-attn and apex this
+process has (:mod:`.backends`) and the norms (:mod:`.norms`)."""

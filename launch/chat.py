@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from dataloaders.conversation import TokenizerError
     from dataloaders.manifest import ProbeError
-    from megavideo.chat import Chat, chat_config, read_video
+    from megavideo.apps.chat import Chat, chat_config, read_video
     from megavideo.config import ConfigError, validate_device, validate_world
     from parallel.distributed import detect_launch
 

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_or_exit(args.config, args.overrides)
     import torch
 
-    from megavideo.convert import (
+    from megavideo.weights.internvideo2 import (
         KINDS,
         KeyMismatch,
         from_official,
@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> None:
                 raise ValueError("export needs --checkpoint DIR.")
             out = Path(args.out)
             if cfg.stage == 3:
-                from megavideo.convert import read_llm
-                from megavideo.hf_llm import write_hf
+                from megavideo.weights.hf_llm import write_hf
+                from megavideo.weights.internvideo2 import read_llm
 
                 write_hf(read_llm(cfg, Path(args.checkpoint)), cfg.model.llm, out,
                          getattr(torch, args.dtype))

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="world size, for the data-parallel size (default: tp x pp)")
     args = parser.parse_args(argv)
     cfg = config_or_exit(args.config, args.overrides)
-    from megavideo.describe import describe, format_table
+    from megavideo.accounting.describe import describe, format_table
 
     info = describe(cfg, args.gpus)
     print(json.dumps(info, indent=2) if args.json else format_table(info))

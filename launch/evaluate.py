@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     launch = detect_launch()
     try:
         validate_world(cfg, launch.world_size)
-        from megavideo.evaluate import evaluate
+        from megavideo.apps.evaluate import evaluate
 
         with process_groups_closed():
             result = evaluate(cfg, args.checkpoint, args.micro_batch)

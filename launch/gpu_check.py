@@ -23,7 +23,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> None:
-    from megavideo import gpu_check
+    from megavideo.apps import gpu_check
 
     names = [c.name for c in gpu_check.CHECKS]
     parser = argparse.ArgumentParser(prog="python -m launch.gpu_check", description=__doc__,

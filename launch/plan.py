@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging()
     cfg = config_or_exit(args.config, args.overrides)
-    from megavideo.planner import Calibration, Layout, Planner, format_table
+    from megavideo.accounting.planner import Calibration, Layout, Planner, format_table
 
     try:
         calibration = Calibration.load(args.calibration) if args.calibration else None

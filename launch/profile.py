@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> None:
         validate_device(cfg)  # before the inventory's one-rank world
     except ConfigError as err:
         exit_with(err)
-    from megavideo.planner import Inventory, Planner
-    from megavideo.sweep import default_sweep, fit, machine, report, run_layout
+    from megavideo.accounting.planner import Inventory, Planner
+    from megavideo.accounting.sweep import default_sweep, fit, machine, report, run_layout
     from parallel.distributed import init_distributed, shutdown
 
     inventory = Inventory(cfg)  # in a one-rank world of its own, before the training world

@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         exit_with(err)
     from dataloaders.loader import DataError
-    from megavideo.checkpoint import EXIT_REQUEUE
-    from megavideo.training import NonFiniteError, run
+    from megavideo.training.checkpoint import EXIT_REQUEUE
+    from megavideo.training.loop import NonFiniteError, run
 
     codes = {ConfigError: 2, NonFiniteError: EXIT_NONFINITE, DataError: EXIT_DATA}
     # every rank stops together: on a checkpoint they all read, a non-finite step, the skip

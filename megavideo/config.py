@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import yaml
 
-from kernels.devices import DEVICES
+from megavideo.accounting.devices import DEVICES
 from parallel.distributed import gpus_expected
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 
-from megavideo.activations import measure_layer_bytes
+from megavideo.accounting.activations import measure_layer_bytes
 from megavideo.config import load_config
 from megavideo.models.llm import build_llm, llm_config
 from megavideo.models.specs import transformer_config

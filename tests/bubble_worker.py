@@ -13,10 +13,10 @@ from megatron.core.enums import ModelType
 from megatron.core.pipeline_parallel import get_forward_backward_func, schedules
 from megatron.core.transformer import TransformerConfig
 
+from megavideo.accounting.pipeline_timing import PipelineTimer, StepTiming
 from megavideo.config import load_config
-from megavideo.training import Trainer
+from megavideo.training.loop import Trainer
 from parallel.distributed import init_distributed, init_model_parallel
-from parallel.pipeline_timing import PipelineTimer, StepTiming
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "stage1_tiny.yaml"
 

@@ -12,7 +12,7 @@ import torch
 from megatron.core import dist_checkpointing
 
 from megavideo.config import load_config
-from megavideo.training import run
+from megavideo.training.loop import run
 
 
 def crash_mid_save(config: str, overrides: list[str], dying_save: str) -> None:

@@ -1,5 +1,5 @@
 """Rank code of the communication-accounting test: known calls, then one step per layout, counted
-by parallel.comm_volume.CommCounter; each rank writes what it counted to ``<out>/rank<r>.json``.
+by megavideo.accounting.comm_volume.CommCounter; each rank writes what it counted to ``<out>/rank<r>.json``.
 
 megatron-core and the Trainer are imported by the ranks only (inside the functions): the pytest
 process that spawns them then does not pay their import.
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from parallel.comm_volume import CommCounter, megatron_groups
+from megavideo.accounting.comm_volume import CommCounter, megatron_groups
 from parallel.distributed import init_distributed
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "stage1_tiny.yaml"
@@ -71,7 +71,7 @@ def run_cases(rank: int, world: int, cases: list[tuple[str, list[str], str]], ou
     from megatron.core import parallel_state
 
     from megavideo.config import load_config
-    from megavideo.training import Trainer
+    from megavideo.training.loop import Trainer
 
     init_distributed()
     results = {"primitives": _primitives(rank)}

@@ -48,7 +48,7 @@ def _counted_apart(stage, name: str, data_flops: list[int]) -> None:
 def step_count(config: str, overrides: list[str]) -> dict[str, int]:
     """The FLOPs FlopCounterMode sees in one ``Trainer.forward_backward`` (teachers included),
     less the synthetic data's."""
-    from megavideo.training import Trainer  # imported in the rank only: megatron-core is slow to import
+    from megavideo.training.loop import Trainer  # imported in the rank only: megatron-core is slow to import
 
     trainer = Trainer(load_config(config, overrides))
     data_flops: list[int] = []

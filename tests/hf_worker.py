@@ -10,7 +10,7 @@ from dataloaders.synthetic import pattern_video
 
 def logits(rank: int, world: int, config: str, overrides: list[str], out: str,
            save_to: str = "") -> None:
-    from megavideo.chat import Chat
+    from megavideo.apps.chat import Chat
     from megavideo.config import load_config
     from megavideo.models.stage3 import Stage3Batch
 

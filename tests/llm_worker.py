@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
+from megavideo.accounting.describe import meta_device
 from megavideo.config import ParallelConfig, TrainConfig, load_config
-from megavideo.describe import meta_device
 from megavideo.models.llm import build_llm, llm_config
 from parallel.distributed import single_rank_world
 

@@ -9,8 +9,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megavideo.config import load_config
-from megavideo.state import canonical_params, full_state, load_full_state
-from megavideo.training import Trainer
+from megavideo.training.loop import Trainer
+from megavideo.training.state import canonical_params, full_state, load_full_state
 from parallel.tensors import gather_grad_shards
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "stage1_tiny.yaml"

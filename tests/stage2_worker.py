@@ -10,10 +10,10 @@ import torch
 import torch.distributed as dist
 
 import megavideo.stages.stage2 as stage2
-from megavideo.checkpoint import Checkpointer
 from megavideo.config import load_config
-from megavideo.state import full_state
-from megavideo.training import Trainer
+from megavideo.training.checkpoint import Checkpointer
+from megavideo.training.loop import Trainer
+from megavideo.training.state import full_state
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 COMMON = ["run.tensorboard=false", "train.warmup_steps=0", "train.global_batch=4",

@@ -1,5 +1,5 @@
 """Activation memory (issue 8): the bytes saved for backward per transformer layer, measured with
-autograd's saved-tensor hooks, against the analytic formulas of megavideo.activations.
+autograd's saved-tensor hooks, against the analytic formulas of megavideo.accounting.activations.
 
 One 2-rank spawn measures every case: the stage-1 student's block stack (96 wide, 4 heads, MLP 384,
 128 tokens, micro-batch 2, fp32) at tp 1, tp 2 and tp 2 with SP, for no, selective and full
@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from megavideo.activations import SavedTensors, llm_layer_bytes, vit_layer_bytes
+from megavideo.accounting.activations import SavedTensors, llm_layer_bytes, vit_layer_bytes
 from tests import activations_worker
 from tests.activations_worker import MICRO_BATCH, TOKENS
 from tests.distributed import spawn

@@ -1,11 +1,11 @@
 """The measured pipeline bubble of megatron-core's schedules against (p-1)/(v*m + p-1).
 
-One spawn of two ranks (pp 2) times steps with :class:`parallel.pipeline_timing.PipelineTimer`:
+One spawn of two ranks (pp 2) times steps with :class:`megavideo.accounting.pipeline_timing.PipelineTimer`:
 
 - stand-in stages whose forward and backward sleep a fixed time, under 1F1B (m = 4 micro-batches:
   formula 1/5) and the interleaved schedule (2 chunks a rank, m = 4: formula 1/9). The stages are
   equal, as the formula assumes, and the measured bubble is compared with :func:`bubble_fraction`;
-- the stage-1 student through :class:`megavideo.training.Trainer` under 1F1B (m = 4), with its own
+- the stage-1 student through :class:`megavideo.training.loop.Trainer` under 1F1B (m = 4), with its own
   pipeline settings. Its stages are not equal, and not only in total: the first one's backward
   carries the patch embedding's, the last one's forward the aligners, the attention pool and the
   loss (the first stage's teachers run before the schedule, outside the timed span). On this kind
@@ -39,7 +39,7 @@ import statistics
 import pytest
 import torch
 
-from parallel.pipeline_timing import StepTiming, bubble_fraction, schedule_bubble
+from megavideo.accounting.pipeline_timing import StepTiming, bubble_fraction, schedule_bubble
 from tests import bubble_worker
 from tests.distributed import spawn
 

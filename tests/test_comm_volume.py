@@ -32,14 +32,14 @@ import math
 
 import pytest
 
-from megavideo.config import load_config
-from parallel.comm_volume import (
+from megavideo.accounting.comm_volume import (
     dp_volume,
     pp_volume,
     ring_wire_bytes,
     tp_layer_grad_volume,
     tp_layer_volume,
 )
+from megavideo.config import load_config
 from tests import comm_worker
 from tests.distributed import spawn
 

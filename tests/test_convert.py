@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from megavideo.config import ViTConfig, load_config
-from megavideo.convert import KeyMismatch, from_official, to_official
+from megavideo.weights.internvideo2 import KeyMismatch, from_official, to_official
 from tests.distributed import spawn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,7 +233,7 @@ def reference_student(sd, video, visible):
 def _forward_worker(rank, world, result_path):
     from megavideo.models.specs import transformer_config
     from megavideo.models.student import Stage1Batch, Stage1Student, Tokens
-    from megavideo.state import load_full_state
+    from megavideo.training.state import load_full_state
     from parallel.distributed import single_rank_world
     from parallel.layout import Chunk
 

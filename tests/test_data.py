@@ -319,7 +319,7 @@ def test_bad_data_configs_are_one_sentence(overrides, message):
 @needs_dali
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only DALI codec rule")
 def test_dali_without_a_gpu_refuses_h264_manifests_before_starting(stale_manifest):
-    from megavideo.data import check
+    from megavideo.training.data import check
 
     cfg = load_config(ROOT / "configs" / "stage1_tiny.yaml", [
         "data.source=manifest", f"data.manifest={stale_manifest}", "data.backend=dali"])
@@ -372,7 +372,7 @@ def test_dalis_decoder_is_found_by_its_arguments_not_by_the_import():
 @needs_dali
 def test_a_dali_whose_decoder_lacks_frame_selection_is_not_used(dali_schemas, caplog,
                                                                stale_manifest):
-    from megavideo.data import backend, check
+    from megavideo.training.data import backend, check
 
     dali_schemas({"decoders__Video": _Schema(False), "experimental__decoders__Video": None})
     reason = dali.missing()
@@ -380,7 +380,7 @@ def test_a_dali_whose_decoder_lacks_frame_selection_is_not_used(dali_schemas, ca
     assert f"from DALI {dali.MIN_VERSION} on" in reason and "\n" not in reason
     cfg = load_config(ROOT / "configs" / "stage1_tiny.yaml", [
         "data.source=manifest", f"data.manifest={stale_manifest}", "data.backend=dali"])
-    with caplog.at_level("INFO", logger="megavideo.data"):
+    with caplog.at_level("INFO", logger="megavideo.training.data"):
         assert backend(cfg.data, cuda=True) == "dali"  # asked for by name: used as asked
         auto = load_config(ROOT / "configs" / "stage1_tiny.yaml").data
         assert backend(auto, cuda=True) == "pyav"

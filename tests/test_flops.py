@@ -1,4 +1,4 @@
-"""The analytic FLOP count (megavideo.flops) against PyTorch's FlopCounterMode.
+"""The analytic FLOP count (megavideo.accounting.flops) against PyTorch's FlopCounterMode.
 
 One rank at tp 1 / pp 1 runs one ``Trainer.forward_backward`` per case under FlopCounterMode
 (the stage-1 teachers' pass included: it runs inside the step); the synthetic inputs' FLOPs (the
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from megavideo.accounting.flops import step_flops, video_tokens
 from megavideo.config import load_config
-from megavideo.flops import step_flops, video_tokens
 from tests import flops_worker
 from tests.distributed import spawn
 

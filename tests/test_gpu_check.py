@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dataloaders import dali
-from megavideo.gpu_check import CHECKS
+from megavideo.apps.gpu_check import CHECKS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,8 +57,8 @@ def test_the_checks_pass_on_the_cpu(tmp_path):
 
 def test_the_vit6b_slice_is_the_6b_config_at_full_width_on_one_gpu(tmp_path):
     """The one check no CPU can run: its config is valid for one rank and keeps the 6B's widths."""
+    from megavideo.apps.gpu_check import SLICE, Context, run_config
     from megavideo.config import load_config, validate_world
-    from megavideo.gpu_check import SLICE, Context, run_config
 
     cfg = run_config("stage1_vit6b.yaml", Context(tmp_path, "cuda"), tmp_path / "run", SLICE)
     full = load_config(ROOT / "configs" / "stage1_vit6b.yaml")

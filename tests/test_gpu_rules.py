@@ -14,8 +14,8 @@ import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from megavideo import checkpoint
 from megavideo.config import ConfigError, load_config, validate_device
+from megavideo.training import checkpoint
 from parallel import comm, distributed, optimizer_state
 from parallel.distributed import Launch, gpus_expected, single_rank_world
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megavideo.config import load_config
-from megavideo.hf_llm import hf_keys, to_hf, to_megatron
+from megavideo.weights.hf_llm import hf_keys, to_hf, to_megatron
 from tests import hf_worker
 from tests.distributed import spawn
 

@@ -10,9 +10,9 @@ import json
 import pytest
 
 from launch import plan
+from megavideo.accounting.pipeline_timing import bubble_fraction
+from megavideo.accounting.planner import Calibration, Layout, Planner, pipeline_time
 from megavideo.config import ConfigError, load_config
-from megavideo.planner import Calibration, Layout, Planner, pipeline_time
-from parallel.pipeline_timing import bubble_fraction
 
 VIT6B = "configs/stage1_vit6b.yaml"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from launch import plan
-from megavideo.planner import Calibration
+from megavideo.accounting.planner import Calibration
 from tests.distributed import torchrun
 
 ROOT = Path(__file__).resolve().parent.parent

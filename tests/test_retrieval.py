@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megavideo.retrieval import recall_at_k
+from megavideo.apps.retrieval import recall_at_k
 
 
 def test_a_perfect_and_a_reversed_similarity():

@@ -14,11 +14,11 @@ import torch
 from dataloaders.audio import AudioSpec, clip_fbank
 from dataloaders.clips import truncate, write_clip
 from dataloaders.manifest import Manifest, build_manifest
-from megavideo import data
 from megavideo.config import ConfigError, load_config
 from megavideo.models.embedding import interpolate_frames
 from megavideo.models.objectives import contrastive_loss, hard_negatives, mlm_inputs
 from megavideo.stages.stage2 import random_visible
+from megavideo.training import data
 from tests import stage2_worker
 from tests.distributed import spawn, torchrun
 

@@ -2,7 +2,7 @@
 
 TE cannot build a module without CUDA, so the TE spec's module tree is built with stand-ins that
 have TE's parameter layout (:mod:`tests.te_twins`); the GPU check builds the real one
-(``te_names`` in :mod:`megavideo.gpu_check`).
+(``te_names`` in :mod:`megavideo.apps.gpu_check`).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import torch
 from megatron.core.transformer.attention import Attention
 
 from kernels.backends import layer_backend, use_layer_backend
+from megavideo.accounting.describe import meta_device, model_parts
 from megavideo.config import load_config
-from megavideo.describe import meta_device, model_parts
 from megavideo.models.specs import cross_attention_mask
 from megavideo.models.text import padding_mask
-from megavideo.state import FUSED_NORMS, canonical_name, named_parameters
+from megavideo.training.state import FUSED_NORMS, canonical_name, named_parameters
 from parallel.distributed import single_rank_world
 from tests import te_twins
 
@@ -178,7 +178,7 @@ def _right_padded(mask: torch.Tensor) -> bool:
 def test_silent_clips_mask_the_end_of_the_audio_video_memory():
     """TE's fused attention reads a padding mask as sequence lengths (the present tokens first):
     the stage-2 [video ; audio] memory of a clip without audio has its masked tokens last."""
-    from megavideo.describe import whole_models
+    from megavideo.accounting.describe import whole_models
     from megavideo.models.stage2 import Stage2Batch
 
     cfg = load_config(ROOT / "configs" / "stage2_tiny.yaml", ONE_RANK)

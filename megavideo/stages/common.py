@@ -15,10 +15,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from dataloaders.manifest import Manifest
 from dataloaders.synthetic import generator
-from megavideo import data
 from megavideo.config import Config
 from megavideo.models.specs import transformer_config
 from megavideo.models.video import Tokens
+from megavideo.training import data
 from parallel.layout import chunks_of, split_layers
 
 log = logging.getLogger(__name__)

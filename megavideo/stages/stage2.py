@@ -22,13 +22,13 @@ from dataloaders.synthetic import (
     pattern_video,
 )
 from dataloaders.tokenizer import WordPiece
-from megavideo import data
 from megavideo.config import Config
 from megavideo.models.audio import deep_norm_alpha
 from megavideo.models.embedding import num_visible
 from megavideo.models.specs import transformer_config
 from megavideo.models.stage2 import TERMS, Stage2Batch, Stage2Model
 from megavideo.stages.common import PipelineStage
+from megavideo.training import data
 from parallel.comm import recv_from_stage, send_to_stage
 
 PURPOSES = ("mlm", "vtm_video", "vtm_text", "avtm_video", "avtm_text")

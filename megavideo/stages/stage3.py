@@ -21,7 +21,6 @@ import torch
 
 from dataloaders import conversation
 from dataloaders.synthetic import generator, global_indices, pattern_of, pattern_video
-from megavideo import data
 from megavideo.config import Config
 from megavideo.models.llm import llm_config
 from megavideo.models.lora import is_lora
@@ -29,6 +28,7 @@ from megavideo.models.specs import transformer_config
 from megavideo.models.stage3 import Stage3Batch, Stage3Model
 from megavideo.models.video import Tokens
 from megavideo.stages.common import PipelineStage
+from megavideo.training import data
 from parallel.comm import recv_from_stage, send_to_stage
 from parallel.encoder_groups import encoder_groups
 from parallel.layout import split_layers

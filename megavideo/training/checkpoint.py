@@ -30,11 +30,11 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing import ShardedObject
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-from megavideo import hf_llm
 from megavideo.config import Config, ConfigError
 from megavideo.models.embedding import interpolate_frames
 from megavideo.models.lora import is_lora
-from megavideo.state import canonical_params, named_parameters
+from megavideo.training.state import canonical_params, named_parameters
+from megavideo.weights import hf_llm
 from parallel import optimizer_state
 from parallel.checkpointing import assemble, sharded_tensors
 from parallel.comm import group_device
@@ -162,7 +162,7 @@ class StopSignal:
 
 
 class Checkpointer:
-    """Saves and restores a :class:`megavideo.training.Trainer`."""
+    """Saves and restores a :class:`megavideo.training.loop.Trainer`."""
 
     def __init__(self, cfg: Config, trainer) -> None:
         self.cfg = cfg

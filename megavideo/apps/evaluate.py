@@ -16,11 +16,11 @@ import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from dataloaders.synthetic import PATTERNS
-from megavideo import data
-from megavideo.checkpoint import Checkpointer, resolve
+from megavideo.apps.retrieval import recall_at_k
 from megavideo.config import Config, ConfigError
-from megavideo.retrieval import recall_at_k
-from megavideo.training import Trainer
+from megavideo.training import data
+from megavideo.training.checkpoint import Checkpointer, resolve
+from megavideo.training.loop import Trainer
 
 log = logging.getLogger(__name__)
 

@@ -23,12 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from kernels.devices import peak_tflops
-from megavideo.config import Config
-from megavideo.flops import step_flops, video_tokens
-from megavideo.stages.common import PipelineStage
-from parallel.comm import group_device
-from parallel.comm_volume import (
+from megavideo.accounting.comm_volume import (
     CommCounter,
     dp_volume,
     megatron_groups,
@@ -36,7 +31,12 @@ from parallel.comm_volume import (
     tp_layer_grad_volume,
     tp_layer_volume,
 )
-from parallel.pipeline_timing import PipelineTimer, bubble_fraction
+from megavideo.accounting.devices import peak_tflops
+from megavideo.accounting.flops import step_flops, video_tokens
+from megavideo.accounting.pipeline_timing import PipelineTimer, bubble_fraction
+from megavideo.config import Config
+from megavideo.stages.common import PipelineStage
+from parallel.comm import group_device
 
 log = logging.getLogger(__name__)
 

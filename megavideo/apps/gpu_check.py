@@ -98,9 +98,9 @@ class _Run:
     """A one-rank run driven step by step (what ``training.run`` does, without its loop)."""
 
     def __init__(self, cfg) -> None:
-        from megavideo import data
-        from megavideo.checkpoint import Checkpointer
-        from megavideo.training import Trainer
+        from megavideo.training import data
+        from megavideo.training.checkpoint import Checkpointer
+        from megavideo.training.loop import Trainer
 
         self.cfg = cfg
         self.trainer = Trainer(cfg)
@@ -125,8 +125,8 @@ class _Run:
 
     def state(self) -> dict[str, torch.Tensor]:
         """Every parameter (student and teachers), whole, in fp32 on the CPU."""
-        from megavideo.checkpoint import teacher_params
-        from megavideo.state import full_state
+        from megavideo.training.checkpoint import teacher_params
+        from megavideo.training.state import full_state
 
         state = {f"model.{k}": v for k, v in full_state(self.trainer.chunks).items()}
         for key, param in teacher_params(self.trainer.stage.teachers).items():
@@ -227,9 +227,9 @@ def check_te_names(ctx: Context) -> str:
     """Every model built with TE's layers, its parameters under canonical names equal (name and
     shape) to the local spec's: what checkpoints, conversion and imports rely on."""
     from kernels import backends
+    from megavideo.accounting.describe import model_parts
     from megavideo.config import load_config
-    from megavideo.describe import model_parts
-    from megavideo.state import named_parameters
+    from megavideo.training.state import named_parameters
     from parallel.distributed import single_rank_world
 
     if ctx.device == "cpu" or not backends.detect().transformer_engine:
@@ -330,7 +330,7 @@ def check_checkpoint(ctx: Context) -> str:
 
 def check_cpu_checkpoint(ctx: Context) -> str:
     """The CPU's checkpoint resumed on the device: its weights exactly, then its next step."""
-    from megavideo.checkpoint import point_latest
+    from megavideo.training.checkpoint import point_latest
 
     reference = _reference(ctx)
     out = ctx.fresh_dir("cpu_checkpoint")
@@ -440,9 +440,9 @@ VIT6B_PARAMETERS = {"blocks": 5_900_083_200, "model": 6_075_947_392,
 def check_describe_plan(ctx: Context) -> str:
     """``launch.describe`` and ``launch.plan`` of the 6B config on this node: the meta-device
     build (local spec, whatever the node has) counts what the CPU counts and allocates nothing."""
+    from megavideo.accounting.describe import describe
+    from megavideo.accounting.planner import Planner
     from megavideo.config import load_config
-    from megavideo.describe import describe
-    from megavideo.planner import Planner
 
     cfg = load_config(CONFIG_DIR / "stage1_vit6b.yaml")
     counts = describe(cfg, 256)["parameters"]

@@ -204,8 +204,8 @@ KINDS = ("student", "clip_teacher", "mae_teacher")
 
 
 def _meta_params(cfg: Config) -> dict[str, dict[str, torch.nn.Parameter]]:
-    from megavideo.describe import meta_models
-    from megavideo.state import named_parameters
+    from megavideo.accounting.describe import meta_models
+    from megavideo.training.state import named_parameters
 
     student, teachers = meta_models(cfg)
     return {"student": dict(named_parameters(student)),
@@ -217,7 +217,7 @@ def write_checkpoint(cfg: Config, states: dict[str, dict[str, Tensor]], out: Pat
     """Write MegaVideo-layout tensors as a checkpoint root ``out``: the student as
     ``step_00000000`` (weights only, ``latest`` points at it), the teachers as ``teachers/``.
     ``checkpoint.load=<out>`` then starts a run from them."""
-    from megavideo.checkpoint import FORMAT, checkpoint_key, point_latest, save_atomically
+    from megavideo.training.checkpoint import FORMAT, checkpoint_key, point_latest, save_atomically
     from parallel.checkpointing import sharded_tensors
     from parallel.distributed import single_rank_world
 
@@ -257,7 +257,7 @@ def read_checkpoint(cfg: Config, root: Path) -> dict[str, dict[str, Tensor]]:
     the checkpoint ``latest`` names, the teachers of ``teachers/`` when there."""
     from megatron.core import dist_checkpointing
 
-    from megavideo.checkpoint import checkpoint_key, resolve
+    from megavideo.training.checkpoint import checkpoint_key, resolve
     from parallel.checkpointing import assemble, sharded_tensors
     from parallel.distributed import single_rank_world
 
@@ -289,11 +289,11 @@ def read_llm(cfg: Config, root: Path) -> dict[str, Tensor]:
     of a checkpoint root or step directory."""
     from megatron.core import dist_checkpointing
 
-    from megavideo.checkpoint import checkpoint_key, resolve
-    from megavideo.describe import meta_device
+    from megavideo.accounting.describe import meta_device
     from megavideo.models.llm import build_llm, llm_config
     from megavideo.models.lora import is_lora
-    from megavideo.state import named_parameters
+    from megavideo.training.checkpoint import checkpoint_key, resolve
+    from megavideo.training.state import named_parameters
     from parallel.checkpointing import assemble, sharded_tensors
     from parallel.distributed import single_rank_world
 

@@ -21,11 +21,11 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 
 from dataloaders.conversation import causal_mask, conversation
 from dataloaders.manifest import Manifest, probe
-from megavideo import data
-from megavideo.checkpoint import Checkpointer, resolve
 from megavideo.config import Config, ConfigError, load_config
 from megavideo.models.stage3 import Stage3Batch
-from megavideo.training import Trainer
+from megavideo.training import data
+from megavideo.training.checkpoint import Checkpointer, resolve
+from megavideo.training.loop import Trainer
 
 
 def chat_config(checkpoint: str | Path, overrides: list[str]) -> Config:

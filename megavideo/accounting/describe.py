@@ -22,7 +22,7 @@ from megavideo.models.specs import transformer_config
 from megavideo.models.stage2 import Stage2Model
 from megavideo.models.student import Stage1Student, Tokens
 from megavideo.models.teachers import Stage1Teachers
-from megavideo.state import named_parameters
+from megavideo.training.state import named_parameters
 from parallel.distributed import single_rank_world
 from parallel.layout import Chunk, chunks_of, padded_heads, split_layers
 from parallel.tensors import is_tp_split

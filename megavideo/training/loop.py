@@ -17,14 +17,14 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from dataloaders.manifest import Manifest
 from kernels import backends
-from megavideo import data
-from megavideo.checkpoint import EXIT_REQUEUE, Checkpointer, StopSignal
+from megavideo.accounting.meter import StepMeter
 from megavideo.config import Config, validate_device, validate_world
-from megavideo.metrics import MetricsWriter
-from megavideo.profiling import StepMeter
 from megavideo.stages.stage1 import Stage1
 from megavideo.stages.stage2 import Stage2
 from megavideo.stages.stage3 import Stage3
+from megavideo.training import data
+from megavideo.training.checkpoint import EXIT_REQUEUE, Checkpointer, StopSignal
+from megavideo.training.metrics import MetricsWriter
 from parallel.comm import all_reduce_tied_grads
 from parallel.distributed import detect_launch, device, init_distributed, init_model_parallel
 

@@ -3,11 +3,11 @@ optimizer) to run a model on N GPUs, ranked by predicted step time, with a memor
 
 Performance model of one step (every number per GPU; see docs/performance.md):
 
-    compute    the step's hardware FLOPs (:func:`megavideo.flops.step_flops`: recomputation and
+    compute    the step's hardware FLOPs (:func:`megavideo.accounting.flops.step_flops`: recomputation and
                head/token padding included) of each pipeline stage's parts at
                peak x ``matmul_efficiency``; the frozen teachers run on the first stage, the text and
                audio encoders and the heads on the last
-    TP / SP    the collectives of every transformer layer (:func:`parallel.comm_volume.tp_layer_volume`)
+    TP / SP    the collectives of every transformer layer (:func:`.comm_volume.tp_layer_volume`)
                at NVLink bandwidth x ``nvlink_efficiency``, not overlapped (megatron-core's local and
                TE specs run them on the compute stream)
     pipeline   1F1B over m micro-batches with per-stage times t_r: (m v - 1) max_r t_r / v + sum_r t_r / v
@@ -19,7 +19,7 @@ Performance model of one step (every number per GPU; see docs/performance.md):
 
 Memory of each pipeline rank: weights, fp32 gradients, the optimizer (fp32 master + Adam moments,
 divided by dp with the distributed optimizer), frozen weights (the teachers on the first stage),
-activations (:func:`megavideo.activations.vit_layer_bytes` per layer x the layers of the micro-batches
+activations (:func:`.activations.vit_layer_bytes` per layer x the layers of the micro-batches
 in flight: p - r in 1F1B, megatron-core's warm-up count + 1 chunks interleaved), the first stage's
 teacher targets for the step's micro-batches, and ``reserve_gib`` for the CUDA context, NCCL buffers
 and fragmentation. A layout whose worst rank exceeds the device memory is refused with the reason.
@@ -37,16 +37,16 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from kernels.devices import DEVICES, DeviceSpec
-from megavideo.activations import vit_layer_bytes
+from megavideo.accounting.activations import vit_layer_bytes
+from megavideo.accounting.comm_volume import dp_volume, ring_wire_bytes, tp_layer_volume
+from megavideo.accounting.describe import bytes_per_param, local_numel, meta_models
+from megavideo.accounting.devices import DEVICES, DeviceSpec
+from megavideo.accounting.flops import step_flops
+from megavideo.accounting.pipeline_timing import warmup_forwards
 from megavideo.config import Config, ConfigError, validate
-from megavideo.describe import bytes_per_param, local_numel, meta_models
-from megavideo.flops import step_flops
 from megavideo.models.video import Tokens
-from parallel.comm_volume import dp_volume, ring_wire_bytes, tp_layer_volume
 from parallel.distributed import single_rank_world
 from parallel.layout import split_layers
-from parallel.pipeline_timing import warmup_forwards
 
 GiB = 2**30
 FIRST_STAGE_PARTS = ("clip_teacher", "mae_teacher")
