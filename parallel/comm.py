@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import torch
@@ -202,22 +201,3 @@ def fetch_rows(x: torch.Tensor, index: torch.Tensor, group) -> torch.Tensor:
     if group_size(group) == 1:
         return x[index]
     return _FetchRows.apply(x, index, group)
-
-
-def bus_bandwidth(group=None, nbytes: int = 1 << 24, repeats: int = 5) -> float:
-    """Achieved all-reduce bus bandwidth of ``group`` in bytes/s per rank (NCCL-tests' busbw:
-    the payload x 2 (n - 1) / n over the time), on the group's backend and device."""
-    n = dist.get_world_size(group)
-    if n == 1:
-        return float("inf")
-    x = torch.ones(nbytes // 4, dtype=torch.float32, device=group_device(group))
-    dist.all_reduce(x, group=group)  # warm-up (connections)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        dist.all_reduce(x, group=group)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    elapsed = (time.perf_counter() - start) / repeats
-    return nbytes * 2 * (n - 1) / n / elapsed

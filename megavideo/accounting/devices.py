@@ -1,4 +1,5 @@
-"""What an accelerator can do on paper: dense peak TFLOP/s per precision, memory and links.
+"""What an accelerator can do: on paper (dense peak TFLOP/s per precision, memory and links) and
+as measured here (a matmul's TFLOP/s, an all-reduce's bus bandwidth).
 
 The peaks are NVIDIA's dense (no 2:4 sparsity) tensor-core numbers for the SXM parts; MFU divides
 achieved model FLOP/s by them. A100 has no FP8 tensor cores: its FP8 peak is its BF16 one (an FP8
@@ -13,6 +14,9 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+
+from parallel.comm import group_device
 
 log = logging.getLogger(__name__)
 
@@ -86,3 +90,22 @@ def measure_matmul_tflops(size: int = 2048, repeats: int = 10) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def bus_bandwidth(group=None, nbytes: int = 1 << 24, repeats: int = 5) -> float:
+    """Achieved all-reduce bus bandwidth of ``group`` in bytes/s per rank (NCCL-tests' busbw:
+    the payload x 2 (n - 1) / n over the time), on the group's backend and device."""
+    n = dist.get_world_size(group)
+    if n == 1:
+        return float("inf")
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=group_device(group))
+    dist.all_reduce(x, group=group)  # warm-up (connections)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dist.all_reduce(x, group=group)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - start) / repeats
+    return nbytes * 2 * (n - 1) / n / elapsed

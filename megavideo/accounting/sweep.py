@@ -21,11 +21,10 @@ import psutil
 import torch.distributed as dist
 
 from megavideo.accounting.activations import student_layer_bytes
-from megavideo.accounting.devices import DeviceSpec, local_device, measure_matmul_tflops
+from megavideo.accounting.devices import DeviceSpec, bus_bandwidth, local_device, measure_matmul_tflops
 from megavideo.accounting.planner import Calibration, Layout, Planner
 from megavideo.config import Config, ConfigError, load_config, validate_world
 from megavideo.training.loop import Trainer
-from parallel.comm import bus_bandwidth
 
 log = logging.getLogger(__name__)
 
