@@ -3,7 +3,7 @@
 megatron-core hard-codes CUDA in about 570 lines (buffers on ``torch.cuda.current_device()``,
 ``device="cuda"`` literals, ``Tensor.cuda()``, the CUDA RNG tracker, ``torch.cuda.synchronize()``,
 ``param.type() == "torch.cuda.FloatTensor"`` checks). Instead of patching each call site, this
-module redirects CUDA to the CPU process-wide:
+module redirects CUDA to the CPU while :func:`redirected` is entered:
 
 - a :class:`torch.overrides.TorchFunctionMode` that rewrites ``device="cuda"`` arguments,
   ``Tensor.cuda()`` and ``Tensor.to("cuda")`` to the CPU and reports CPU tensors' ``type()`` as the
@@ -11,21 +11,27 @@ module redirects CUDA to the CPU process-wide:
 - ``torch.cuda.current_device`` returning ``"cpu"`` and a no-op ``torch.cuda.synchronize``;
 - the CUDA RNG (and megatron's RNG-state tracker built on it) mapped onto the CPU generator.
 
-It is applied by :func:`apply` only when CUDA is unavailable, once per process, and logged.
-Nothing outside ``parallel/`` needs to know about it.
+It is entered only when CUDA is unavailable: by :func:`parallel.distributed.init_distributed` for
+the life of the process group (:func:`parallel.distributed.shutdown` leaves it) and by
+``single_rank_world`` for its block. Leaving restores every attribute it replaced. An attribute it
+replaces that the installed torch or megatron-core no longer has is a :class:`CompatError` naming
+it, before anything is patched. Nothing outside ``parallel/`` needs to know about it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 log = logging.getLogger(__name__)
 
-_MODE: TorchFunctionMode | None = None
+
+class CompatError(RuntimeError):
+    """The installed torch or megatron-core lacks an attribute the CPU redirection replaces."""
 
 
 def _is_cuda(device: object) -> bool:
@@ -68,28 +74,67 @@ class _ExpectedRngWarning(logging.Filter):
         return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
-def apply() -> bool:
-    """Apply the CPU redirection if CUDA is unavailable; returns whether it is active."""
-    global _MODE
-    if torch.cuda.is_available():
-        return False
-    if _MODE is not None:
-        return True
+def _replacements() -> list[tuple[object, str, Callable]]:
+    """(owner, attribute, its CPU stand-in) for everything the redirection replaces."""
     from megatron.core.tensor_parallel import random as mcore_random
 
-    torch.cuda.current_device = lambda: "cpu"
-    torch.cuda.synchronize = lambda *_args, **_kwargs: None
-    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
-    torch.cuda.get_rng_state = _cpu_rng_state
-    torch.cuda.set_rng_state = _set_cpu_rng_state
-    torch.cuda.random.get_rng_state = _cpu_rng_state
-    torch.cuda.stream = lambda *_args, **_kwargs: contextlib.nullcontext()
-    mcore_random._get_cuda_rng_state = _cpu_rng_state
-    mcore_random._set_cuda_rng_state = _set_cpu_rng_state
+    return [
+        (torch.cuda, "current_device", lambda: "cpu"),
+        (torch.cuda, "synchronize", lambda *_args, **_kwargs: None),
+        (torch.cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed))),
+        (torch.cuda, "get_rng_state", _cpu_rng_state),
+        (torch.cuda, "set_rng_state", _set_cpu_rng_state),
+        (torch.cuda.random, "get_rng_state", _cpu_rng_state),
+        (torch.cuda, "stream", lambda *_args, **_kwargs: contextlib.nullcontext()),
+        (mcore_random, "_get_cuda_rng_state", _cpu_rng_state),
+        (mcore_random, "_set_cuda_rng_state", _set_cpu_rng_state),
+    ]
 
-    logging.getLogger(mcore_random.__name__).addFilter(_ExpectedRngWarning())
 
-    _MODE = _CudaOnCpu()
-    _MODE.__enter__()
+_depth = 0  # how many redirected() blocks are open in this process
+
+
+@contextlib.contextmanager
+def redirected() -> Iterator[bool]:
+    """Redirect CUDA to the CPU inside the block if CUDA is unavailable; yields whether it is
+    active. Re-entrant: an inner block inside an active one changes nothing."""
+    global _depth
+    if torch.cuda.is_available():
+        yield False
+        return
+    if _depth:
+        _depth += 1
+        try:
+            yield True
+        finally:
+            _depth -= 1
+        return
+    replacements = _replacements()
+    missing = [f"{getattr(owner, '__name__', owner)}.{name}" for owner, name, _ in replacements
+               if not hasattr(owner, name)]
+    if missing:
+        raise CompatError(f"parallel.cpu_compat replaces {', '.join(missing)}, which this "
+                          f"torch {torch.__version__} / megatron-core no longer has.")
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in replacements]
+    for owner, name, stand_in in replacements:
+        setattr(owner, name, stand_in)
+    rng_log = logging.getLogger(replacements[-1][0].__name__)
+    quiet = _ExpectedRngWarning()
+    rng_log.addFilter(quiet)
+    mode = _CudaOnCpu()
+    mode.__enter__()
+    _depth = 1
     log.info("CUDA unavailable: megatron-core runs on the CPU through parallel.cpu_compat")
-    return True
+    try:
+        yield True
+    finally:
+        _depth = 0
+        mode.__exit__(None, None, None)
+        rng_log.removeFilter(quiet)
+        for owner, name, original in reversed(saved):
+            setattr(owner, name, original)
+
+
+def active() -> bool:
+    """Whether the redirection is on in this process."""
+    return _depth > 0

@@ -9,7 +9,7 @@ Launchers, tried in this order:
 - otherwise a single process.
 
 The backend is NCCL when CUDA is available (one device per local rank), gloo on the CPU, where
-:mod:`parallel.cpu_compat` is applied first.
+:mod:`parallel.cpu_compat` is entered first and left by :func:`shutdown`.
 """
 
 from __future__ import annotations
@@ -126,6 +126,9 @@ def use_local_gpu(launch: Launch) -> None:
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
 
 
+_COMPAT = contextlib.ExitStack()  # the CPU redirection of a gloo group, left with the group
+
+
 def init_distributed(timeout_minutes: int = 30) -> Launch:
     """Start the default process group (NCCL on GPU, gloo on CPU) for this launch."""
     launch = detect_launch()
@@ -134,7 +137,8 @@ def init_distributed(timeout_minutes: int = 30) -> Launch:
         use_local_gpu(launch)
     else:
         backend = "gloo"
-        cpu_compat.apply()
+        if not cpu_compat.active():
+            _COMPAT.enter_context(cpu_compat.redirected())
     if not dist.is_initialized():
         dist.init_process_group(
             backend,
@@ -166,7 +170,8 @@ def init_model_parallel(tp: int, pp: int, vpp: int, seed: int) -> None:
 
 
 def shutdown() -> None:
-    """Destroy megatron-core's groups and the default process group, if they exist.
+    """Destroy megatron-core's groups and the default process group, if they exist, and leave
+    the CPU redirection :func:`init_distributed` entered.
 
     Every rank calls it at the end of a job that ended the same way everywhere. A process that
     exits with its gloo group alive can abort while its worker threads are torn down ("terminate
@@ -179,6 +184,7 @@ def shutdown() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    _COMPAT.close()
 
 
 def device() -> torch.device:
@@ -195,9 +201,7 @@ def single_rank_world():
 
     if torch.cuda.is_available():
         use_local_gpu(detect_launch())  # megatron-core's RNG tracker below touches the device
-    else:
-        cpu_compat.apply()
-    with tempfile.TemporaryDirectory() as tmp:
+    with cpu_compat.redirected(), tempfile.TemporaryDirectory() as tmp:
         dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1)
         try:
             parallel_state.initialize_model_parallel()

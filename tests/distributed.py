@@ -34,10 +34,9 @@ def _entry(rank: int, world: int, port: int, fn, args, errors) -> None:
         errors.put((rank, traceback.format_exc()))
         raise
     finally:
-        import torch.distributed as dist
+        from parallel.distributed import shutdown
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown()
 
 
 def spawn(world: int, fn, *args) -> None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +11,6 @@ import torch
 from kernels import backends
 from parallel import cpu_compat
 from parallel.distributed import detect_launch, expand_nodelist
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(
@@ -87,30 +83,45 @@ def test_transformer_engine_spec_is_chosen_on_gpu():
     assert spec.submodules.self_attention.submodules.core_attention is TEDotProductAttention
 
 
-def test_cpu_compat_is_not_applied_when_cuda_is_there(monkeypatch):
+def test_cpu_compat_is_not_entered_when_cuda_is_there(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert cpu_compat.apply() is False
-
-
-COMPAT_PROBE = """
-import torch
-from parallel import cpu_compat
-assert cpu_compat.apply() is True and cpu_compat.apply() is True
-x = torch.ones(2, device="cuda")
-assert x.device.type == "cpu" and x.cuda() is x and x.to("cuda:0").device.type == "cpu"
-assert x.type() == "torch.cuda.FloatTensor" and torch.cuda.current_device() == "cpu"
-torch.cuda.manual_seed(3)
-a = torch.rand(2)
-torch.manual_seed(3)
-assert torch.equal(a, torch.rand(2))
-"""
+    with cpu_compat.redirected() as on:
+        assert on is False and not cpu_compat.active()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU compat layer is for CPU-only machines")
-def test_cpu_compat_redirects_cuda_to_the_cpu():
-    # in a child process: the redirection is process-wide and would leak into other tests
-    proc = subprocess.run([sys.executable, "-c", COMPAT_PROBE], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+def test_cpu_compat_redirects_cuda_inside_its_block_and_restores_everything_after():
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    originals = (torch.cuda.current_device, torch.cuda.manual_seed, mcore_random._get_cuda_rng_state)
+    with cpu_compat.redirected() as on, cpu_compat.redirected() as inner:
+        assert on is True and inner is True and cpu_compat.active()
+        x = torch.ones(2, device="cuda")
+        assert x.device.type == "cpu" and x.cuda() is x and x.to("cuda:0").device.type == "cpu"
+        assert x.type() == "torch.cuda.FloatTensor" and torch.cuda.current_device() == "cpu"
+        torch.cuda.manual_seed(3)
+        a = torch.rand(2)
+        torch.manual_seed(3)
+        assert torch.equal(a, torch.rand(2))
+    assert not cpu_compat.active()
+    assert (torch.cuda.current_device, torch.cuda.manual_seed,
+            mcore_random._get_cuda_rng_state) == originals
+    assert torch.ones(2).type() == "torch.FloatTensor"
+    with pytest.raises((AssertionError, RuntimeError)):  # no CUDA here, and nothing says otherwise
+        torch.ones(2, device="cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU compat layer is for CPU-only machines")
+def test_cpu_compat_names_an_attribute_megatron_core_no_longer_has(monkeypatch):
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    monkeypatch.delattr(mcore_random, "_set_cuda_rng_state")
+    current_device = torch.cuda.current_device
+    with pytest.raises(cpu_compat.CompatError,
+                       match=r"replaces megatron\.core\.tensor_parallel\.random\._set_cuda_rng_state,"):
+        with cpu_compat.redirected():
+            pass
+    assert torch.cuda.current_device is current_device and not cpu_compat.active()
 
 
 def test_the_process_groups_close_on_the_exits_every_rank_reaches_together(monkeypatch):
@@ -144,3 +155,4 @@ def test_shutdown_destroys_megatron_groups_and_the_default_group():
         shutdown()
         assert not parallel_state.model_parallel_is_initialized() and not dist.is_initialized()
     shutdown()  # nothing left: a no-op
+    assert not cpu_compat.active()  # the block's CPU redirection ends with it
