@@ -54,3 +54,14 @@ def test_a_vocab_without_its_special_tokens_or_file_is_one_sentence(tmp_path):
         WordPiece(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the"])
     with pytest.raises(VocabError, match="cannot read the vocab file .*missing.txt: No such file"):
         WordPiece.from_file(tmp_path / "missing.txt")
+
+
+def test_the_library_gives_the_pieces_and_ids_of_the_hand_written_wordpiece_it_replaced(tokenizer):
+    # pinned from the hand-written WordPiece this module had before it used `tokenizers` (the two
+    # agreed on 3,000 random strings of letters, accents, CJK, punctuation and control characters)
+    text = "Un-affable DOGS\u00a0run\u2019s caf\u00e9 \u4e2d\u6587!\x00 $50, the red squares."
+    assert tokenizer.tokenize(text) == [
+        "un", "[UNK]", "[UNK]", "[UNK]", "run", "[UNK]", "s", "cafe", "\u4e2d", "\u6587", "!", "$",
+        "5", "##0", ",", "the", "red", "[UNK]", "."]
+    assert tokenizer.encode(text) == [5, 1, 1, 1, 21, 1, 26, 14, 23, 24, 17, 18, 19, 20, 15, 8, 9, 1,
+                                      16]
