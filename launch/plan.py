@@ -1,11 +1,14 @@
 """Plan a layout before spending GPU-months:
-``python -m launch.plan CONFIG [key=value ...] --gpus N --gpu h100 --global-batch B``.
+``python -m launch.plan CONFIG [key=value ...] --gpus N``.
 
 Enumerates the valid layouts of the config's model (tp, pp, vpp, dp, sp, micro-batch, recomputation,
 distributed optimizer), predicts each one's step time, MFU and memory per rank, and prints the fastest
 that fit, the config's own layout with its verdict, and how many were refused and why (``--refused``
 lists them). ``--json`` writes everything. The performance model's constants come from
-``--calibration`` (written by ``python -m launch.profile``) or the built-in defaults.
+``--calibration`` (written by ``python -m launch.profile``) or the built-in defaults. The GPU, its
+peak and the global batch are the config's keys, overridden like any other: ``profile.device``
+(h100, h200, a100; auto: this node's GPU, else h100), ``profile.peak_tflops`` (0: the table's) and
+``train.global_batch``.
 """
 
 from __future__ import annotations
@@ -24,24 +27,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--gpus", type=int, required=True, help="GPUs of the job")
-    parser.add_argument("--gpu", default="h100", help="GPU type: h100, h200 or a100")
-    parser.add_argument("--global-batch", type=int, default=0,
-                        help="samples per step (default: the config's train.global_batch)")
     parser.add_argument("--calibration", help="a calibration JSON from launch.profile")
-    parser.add_argument("--peak-tflops", type=float, default=0.0,
-                        help="per-GPU peak for MFU (default: the table's for --gpu)")
     parser.add_argument("--top", type=int, default=10, help="layouts shown (default 10)")
     parser.add_argument("--refused", type=int, default=0, help="refused layouts listed")
     parser.add_argument("--json", type=Path, help="write the whole plan here")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     setup_logging()
     cfg = config_or_exit(args.config, args.overrides)
+    import torch
+
+    from megavideo.accounting.devices import device_key
     from megavideo.accounting.planner import Calibration, Layout, Planner, format_table
 
+    gpu = cfg.profile.device
+    if gpu == "auto":
+        gpu = (torch.cuda.is_available() and device_key(torch.cuda.get_device_name())) or "h100"
     try:
         calibration = Calibration.load(args.calibration) if args.calibration else None
-        planner = Planner(cfg, args.gpus, args.gpu, args.global_batch or cfg.train.global_batch,
-                          calibration, args.peak_tflops)
+        planner = Planner(cfg, args.gpus, gpu, cfg.train.global_batch, calibration,
+                          cfg.profile.peak_tflops)
     except ConfigError as err:
         exit_with(err)
     fitting, refused = planner.plan()
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         args.json.write_text(json.dumps({
             "config": args.config, "overrides": args.overrides, "gpus": args.gpus,
-            "gpu": args.gpu, "global_batch": planner.global_batch, "peak_tflops": planner.peak,
+            "gpu": gpu, "global_batch": planner.global_batch, "peak_tflops": planner.peak,
             "calibration": planner.calibration.__dict__, "config_layout": own.to_dict(),
             "ranked": [p.to_dict() for p in fitting],
             "refused": [p.to_dict() for p in refused]}, indent=1) + "\n")

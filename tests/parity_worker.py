@@ -74,8 +74,9 @@ def layouts(rank: int, world: int, ref: str, cases: list[tuple[str, list[str], i
             load_full_state([tr.stage.teachers], reference_state["teachers"])
         if steps:
             losses = [tr.train_step(step)["loss"] for step in range(steps)]
-            result = {"losses": losses, "trained": full_state(tr.chunks),
-                      "padding_max": _padding_max(tr)}
+            with tr.gathered_params():  # the last step's overlapped gather, if any
+                result = {"losses": losses, "trained": full_state(tr.chunks),
+                          "padding_max": _padding_max(tr)}
         else:
             loss = tr.forward_backward(step=0)
             gather_grad_shards(tr.chunks)

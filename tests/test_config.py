@@ -60,6 +60,18 @@ def test_overrides_are_typed_and_nested():
         (["model.preset=vit-2b"], "unknown model preset 'vit-2b' (no file models/vit-2b.yaml)."),
         (["model.clip_layers=9"], "model.clip_layers (9) must be between 1 and the layer count"),
         (["parallel"], "override 'parallel' is not of the form key=value."),
+        (["train.optimizer=lamb"], "train.optimizer must be one of adam, sgd, got 'lamb'."),
+        (["train.lr_schedule=step"], "train.lr_schedule must be one of cosine, linear, constant, "
+                                     "WSD, inverse-square-root, got 'step'."),
+        (["train.lr_schedule=WSD"], "train.lr_schedule=WSD anneals over train.wsd_decay_steps, "
+                                    "which must be in [1, 35]"),
+        (["train.lr_decay_steps=2"], "train.lr_decay_steps (2) must be 0 (train.steps) or more "
+                                     "than train.warmup_steps (5)."),
+        (["train.fusions=[softmax]"], "train.fusions: unknown fused kernel(s) softmax (known: "
+                                      "bias_activation, bias_dropout, masked_softmax, rope,"),
+        (["parallel.overlap_param_gather=true"], "parallel.overlap_param_gather needs "
+         "parallel.distributed_optimizer and parallel.overlap_grad_reduce."),
+        (["run.timeout_minutes=0"], "run.timeout_minutes must be at least 1, got 0."),
     ],
 )
 def test_bad_config_fails_with_one_sentence(overrides, message):
@@ -125,3 +137,35 @@ def test_the_papers_recipe(name, gpus, drop_path):
     assert cfg.model.student.drop_path == drop_path and cfg.model.student.layer_scale_init == 1e-5
     validate_world(cfg, gpus)  # the layout fits the paper's GPU count
     assert cfg.checkpoint.interval > 0
+
+
+def test_megatron_cores_configs_are_built_from_the_config_keys():
+    import torch
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megavideo.config import megatron
+
+    cfg = load_config(TINY, ["train.optimizer=sgd", "train.momentum=0.5", "train.lr=0.1",
+                               "train.min_lr=0.01", "train.steps=20", "train.warmup_steps=2",
+                               "train.lr_schedule=WSD", "train.wsd_decay_steps=4",
+                               "train.wsd_decay_style=linear", "parallel.distributed_optimizer=true",
+                               "parallel.overlap_grad_reduce=true", "run.timeout_minutes=7"])
+    opt = megatron.optimizer_config(cfg, torch.float32)
+    assert (opt.optimizer, opt.sgd_momentum, opt.lr, opt.use_distributed_optimizer) == (
+        "sgd", 0.5, 0.1, True)
+    ddp = megatron.ddp_config(cfg)
+    assert (ddp.overlap_grad_reduce, ddp.overlap_param_gather, ddp.grad_reduce_in_fp32) == (
+        True, False, True)
+    assert megatron.process_group_timeout(cfg).total_seconds() == 7 * 60
+    settings = megatron.transformer_settings(cfg.train)
+    assert not any(settings[field] for field in megatron.FUSIONS.values())
+
+    # the schedule megatron-core runs: warm-up 0 -> 0.1 over 2 steps, the peak until step 16,
+    # then a linear anneal to min_lr over the last 4 of the 20 decay steps
+    group = {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.0, "weight_decay": 0.0}
+    sched = megatron.scheduler(cfg, torch.optim.SGD([group], lr=0.0))
+    assert isinstance(sched, OptimizerParamScheduler)
+    lrs = [sched.get_lr(group) for sched.num_steps in range(21)]
+    expected = [0.1 * s / 2 for s in range(2)] + [0.1] * 15 + [
+        0.1 - (0.1 - 0.01) * (s - 16) / 4 for s in range(17, 21)]
+    assert lrs == pytest.approx(expected, rel=1e-12)

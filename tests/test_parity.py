@@ -38,6 +38,10 @@ WORLD2 = [
     ("tp2_sp_selective_recompute", ["parallel.tp=2", "parallel.sp=true", "train.recompute=selective"], 0),
     ("dp2_distopt", ["parallel.distributed_optimizer=true"], 0),
     ("dp2_distopt_steps", ["parallel.distributed_optimizer=true"], STEPS),
+    # the gradient reduce and the parameter gather overlapped (bucketed, driven by the schedule)
+    ("dp2_distopt_overlap_steps", ["parallel.distributed_optimizer=true",
+                                   "parallel.overlap_grad_reduce=true",
+                                   "parallel.overlap_param_gather=true"], STEPS),
 ]
 WORLD4 = [
     ("tp4_sp", ["parallel.tp=4", "parallel.sp=true"], 0),
@@ -170,6 +174,14 @@ def test_parameters_match_reference_after_optimizer_steps(runs, name):
     for pname, expected in ref["trained"].items():
         error = (got["trained"][pname] - expected).abs().max().item()
         assert error <= 2e-6, f"{pname}: parameter error {error:.3e}"
+
+
+def test_overlapped_communication_changes_no_number(runs):
+    _, results = runs
+    plain, overlapped = results["dp2_distopt_steps"], results["dp2_distopt_overlap_steps"]
+    assert overlapped["losses"] == plain["losses"]
+    for name, value in plain["trained"].items():
+        assert torch.equal(overlapped["trained"][name], value), name
 
 
 def test_padded_heads_change_nothing_and_stay_zero(runs):

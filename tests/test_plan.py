@@ -22,7 +22,7 @@ def planned(tmp_path_factory):
     out = tmp_path_factory.mktemp("plan") / "plan.json"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        plan.main([VIT6B, "--gpus", "256", "--gpu", "h100", "--global-batch", "2048",
+        plan.main([VIT6B, "profile.device=h100", "train.global_batch=2048", "--gpus", "256",
                    "--json", str(out), "--refused", "3"])
     return printed.getvalue(), json.loads(out.read_text())
 

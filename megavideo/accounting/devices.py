@@ -3,8 +3,8 @@ as measured here (a matmul's TFLOP/s, an all-reduce's bus bandwidth).
 
 The peaks are NVIDIA's dense (no 2:4 sparsity) tensor-core numbers for the SXM parts; MFU divides
 achieved model FLOP/s by them. A100 has no FP8 tensor cores: its FP8 peak is its BF16 one (an FP8
-recipe runs in BF16 there). Any value can be overridden (``profile.peak_tflops`` in a run config,
-``--peak-tflops`` on the planner) for another part or a clocked-down cluster.
+recipe runs in BF16 there). The peak can be overridden (``profile.peak_tflops``, in a run config or
+on the command line of training and of the planner) for another part or a clocked-down cluster.
 """
 
 from __future__ import annotations

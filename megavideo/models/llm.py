@@ -26,8 +26,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from kernels.backends import layer_backend
 from kernels.norms import RMSNorm
 from megavideo.config import LLMConfig, ParallelConfig, TrainConfig
+from megavideo.config.megatron import pipeline_settings, transformer_settings
 from megavideo.models.lora import LoRAColumnParallelLinear, LoRARowParallelLinear
-from megavideo.models.specs import pipeline_settings, recompute_settings, run_settings
 
 
 def llm_config(llm: LLMConfig, parallel: ParallelConfig, train: TrainConfig) -> TransformerConfig:
@@ -48,8 +48,7 @@ def llm_config(llm: LLMConfig, parallel: ParallelConfig, train: TrainConfig) -> 
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=False,
-        **recompute_settings(train),
-        **run_settings(train),
+        **transformer_settings(train),
     )
 
 

@@ -17,8 +17,9 @@ from torch import nn
 
 from kernels.norms import LayerNorm
 from megavideo.config import QFormerConfig
+from megavideo.config.megatron import INIT_STD
 from megavideo.models.encoders import EncoderLayers
-from megavideo.models.specs import INIT_STD, ViTTransformerConfig
+from megavideo.models.specs import ViTTransformerConfig
 
 
 class QFormer(MegatronModule):

@@ -32,9 +32,8 @@ from megatron.core.transformer.transformer_layer import TransformerLayerSubmodul
 from kernels.backends import layer_backend
 from kernels.norms import NORMS
 from megavideo.config import EncoderConfig, ParallelConfig, TrainConfig, ViTConfig
-from parallel.layout import megatron_layout, padded_heads, split_layers
-
-INIT_STD = 0.02  # trunc_normal(std=0.02) in the official code: the truncation at +-2 never bites
+from megavideo.config.megatron import pipeline_settings, transformer_settings
+from parallel.layout import padded_heads
 
 
 @dataclass
@@ -46,62 +45,6 @@ class ViTTransformerConfig(TransformerConfig):
     layer_scale_init: float = 0.0
     drop_path_rate: float = 0.0
     residual_scale: float = 1.0  # DeepNorm's alpha on post-norm residuals (BEATs)
-
-
-def init_normal(tensor: torch.Tensor) -> torch.Tensor:
-    return torch.nn.init.normal_(tensor, mean=0.0, std=INIT_STD)
-
-
-def run_settings(train: TrainConfig) -> dict:
-    """TransformerConfig settings every model here shares: no dropout and no fused kernels (every
-    layout computes the same numbers, on CPU too), the init, the precision, p2p that gloo runs."""
-    bf16 = train.precision == "bf16"
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    return dict(
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        init_method=init_normal,
-        output_layer_init_method=init_normal,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=bf16,
-        # gloo: batched p2p with interleaving silently corrupts later micro-batches (FIELD_NOTES)
-        batch_p2p_comm=False,
-        batch_p2p_sync=False,
-        cuda_graph_scope=[],  # megatron-core's own default "full" warns that it is deprecated
-    )
-
-
-def recompute_settings(train: TrainConfig) -> dict:
-    """TransformerConfig's activation recomputation for ``train.recompute``: none, selective
-    (megatron-core's core attention) or full (every layer, one at a time)."""
-    recompute = {"none": None, "selective": "selective", "full": "full"}[train.recompute]
-    return dict(
-        recompute_granularity=recompute,
-        recompute_method="uniform" if recompute == "full" else None,
-        recompute_num_layers=1 if recompute == "full" else None,
-    )
-
-
-def pipeline_settings(num_layers: int, parallel: ParallelConfig, pipelined: bool) -> dict:
-    """TransformerConfig's pipeline fields for a stack of ``num_layers`` layers, split over the
-    pipeline as :func:`parallel.layout.split_layers` says (or whole when not ``pipelined``)."""
-    pp = parallel.pp if pipelined else 1
-    layout = None
-    if pp > 1:
-        layout = megatron_layout(split_layers(num_layers, pp, parallel.vpp,
-                                              parallel.pipeline_layout), pp)
-    return dict(
-        pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=parallel.vpp if pp > 1 and parallel.vpp > 1 else None,
-        pipeline_model_parallel_layout=layout,
-    )
 
 
 def transformer_config(
@@ -130,8 +73,7 @@ def transformer_config(
         add_qkv_bias=vit.qkv_bias,
         activation_func=partial(F.gelu, approximate="tanh") if vit.activation == "gelu_tanh"
         else F.gelu,
-        **recompute_settings(train),
-        **run_settings(train),
+        **transformer_settings(train),
         real_attention_heads=vit.num_heads,
         full_width_qk_norm=vit.qk_norm,
         layer_scale_init=vit.layer_scale_init,

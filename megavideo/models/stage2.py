@@ -28,6 +28,7 @@ from torch import nn
 
 from kernels.norms import LayerNorm
 from megavideo.config import ModelConfig
+from megavideo.config.megatron import INIT_STD
 from megavideo.models.audio import AudioEncoder
 from megavideo.models.objectives import (
     TEMPERATURE_RANGE,
@@ -36,7 +37,7 @@ from megavideo.models.objectives import (
     matching_loss,
     mlm_inputs,
 )
-from megavideo.models.specs import INIT_STD, ViTTransformerConfig, without_sequence_parallel
+from megavideo.models.specs import ViTTransformerConfig, without_sequence_parallel
 from megavideo.models.text import MLMHead, TextEncoder
 from megavideo.models.video import Tokens, VideoChunk
 from parallel.comm import all_gather_rows, group_size

@@ -21,8 +21,9 @@ from torch import nn
 
 from kernels.norms import LayerNorm
 from megavideo.config import TextConfig, padded_vocab
+from megavideo.config.megatron import INIT_STD
 from megavideo.models.encoders import EncoderLayers
-from megavideo.models.specs import INIT_STD, ViTTransformerConfig
+from megavideo.models.specs import ViTTransformerConfig
 from parallel.comm import group_size
 
 

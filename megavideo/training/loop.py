@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import DistributedDataParallel
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from dataloaders.manifest import Manifest
 from kernels import backends
 from megavideo.accounting.meter import StepMeter
-from megavideo.config import Config, validate_device, validate_world
+from megavideo.config import Config, megatron, validate_device, validate_world
 from megavideo.stages.stage1 import Stage1
 from megavideo.stages.stage2 import Stage2
 from megavideo.stages.stage3 import Stage3
@@ -33,13 +33,6 @@ log = logging.getLogger(__name__)
 STAGES = {1: Stage1, 2: Stage2, 3: Stage3}
 
 
-def _no_weight_decay() -> dict:
-    """No decay on norms, biases, layer scale (all 1-D) and on position embeddings / CLS."""
-    key = ParamKey(attr="no_weight_decay",
-                   predicate=ParamPredicate(name="one_dim", fn=lambda p: p.dim() == 1))
-    return {key: {"wd_mult": 0.0}}
-
-
 class Trainer:
     """Everything one rank needs to run the steps of a validated config's stage."""
 
@@ -47,7 +40,7 @@ class Trainer:
         self.cfg = cfg
         par, train = cfg.parallel, cfg.train
         validate_device(cfg)  # before any process group
-        self.launch = init_distributed()
+        self.launch = init_distributed(cfg.run.timeout_minutes)
         log.info("GPU stack: %s", backends.detect().summary())
         init_model_parallel(par.tp, par.pp, par.vpp, train.seed)
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
@@ -59,36 +52,39 @@ class Trainer:
         self.device = device()
         self.stage = STAGES[cfg.stage](cfg, self.device)
         config = self.stage.config
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
-            use_distributed_optimizer=par.distributed_optimizer,
-        )
         self.chunks = [
-            DistributedDataParallel(config=config, ddp_config=ddp_config, module=model,
+            DistributedDataParallel(config=config, ddp_config=megatron.ddp_config(cfg), module=model,
                                     disable_bucketing=i > 0)
             for i, model in enumerate(self.stage.models)
         ]
-        opt_config = OptimizerConfig(
-            optimizer="adam", lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
-            adam_beta1=train.betas[0], adam_beta2=train.betas[1], adam_eps=train.eps,
-            clip_grad=train.clip_grad, bf16=train.precision == "bf16",
-            params_dtype=config.params_dtype, use_distributed_optimizer=par.distributed_optimizer,
-        )
-        self.optimizer = get_megatron_optimizer(opt_config, self.chunks,
-                                                config_overrides=_no_weight_decay())
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=train.lr, min_lr=train.min_lr,
-            lr_warmup_steps=train.warmup_steps, lr_decay_steps=max(train.steps, 1),
-            lr_decay_style="cosine", start_wd=train.weight_decay, end_wd=train.weight_decay,
-            wd_incr_steps=max(train.steps, 1), wd_incr_style="constant",
-        )
+        self.optimizer = get_megatron_optimizer(megatron.optimizer_config(cfg, config.params_dtype),
+                                                self.chunks,
+                                                config_overrides=megatron.no_weight_decay())
+        self.scheduler = megatron.scheduler(cfg, self.optimizer)
         config.finalize_model_grads_func = self._finalize_grads
+        for name, hook in megatron.overlap_hooks(cfg, self.chunks).items():
+            setattr(config, name, hook)
         self.pp_group = parallel_state.get_pipeline_model_parallel_group()
         self.dp_group = parallel_state.get_data_parallel_group()
         self.skips = data.SkipBudget(cfg.data.max_skip_rate, train.global_batch)
         self.manifest: Manifest | None = None
         self.meter = StepMeter(cfg, dist.get_world_size(), self.stage)
+
+    @contextlib.contextmanager
+    def gathered_params(self) -> Iterator[None]:
+        """The model's parameters up to date inside the block: with the parameter all-gather
+        overlapped, the last step's gather otherwise waits for the next forward pass (Megatron-LM
+        does the same before it saves)."""
+        if not self.cfg.parallel.overlap_param_gather:
+            yield
+            return
+        for chunk in self.chunks:
+            chunk.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            for chunk in self.chunks:
+                chunk.enable_forward_pre_hook()
 
     def _finalize_grads(self, model, num_tokens=None, **kwargs) -> None:
         self.stage.finish_grads()
@@ -247,7 +243,8 @@ def run(cfg: Config) -> list[dict]:
             stopping = stop.agreed()
             at_end = done == cfg.train.steps and cfg.checkpoint.save_at_end
             if stopping or at_end or (interval and done % interval == 0):
-                checkpointer.save(done)
+                with trainer.gathered_params():
+                    checkpointer.save(done)
             if stopping:
                 raise SystemExit(EXIT_REQUEUE)
     finally:

@@ -1,448 +1,30 @@
-"""One config system: dataclasses, YAML files under ``configs/``, dotted ``key=value`` overrides.
-
-A run config is a YAML file with the sections ``model``, ``parallel``, ``train``, ``data`` and ``run``.
-``model.preset`` names a model preset (``configs/models/<preset>.yaml``) whose values sit under the
-run file's own ``model`` keys, which sit under the command-line overrides. Every error is raised as
-:class:`ConfigError` with one sentence, before any process group exists.
-"""
+"""The rules between config keys, checked before any process group: each broken rule is a
+:class:`~megavideo.config.schema.ConfigError` in one sentence."""
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
 
 from megavideo.accounting.devices import DEVICES
+from megavideo.config.schema import (
+    FUSIONS,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    STAGE2_TERMS,
+    VOCAB_MULTIPLE,
+    WSD_DECAY_STYLES,
+    Config,
+    ConfigError,
+    DataConfig,
+    EncoderConfig,
+    ModelConfig,
+    TrainConfig,
+    ViTConfig,
+)
 from parallel.distributed import gpus_expected
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-VOCAB_MULTIPLE = 128  # the text vocabulary is padded to a multiple of this, whatever the tp
-STAGE2_TERMS = ("vtc", "vtm", "mlm", "avtc", "avtm", "avmlm")
-
-
-def padded_vocab(size: int) -> int:
-    """The text vocabulary's size padded to a multiple of :data:`VOCAB_MULTIPLE`."""
-    return -(-size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-
-
-class ConfigError(ValueError):
-    """A bad configuration, explained in one sentence."""
-
-
-@dataclass
-class EncoderConfig:
-    """The transformer shape every encoder shares (the video ViTs, the text and audio encoders)."""
-
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    mlp_hidden_size: int = 256
-    norm: str = "rmsnorm"  # rmsnorm | layernorm
-    norm_eps: float = 1e-6
-    qk_norm: bool = True
-    qkv_bias: bool = False
-    layer_scale_init: float = 0.0  # 0 disables layer scale
-    drop_path: float = 0.0
-    activation: str = "gelu_tanh"  # gelu_tanh | gelu
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-
-@dataclass
-class ViTConfig(EncoderConfig):
-    """One vision transformer: the student or a teacher."""
-
-    patch_size: int = 14
-    tubelet_size: int = 1
-    image_size: int = 224
-    num_frames: int = 8
-    per_frame: bool = False  # image model applied to each frame (the CLIP teacher)
-    cls_token: bool = True
-    learnable_pos_embed: bool = True
-    final_norm: bool = False
-    pool_heads: int = 0  # attention-pool head; 0 disables it
-    pool_dim: int = 768
-
-    @property
-    def patches_per_frame(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def num_patches(self) -> int:
-        return self.patches_per_frame * (self.num_frames // self.tubelet_size)
-
-
-@dataclass
-class PostNormEncoderConfig(EncoderConfig):
-    """BERT's and BEATs' shared defaults: post-norm LayerNorm layers, qkv bias, exact GELU."""
-
-    preset: str = ""  # an encoder file configs/models/<preset>.yaml
-    norm: str = "layernorm"
-    norm_eps: float = 1e-5
-    qk_norm: bool = False
-    qkv_bias: bool = True
-    activation: str = "gelu"
-
-
-@dataclass
-class TextConfig(PostNormEncoderConfig):
-    """The stage-2 text encoder: BERT (post-norm), its last ``fusion_layers`` layers cross-attend
-    to the video (or audio-video) tokens."""
-
-    num_layers: int = 4
-    norm_eps: float = 1e-12
-    fusion_layers: int = 2
-    vocab_file: str = ""  # BERT's vocab.txt (uncased WordPiece)
-    max_length: int = 40  # tokens per caption, [CLS] and [SEP] included
-    max_positions: int = 512
-    type_vocab_size: int = 2
-
-
-@dataclass
-class AudioConfig(PostNormEncoderConfig):
-    """The stage-2 audio encoder: BEATs (post-norm with DeepNorm residual scaling) on 16 kHz
-    log-mel filterbanks, 16x16 patches of a [frames, mel_bins] image."""
-
-    enabled: bool = False
-    frozen: bool = True
-    patch_size: int = 16
-    patch_dim: int = 512  # width of the patch convolution, projected to hidden_size
-    mel_bins: int = 128
-    seconds: float = 10.0  # audio per clip: longer is cut, shorter padded and masked
-    pos_conv_kernel: int = 128
-    pos_conv_groups: int = 16
-    deep_norm: bool = True
-
-    @property
-    def frames(self) -> int:
-        """Filterbank frames of ``seconds`` of audio (25 ms windows every 10 ms), whole patches."""
-        frames = int((self.seconds * 1000 - 25) // 10) + 1
-        return frames // self.patch_size * self.patch_size
-
-
-@dataclass
-class LLMConfig:
-    """The stage-3 LLM decoder: Mistral-shaped (RMSNorm, SwiGLU, RoPE, grouped-query attention,
-    untied output layer)."""
-
-    preset: str = ""  # an encoder file configs/models/<preset>.yaml (its ``llm`` mapping)
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    mlp_hidden_size: int = 128
-    vocab_size: int = 256
-    max_positions: int = 2048
-    rope_base: float = 1000000.0
-    norm_eps: float = 1e-5
-    tokenizer: str = ""  # a Hugging Face tokenizer.json (Mistral's, or any with <s> and </s>)
-    max_length: int = 256  # tokens per sequence, the video's query tokens included (padded)
-    tuning: str = "full"  # full | lora | frozen
-    lora_rank: int = 16  # LoRA on the attention projections (linear_qkv, linear_proj)
-    lora_alpha: float = 32.0
-    weights: str = ""  # Hugging Face safetensors (a file or a folder) imported at start-up
-
-
-@dataclass
-class QFormerConfig(PostNormEncoderConfig):
-    """Stage 3's bridge: a BERT-base-shaped QFormer whose learned queries cross-attend to the
-    video encoder's penultimate-layer tokens (every ``cross_attention_every``-th layer, from the
-    first), projected into the LLM's width."""
-
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    mlp_hidden_size: int = 3072
-    norm_eps: float = 1e-12
-    num_queries: int = 32
-    extra_queries: int = 64
-    cross_attention_every: int = 2
-    frozen: bool = False
-
-    @property
-    def queries(self) -> int:
-        return self.num_queries + self.extra_queries
-
-
-@dataclass
-class ObjectivesConfig:
-    """Stage 2's losses and their weights (a weight of 0 skips the term)."""
-
-    embed_dim: int = 768  # contrastive projection width
-    fusion_dim: int = 0  # video (and audio) tokens projected to this width for the fusion
-    # layers (Linear + LayerNorm, InternVideo2-6B: 768); 0: the video tokens as they are (1B)
-    temperature: float = 0.07  # initial value; learnable
-    learn_temperature: bool = True
-    mlm_probability: float = 0.15
-    vtc: float = 1.0
-    vtm: float = 1.0
-    mlm: float = 1.0
-    avtc: float = 1.0  # the audio-video variants: need model.audio.enabled
-    avtm: float = 1.0
-    avmlm: float = 1.0
-
-
-@dataclass
-class ModelConfig:
-    """The model of the run's stage. Stage 1: the student, the two frozen teachers and the
-    aligners between them. Stage 2: the student as video encoder, the text and audio encoders and
-    the objectives. Stage 3: the student as video encoder, the QFormer and the LLM decoder."""
-
-    preset: str = ""
-    student: ViTConfig = field(default_factory=ViTConfig)
-    clip_teacher: ViTConfig = field(default_factory=ViTConfig)
-    mae_teacher: ViTConfig = field(default_factory=ViTConfig)
-    clip_layers: int = 6  # CLIP aligners on the student's last clip_layers layers
-    mae_layers: int = 4  # MAE aligners on the student's last mae_layers layers
-    mask_ratio: float = 0.8
-    loss_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # clip, final, mae
-    aligner_norm_eps: float = 1e-5
-    text: TextConfig = field(default_factory=TextConfig)
-    audio: AudioConfig = field(default_factory=AudioConfig)
-    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
-    llm: LLMConfig = field(default_factory=LLMConfig)
-    qformer: QFormerConfig = field(default_factory=QFormerConfig)
-    video_frozen: bool = False  # stage 3: freeze the video encoder
-
-
-@dataclass
-class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
-    vpp: int = 1  # model chunks per pipeline stage (interleaved 1F1B when > 1)
-    sp: bool = False
-    distributed_optimizer: bool = False
-    pipeline_layout: list[int] = field(default_factory=list)  # layers per virtual stage, optional
-    # stage 3: the video encoder and QFormer's TP degree on the LLM's first pipeline stage
-    # (0: parallel.tp); it divides parallel.tp, the rest of the TP group splits the clips
-    encoder_tp: int = 0
-
-    @property
-    def encoder_tp_size(self) -> int:
-        return self.encoder_tp or self.tp
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 10
-    global_batch: int = 8
-    micro_batch: int = 1
-    lr: float = 1.5e-4
-    min_lr: float = 1e-5
-    warmup_steps: int = 0
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
-    clip_grad: float = 3.0
-    seed: int = 1234
-    precision: str = "fp32"  # fp32 | bf16
-    recompute: str = "none"  # none | selective | full
-
-
-@dataclass
-class DataConfig:
-    source: str = "synthetic"  # synthetic | manifest
-    manifest: str = ""  # a manifest.jsonl from python -m launch.manifest
-    backend: str = "auto"  # auto | pyav | dali (auto: DALI's NVDEC on GPU ranks, else PyAV)
-    normalize: str = "imagenet"  # imagenet | clip (mean and standard deviation)
-    frame_sampling: str = "random"  # random | middle (frame in each segment)
-    crop: str = "random_resized"  # random_resized | center
-    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])  # area fraction range
-    flip: bool = True
-    workers: int = 2  # PyAV decode processes, or DALI threads
-    prefetch: int = 2  # micro-batches decoded ahead
-    decode_threads: int = 1  # FFmpeg threads per PyAV decode
-    max_skip_rate: float = 0.05  # stop when more of the decodes fail (after a global batch)
-    # stage 2: manifest keys a clip's caption is drawn from, uniformly among every caption the
-    # listed keys hold for it (e.g. caption, captions, asr_captions, avs_captions)
-    captions: list[str] = field(default_factory=lambda: ["caption"])
-
-
-@dataclass
-class CheckpointConfig:
-    dir: str = ""  # default: <run.dir>/checkpoints
-    interval: int = 0  # save every N steps (0: only at the end and on SIGUSR1/SIGTERM)
-    keep: int = 3  # keep the last K checkpoints
-    save_at_end: bool = True
-    load: str = ""  # start a new run from these weights (a checkpoint directory or its root)
-
-
-@dataclass
-class RunConfig:
-    dir: str = "runs/default"
-    log_interval: int = 1
-    tensorboard: bool = True
-    # auto: the GPUs torch sees (NCCL), else the CPU (gloo), but an error where the job was given
-    # GPUs torch cannot see; cuda: refuse to start without them; cpu: the CPU, on a GPU-less node
-    device: str = "auto"
-
-
-@dataclass
-class ProfileConfig:
-    """Throughput accounting of the training loop (see docs/performance.md)."""
-
-    device: str = "auto"  # the peak table's device (h100, h200, a100) or auto: this GPU
-    peak_tflops: float = 0.0  # overrides the table's per-device peak for MFU
-    comm: bool = False  # count the bytes of every TP/SP/PP/DP collective each step
-    pipeline: bool = False  # time each pipeline stage's busy and idle share of a step
-
-
-@dataclass
-class Config:
-    stage: int = 1  # 1: distillation from the teachers; 2: video-audio-text alignment; 3: chat
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    profile: ProfileConfig = field(default_factory=ProfileConfig)
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return Path(self.checkpoint.dir or Path(self.run.dir) / "checkpoints")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as err:
-        raise ConfigError(f"cannot read config file {path}: {err.strerror}.") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}.") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level.")
-    return data
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """``["parallel.tp=2", "train.steps=5"]`` -> nested dict, values parsed as YAML scalars."""
-    tree: dict = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override '{item}' is not of the form key=value.")
-        node = tree
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}' sets a key below a value.")
-        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
-    return tree
-
-
-def _check_type(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where} must be a list, got {value!r}.")
-        (inner,) = typing.get_args(hint)
-        return [_check_type(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if hint is bool and not isinstance(value, bool):
-        raise ConfigError(f"{where} must be true or false, got {value!r}.")
-    if hint in (int, float, str) and (not isinstance(value, hint) or isinstance(value, bool)):
-        raise ConfigError(f"{where} must be of type {hint.__name__}, got {value!r}.")
-    return value
-
-
-def _build(cls: type, data: dict, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping, got {data!r}.")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            raise ConfigError(
-                f"unknown config key '{where}.{key}' (known: {', '.join(sorted(names))})."
-            )
-    kwargs = {}
-    for key, value in data.items():
-        hint = hints[key]
-        path = f"{where}.{key}"
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, path)
-        else:
-            kwargs[key] = _check_type(value, hint, path)
-    return cls(**kwargs)
-
-
-def _preset_file(name: str, kind: str, config_dir: Path) -> dict:
-    for directory in (config_dir / "models", CONFIG_DIR / "models"):
-        path = directory / f"{name}.yaml"
-        if path.is_file():
-            return _read_yaml(path)
-    raise ConfigError(f"unknown {kind} preset '{name}' (no file models/{name}.yaml).")
-
-
-def _resolve_preset(raw: dict, config_dir: Path) -> dict:
-    """``model.preset`` names a whole model file (its ``model`` mapping); ``model.text.preset``,
-    ``model.audio.preset`` and ``model.llm.preset`` name a file of that part (its ``text``,
-    ``audio`` or ``llm`` mapping). The run's own
-    keys sit over the preset's."""
-    model = raw.get("model", {})
-    if not isinstance(model, dict):
-        return raw
-    if model.get("preset"):
-        preset = _preset_file(model["preset"], "model", config_dir)
-        model = _merge(preset.get("model", preset), model)
-    for section in ("text", "audio", "llm", "qformer"):
-        sub = model.get(section)
-        if isinstance(sub, dict) and sub.get("preset"):
-            preset = _preset_file(sub["preset"], section, config_dir)
-            model = {**model, section: _merge(preset.get(section, preset), sub)}
-    return {**raw, "model": model}
-
-
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML run config, apply the preset and the overrides, validate the result."""
-    raw: dict = {}
-    config_dir = CONFIG_DIR
-    if path is not None:
-        path = Path(path)
-        raw = _read_yaml(path)
-        config_dir = path.resolve().parent
-    raw = _merge(raw, parse_overrides(list(overrides)))
-    raw = _resolve_preset(raw, config_dir)
-    config = _build(Config, raw, "config")
-    validate(config)
-    return config
-
-
-# --------------------------------------------------------------------------------------------
-# Validation (everything that can be checked without a process group)
 
 
 def _validate_vit(vit: ViTConfig, name: str, tp: int, tp_key: str = "parallel.tp") -> None:
@@ -689,6 +271,17 @@ def validate(config: Config, world_size: int | None = None) -> None:
         )
     if len(train.betas) != 2:
         raise ConfigError("train.betas must list two numbers.")
+    _validate_schedule(train)
+    unknown = [name for name in train.fusions if name not in FUSIONS]
+    if unknown:
+        raise ConfigError(f"train.fusions: unknown fused kernel(s) {', '.join(unknown)} (known: "
+                          f"{', '.join(FUSIONS)}).")
+    if par.overlap_param_gather and not (par.distributed_optimizer and par.overlap_grad_reduce):
+        raise ConfigError("parallel.overlap_param_gather needs parallel.distributed_optimizer and "
+                          "parallel.overlap_grad_reduce.")
+    if config.run.timeout_minutes < 1:
+        raise ConfigError(f"run.timeout_minutes must be at least 1, got "
+                          f"{config.run.timeout_minutes}.")
     if train.micro_batch < 1 or train.global_batch < 1 or train.steps < 0:
         raise ConfigError("train.micro_batch and train.global_batch must be positive.")
     if train.steps and train.warmup_steps >= train.steps:
@@ -708,6 +301,27 @@ def validate(config: Config, world_size: int | None = None) -> None:
     _validate_data(config.data)
     if world_size is not None:
         validate_world(config, world_size)
+
+
+def _validate_schedule(train: TrainConfig) -> None:
+    if train.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got "
+                          f"'{train.optimizer}'.")
+    if train.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got "
+                          f"'{train.lr_schedule}'.")
+    decay = train.lr_decay_steps or train.steps
+    if train.lr_decay_steps < 0 or (train.lr_decay_steps and train.lr_decay_steps <= train.warmup_steps):
+        raise ConfigError(f"train.lr_decay_steps ({train.lr_decay_steps}) must be 0 (train.steps) "
+                          f"or more than train.warmup_steps ({train.warmup_steps}).")
+    if train.lr_schedule == "WSD":
+        if not 0 < train.wsd_decay_steps <= decay - train.warmup_steps:
+            raise ConfigError(f"train.lr_schedule=WSD anneals over train.wsd_decay_steps, which must "
+                              f"be in [1, {decay - train.warmup_steps}] (the decay steps after the "
+                              f"warm-up), got {train.wsd_decay_steps}.")
+        if train.wsd_decay_style not in WSD_DECAY_STYLES:
+            raise ConfigError(f"train.wsd_decay_style must be one of {', '.join(WSD_DECAY_STYLES)}, "
+                              f"got '{train.wsd_decay_style}'.")
 
 
 DEVICE_CHOICES = ("auto", "cuda", "cpu")
@@ -776,11 +390,29 @@ def validate_interleaving(micro_batches: int, pp: int, what: str) -> None:
         )
 
 
+def _validate_fusions(fusions: list[str]) -> None:
+    """Fused kernels are CUDA kernels; fusing the weight-gradient accumulation needs TE's or
+    apex's (megatron-core refuses it otherwise, after the process group)."""
+    if not fusions:
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"train.fusions ({', '.join(fusions)}) are CUDA kernels: this node has "
+                          "no GPU torch can see; set train.fusions=[] to run here.")
+    if "gradient_accumulation" in fusions:
+        from kernels import backends
+
+        found = backends.detect()
+        if not (found.transformer_engine or found.apex):
+            raise ConfigError("train.fusions: gradient_accumulation needs transformer-engine or "
+                              "apex's fused weight-gradient kernel, and this node has neither.")
+
+
 def validate_device(config: Config, env: Mapping[str, str] | None = None) -> None:
     """Check ``run.device`` against this node before any process group: a node where the job
     was given GPUs (or the config asks for them) but torch sees none is an error, not a quiet
     run on the CPU."""
     device = config.run.device
+    _validate_fusions(config.train.fusions)
     if torch.cuda.is_available():
         if device == "cpu":
             raise ConfigError("run.device=cpu on a node where torch sees a GPU: hide the GPUs "
@@ -795,31 +427,3 @@ def validate_device(config: Config, env: Mapping[str, str] | None = None) -> Non
                           f"{torch.__version__}, {build}): start the job in the cluster's CUDA "
                           "environment or container, or set run.device=cpu to run on the CPU.")
 
-
-def dump(config: Config) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
-
-
-__all__ = [
-    "CheckpointConfig",
-    "Config",
-    "ConfigError",
-    "AudioConfig",
-    "DataConfig",
-    "EncoderConfig",
-    "LLMConfig",
-    "ModelConfig",
-    "ObjectivesConfig",
-    "ParallelConfig",
-    "QFormerConfig",
-    "RunConfig",
-    "TextConfig",
-    "TrainConfig",
-    "ViTConfig",
-    "load_config",
-    "parse_overrides",
-    "validate",
-    "validate_device",
-    "validate_interleaving",
-    "validate_world",
-]

@@ -1,0 +1,148 @@
+"""megatron-core's configs, built from a run config in one place.
+
+The TransformerConfig fields every model shares (precision, init, dropout, fused kernels,
+recomputation, the pipeline split, point-to-point settings), the DDP config, the optimizer config,
+the learning-rate schedule and the process group's timeout. The models add only their shapes
+(:mod:`megavideo.models.specs`, :mod:`megavideo.models.llm`); the training loop hard-codes none of
+these. What differs between backends is said where it is set: gloo on the CPU, NCCL on a GPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import torch
+from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megavideo.config.schema import FUSIONS, Config, ParallelConfig, TrainConfig
+from parallel.layout import megatron_layout, split_layers
+
+INIT_STD = 0.02  # trunc_normal(std=0.02) in the official code: the truncation at +-2 never bites
+
+def init_normal(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.nn.init.normal_(tensor, mean=0.0, std=INIT_STD)
+
+
+def transformer_settings(train: TrainConfig) -> dict:
+    """TransformerConfig fields every model here shares: no dropout, the fused kernels
+    ``train.fusions`` names, the init, the precision, recomputation, p2p that gloo runs."""
+    bf16 = train.precision == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return dict(
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        **{field: name in train.fusions for name, field in FUSIONS.items()},
+        init_method=init_normal,
+        output_layer_init_method=init_normal,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=bf16,
+        # gloo: batched p2p with interleaving silently corrupts later micro-batches (FIELD_NOTES)
+        batch_p2p_comm=False,
+        batch_p2p_sync=False,
+        cuda_graph_scope=[],  # megatron-core's own default "full" warns that it is deprecated
+        **recompute_settings(train),
+    )
+
+
+def recompute_settings(train: TrainConfig) -> dict:
+    """TransformerConfig's activation recomputation for ``train.recompute``: none, selective
+    (megatron-core's core attention) or full (every layer, one at a time)."""
+    recompute = {"none": None, "selective": "selective", "full": "full"}[train.recompute]
+    return dict(
+        recompute_granularity=recompute,
+        recompute_method="uniform" if recompute == "full" else None,
+        recompute_num_layers=1 if recompute == "full" else None,
+    )
+
+
+def pipeline_settings(num_layers: int, parallel: ParallelConfig, pipelined: bool) -> dict:
+    """TransformerConfig's pipeline fields for a stack of ``num_layers`` layers, split over the
+    pipeline as :func:`parallel.layout.split_layers` says (or whole when not ``pipelined``)."""
+    pp = parallel.pp if pipelined else 1
+    layout = None
+    if pp > 1:
+        layout = megatron_layout(split_layers(num_layers, pp, parallel.vpp,
+                                              parallel.pipeline_layout), pp)
+    return dict(
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp if pp > 1 and parallel.vpp > 1 else None,
+        pipeline_model_parallel_layout=layout,
+    )
+
+
+def ddp_config(cfg: Config) -> DistributedDataParallelConfig:
+    """Gradients reduced in fp32; the reduce (and, with the distributed optimizer, the parameter
+    all-gather) overlapped with the backward and forward passes when ``parallel.overlap_*`` say."""
+    par = cfg.parallel
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=par.overlap_grad_reduce,
+        overlap_param_gather=par.overlap_param_gather,
+        use_distributed_optimizer=par.distributed_optimizer,
+    )
+
+
+def optimizer_config(cfg: Config, params_dtype: torch.dtype) -> OptimizerConfig:
+    """``train.optimizer`` (adam or sgd) with the run's learning rate, decay, betas or momentum
+    and gradient clipping; sharded over data-parallel ranks with ``parallel.distributed_optimizer``."""
+    train = cfg.train
+    return OptimizerConfig(
+        optimizer=train.optimizer, lr=train.lr, min_lr=train.min_lr,
+        weight_decay=train.weight_decay, adam_beta1=train.betas[0], adam_beta2=train.betas[1],
+        adam_eps=train.eps, sgd_momentum=train.momentum, clip_grad=train.clip_grad,
+        bf16=train.precision == "bf16", params_dtype=params_dtype,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+    )
+
+
+def no_weight_decay() -> dict:
+    """get_megatron_optimizer's override: no decay on norms, biases, layer scale (all 1-D) and on
+    position embeddings / CLS."""
+    key = ParamKey(attr="no_weight_decay",
+                   predicate=ParamPredicate(name="one_dim", fn=lambda p: p.dim() == 1))
+    return {key: {"wd_mult": 0.0}}
+
+
+def scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
+    """megatron-core's scheduler: linear warm-up over ``train.warmup_steps``, then
+    ``train.lr_schedule`` down to ``train.min_lr`` over ``train.lr_decay_steps`` (default: the
+    run's steps); WSD holds the peak and anneals over its last ``train.wsd_decay_steps``."""
+    train = cfg.train
+    decay_steps = max(train.lr_decay_steps or train.steps, 1)
+    wsd = train.lr_schedule == "WSD"
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=train.lr, min_lr=train.min_lr,
+        lr_warmup_steps=train.warmup_steps, lr_decay_steps=decay_steps,
+        lr_decay_style=train.lr_schedule, start_wd=train.weight_decay, end_wd=train.weight_decay,
+        wd_incr_steps=decay_steps, wd_incr_style="constant",
+        wsd_decay_steps=train.wsd_decay_steps if wsd else None,
+        lr_wsd_decay_style=train.wsd_decay_style if wsd else None,
+    )
+
+
+def process_group_timeout(cfg: Config) -> datetime.timedelta:
+    """How long a collective may wait for its peers before the job fails (NCCL and gloo)."""
+    return datetime.timedelta(minutes=cfg.run.timeout_minutes)
+
+
+def overlap_hooks(cfg: Config, chunks: list) -> dict:
+    """The TransformerConfig fields through which megatron-core's schedules drive DDP when
+    communication overlaps (as Megatron-LM's training sets them): no gradient sync on all but the
+    last micro-batch, the bucketed reduce started by the schedule, and with
+    ``parallel.overlap_param_gather`` the parameter all-gather of each model chunk."""
+    par = cfg.parallel
+
+    def each(method: str):
+        functions = [getattr(chunk, method) for chunk in chunks]
+        return functions[0] if len(functions) == 1 else functions
+
+    hooks = {}
+    if par.overlap_grad_reduce:
+        hooks.update(no_sync_func=each("no_sync"), grad_sync_func=each("start_grad_sync"))
+    if par.overlap_param_gather:
+        hooks.update(param_sync_func=each("start_param_sync"))
+    return hooks

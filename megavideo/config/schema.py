@@ -1,0 +1,331 @@
+"""The schema of a run config: one dataclass per section, their defaults and what each key means.
+
+A run config has the sections ``stage``, ``model``, ``parallel``, ``train``, ``data``, ``run``,
+``checkpoint`` and ``profile``. Loading (:mod:`.loading`) builds these from YAML and overrides;
+the rules between keys live in :mod:`.validation`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+VOCAB_MULTIPLE = 128  # the text vocabulary is padded to a multiple of this, whatever the tp
+STAGE2_TERMS = ("vtc", "vtm", "mlm", "avtc", "avtm", "avmlm")
+
+
+# train.fusions: each name switches on one of megatron-core's fused kernels (TransformerConfig's
+# field). Off by default: with them off every layout computes the same numbers, on the CPU too
+FUSIONS = {
+    "bias_activation": "bias_activation_fusion",
+    "bias_dropout": "bias_dropout_fusion",
+    "masked_softmax": "masked_softmax_fusion",
+    "rope": "apply_rope_fusion",
+    "persist_layer_norm": "persist_layer_norm",
+    "gradient_accumulation": "gradient_accumulation_fusion",
+}
+OPTIMIZERS = ("adam", "sgd")  # what megatron-core 0.16.1's get_megatron_optimizer builds
+LR_SCHEDULES = ("cosine", "linear", "constant", "WSD", "inverse-square-root")
+WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
+
+
+def padded_vocab(size: int) -> int:
+    """The text vocabulary's size padded to a multiple of :data:`VOCAB_MULTIPLE`."""
+    return -(-size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+class ConfigError(ValueError):
+    """A bad configuration, explained in one sentence."""
+
+
+@dataclass
+class EncoderConfig:
+    """The transformer shape every encoder shares (the video ViTs, the text and audio encoders)."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    mlp_hidden_size: int = 256
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    norm_eps: float = 1e-6
+    qk_norm: bool = True
+    qkv_bias: bool = False
+    layer_scale_init: float = 0.0  # 0 disables layer scale
+    drop_path: float = 0.0
+    activation: str = "gelu_tanh"  # gelu_tanh | gelu
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class ViTConfig(EncoderConfig):
+    """One vision transformer: the student or a teacher."""
+
+    patch_size: int = 14
+    tubelet_size: int = 1
+    image_size: int = 224
+    num_frames: int = 8
+    per_frame: bool = False  # image model applied to each frame (the CLIP teacher)
+    cls_token: bool = True
+    learnable_pos_embed: bool = True
+    final_norm: bool = False
+    pool_heads: int = 0  # attention-pool head; 0 disables it
+    pool_dim: int = 768
+
+    @property
+    def patches_per_frame(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_patches(self) -> int:
+        return self.patches_per_frame * (self.num_frames // self.tubelet_size)
+
+
+@dataclass
+class PostNormEncoderConfig(EncoderConfig):
+    """BERT's and BEATs' shared defaults: post-norm LayerNorm layers, qkv bias, exact GELU."""
+
+    preset: str = ""  # an encoder file configs/models/<preset>.yaml
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    qk_norm: bool = False
+    qkv_bias: bool = True
+    activation: str = "gelu"
+
+
+@dataclass
+class TextConfig(PostNormEncoderConfig):
+    """The stage-2 text encoder: BERT (post-norm), its last ``fusion_layers`` layers cross-attend
+    to the video (or audio-video) tokens."""
+
+    num_layers: int = 4
+    norm_eps: float = 1e-12
+    fusion_layers: int = 2
+    vocab_file: str = ""  # BERT's vocab.txt (uncased WordPiece)
+    max_length: int = 40  # tokens per caption, [CLS] and [SEP] included
+    max_positions: int = 512
+    type_vocab_size: int = 2
+
+
+@dataclass
+class AudioConfig(PostNormEncoderConfig):
+    """The stage-2 audio encoder: BEATs (post-norm with DeepNorm residual scaling) on 16 kHz
+    log-mel filterbanks, 16x16 patches of a [frames, mel_bins] image."""
+
+    enabled: bool = False
+    frozen: bool = True
+    patch_size: int = 16
+    patch_dim: int = 512  # width of the patch convolution, projected to hidden_size
+    mel_bins: int = 128
+    seconds: float = 10.0  # audio per clip: longer is cut, shorter padded and masked
+    pos_conv_kernel: int = 128
+    pos_conv_groups: int = 16
+    deep_norm: bool = True
+
+    @property
+    def frames(self) -> int:
+        """Filterbank frames of ``seconds`` of audio (25 ms windows every 10 ms), whole patches."""
+        frames = int((self.seconds * 1000 - 25) // 10) + 1
+        return frames // self.patch_size * self.patch_size
+
+
+@dataclass
+class LLMConfig:
+    """The stage-3 LLM decoder: Mistral-shaped (RMSNorm, SwiGLU, RoPE, grouped-query attention,
+    untied output layer)."""
+
+    preset: str = ""  # an encoder file configs/models/<preset>.yaml (its ``llm`` mapping)
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    mlp_hidden_size: int = 128
+    vocab_size: int = 256
+    max_positions: int = 2048
+    rope_base: float = 1000000.0
+    norm_eps: float = 1e-5
+    tokenizer: str = ""  # a Hugging Face tokenizer.json (Mistral's, or any with <s> and </s>)
+    max_length: int = 256  # tokens per sequence, the video's query tokens included (padded)
+    tuning: str = "full"  # full | lora | frozen
+    lora_rank: int = 16  # LoRA on the attention projections (linear_qkv, linear_proj)
+    lora_alpha: float = 32.0
+    weights: str = ""  # Hugging Face safetensors (a file or a folder) imported at start-up
+
+
+@dataclass
+class QFormerConfig(PostNormEncoderConfig):
+    """Stage 3's bridge: a BERT-base-shaped QFormer whose learned queries cross-attend to the
+    video encoder's penultimate-layer tokens (every ``cross_attention_every``-th layer, from the
+    first), projected into the LLM's width."""
+
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp_hidden_size: int = 3072
+    norm_eps: float = 1e-12
+    num_queries: int = 32
+    extra_queries: int = 64
+    cross_attention_every: int = 2
+    frozen: bool = False
+
+    @property
+    def queries(self) -> int:
+        return self.num_queries + self.extra_queries
+
+
+@dataclass
+class ObjectivesConfig:
+    """Stage 2's losses and their weights (a weight of 0 skips the term)."""
+
+    embed_dim: int = 768  # contrastive projection width
+    fusion_dim: int = 0  # video (and audio) tokens projected to this width for the fusion
+    # layers (Linear + LayerNorm, InternVideo2-6B: 768); 0: the video tokens as they are (1B)
+    temperature: float = 0.07  # initial value; learnable
+    learn_temperature: bool = True
+    mlm_probability: float = 0.15
+    vtc: float = 1.0
+    vtm: float = 1.0
+    mlm: float = 1.0
+    avtc: float = 1.0  # the audio-video variants: need model.audio.enabled
+    avtm: float = 1.0
+    avmlm: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    """The model of the run's stage. Stage 1: the student, the two frozen teachers and the
+    aligners between them. Stage 2: the student as video encoder, the text and audio encoders and
+    the objectives. Stage 3: the student as video encoder, the QFormer and the LLM decoder."""
+
+    preset: str = ""
+    student: ViTConfig = field(default_factory=ViTConfig)
+    clip_teacher: ViTConfig = field(default_factory=ViTConfig)
+    mae_teacher: ViTConfig = field(default_factory=ViTConfig)
+    clip_layers: int = 6  # CLIP aligners on the student's last clip_layers layers
+    mae_layers: int = 4  # MAE aligners on the student's last mae_layers layers
+    mask_ratio: float = 0.8
+    loss_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # clip, final, mae
+    aligner_norm_eps: float = 1e-5
+    text: TextConfig = field(default_factory=TextConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    video_frozen: bool = False  # stage 3: freeze the video encoder
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1  # model chunks per pipeline stage (interleaved 1F1B when > 1)
+    sp: bool = False
+    distributed_optimizer: bool = False
+    pipeline_layout: list[int] = field(default_factory=list)  # layers per virtual stage, optional
+    # stage 3: the video encoder and QFormer's TP degree on the LLM's first pipeline stage
+    # (0: parallel.tp); it divides parallel.tp, the rest of the TP group splits the clips
+    encoder_tp: int = 0
+    overlap_grad_reduce: bool = False  # reduce gradients in buckets during the backward pass
+    # with the distributed optimizer: all-gather the updated parameters during the next forward
+    overlap_param_gather: bool = False
+
+    @property
+    def encoder_tp_size(self) -> int:
+        return self.encoder_tp or self.tp
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10
+    global_batch: int = 8
+    micro_batch: int = 1
+    lr: float = 1.5e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    clip_grad: float = 3.0
+    seed: int = 1234
+    precision: str = "fp32"  # fp32 | bf16
+    recompute: str = "none"  # none | selective | full
+    optimizer: str = "adam"  # adam (AdamW: decoupled weight decay) | sgd
+    momentum: float = 0.9  # sgd's
+    lr_schedule: str = "cosine"  # cosine | linear | constant | WSD | inverse-square-root
+    lr_decay_steps: int = 0  # steps from the start to min_lr (0: train.steps)
+    wsd_decay_steps: int = 0  # WSD: the last steps of the decay, where it anneals
+    wsd_decay_style: str = "exponential"  # WSD's anneal: exponential | linear | cosine | minus_sqrt
+    fusions: list[str] = field(default_factory=list)  # megatron-core fused kernels (FUSIONS)
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | manifest
+    manifest: str = ""  # a manifest.jsonl from python -m launch.manifest
+    backend: str = "auto"  # auto | pyav | dali (auto: DALI's NVDEC on GPU ranks, else PyAV)
+    normalize: str = "imagenet"  # imagenet | clip (mean and standard deviation)
+    frame_sampling: str = "random"  # random | middle (frame in each segment)
+    crop: str = "random_resized"  # random_resized | center
+    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])  # area fraction range
+    flip: bool = True
+    workers: int = 2  # PyAV decode processes, or DALI threads
+    prefetch: int = 2  # micro-batches decoded ahead
+    decode_threads: int = 1  # FFmpeg threads per PyAV decode
+    max_skip_rate: float = 0.05  # stop when more of the decodes fail (after a global batch)
+    # stage 2: manifest keys a clip's caption is drawn from, uniformly among every caption the
+    # listed keys hold for it (e.g. caption, captions, asr_captions, avs_captions)
+    captions: list[str] = field(default_factory=lambda: ["caption"])
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # default: <run.dir>/checkpoints
+    interval: int = 0  # save every N steps (0: only at the end and on SIGUSR1/SIGTERM)
+    keep: int = 3  # keep the last K checkpoints
+    save_at_end: bool = True
+    load: str = ""  # start a new run from these weights (a checkpoint directory or its root)
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    log_interval: int = 1
+    tensorboard: bool = True
+    # auto: the GPUs torch sees (NCCL), else the CPU (gloo), but an error where the job was given
+    # GPUs torch cannot see; cuda: refuse to start without them; cpu: the CPU, on a GPU-less node
+    device: str = "auto"
+    timeout_minutes: int = 30  # how long a collective waits for its peers before the job fails
+
+
+@dataclass
+class ProfileConfig:
+    """Throughput accounting of the training loop (see docs/performance.md)."""
+
+    device: str = "auto"  # the peak table's device (h100, h200, a100) or auto: this GPU
+    peak_tflops: float = 0.0  # overrides the table's per-device peak for MFU
+    comm: bool = False  # count the bytes of every TP/SP/PP/DP collective each step
+    pipeline: bool = False  # time each pipeline stage's busy and idle share of a step
+
+
+@dataclass
+class Config:
+    stage: int = 1  # 1: distillation from the teachers; 2: video-audio-text alignment; 3: chat
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir or Path(self.run.dir) / "checkpoints")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
