@@ -58,7 +58,7 @@ def test_the_plots_are_pngs(profiled):
 def test_the_calibration_feeds_the_planner(profiled, tmp_path, capsys):
     calibration = Calibration.load(profiled / "calibration.json")
     assert 0 < calibration.matmul_efficiency and calibration.source.startswith("launch.profile")
-    plan.main(["configs/stage1_vit1b.yaml", "--gpus", "64", "--gpu", "a100",
+    plan.main(["configs/stage1_vit1b.yaml", "profile.device=a100", "--gpus", "64",
                "--calibration", str(profiled / "calibration.json"), "--top", "3"])
     printed = capsys.readouterr().out
     assert "calibration: launch.profile" in printed and "MFU" in printed

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from parallel.comm import group_device
-
 log = logging.getLogger(__name__)
 
 
@@ -95,6 +93,8 @@ def measure_matmul_tflops(size: int = 2048, repeats: int = 10) -> float:
 def bus_bandwidth(group=None, nbytes: int = 1 << 24, repeats: int = 5) -> float:
     """Achieved all-reduce bus bandwidth of ``group`` in bytes/s per rank (NCCL-tests' busbw:
     the payload x 2 (n - 1) / n over the time), on the group's backend and device."""
+    from parallel.comm import group_device  # megatron-core: not for the config's import of the table
+
     n = dist.get_world_size(group)
     if n == 1:
         return float("inf")
