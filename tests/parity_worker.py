@@ -25,8 +25,9 @@ def trainer(overrides: list[str], config: str | None = None) -> Trainer:
 def reference(rank: int, world: int, out: str, steps: int, config: str | None = None,
               base: tuple[str, ...] = ()) -> None:
     tr = trainer(list(base), config)
+    result = {"initial": _initial_state(tr)}
     _nonzero_adapters(tr)
-    result = {"params": full_state(tr.chunks)}
+    result["params"] = full_state(tr.chunks)
     if tr.stage.teachers is not None:
         result["teachers"] = full_state([tr.stage.teachers])
     result["loss"] = tr.forward_backward(step=0)
@@ -34,6 +35,14 @@ def reference(rank: int, world: int, out: str, steps: int, config: str | None = 
     result["losses"] = [tr.train_step(step)["loss"] for step in range(steps)]
     result["trained"] = full_state(tr.chunks)
     torch.save(result, out)
+
+
+def _initial_state(tr: Trainer) -> dict[str, torch.Tensor]:
+    """The whole initial weights of this pipeline rank, the teachers' under their prefix."""
+    state = full_state(tr.chunks)
+    if tr.stage.teachers is not None:
+        state |= {f"teachers.{k}": v for k, v in full_state([tr.stage.teachers]).items()}
+    return state
 
 
 def _nonzero_adapters(tr: Trainer) -> None:
@@ -69,6 +78,7 @@ def layouts(rank: int, world: int, ref: str, cases: list[tuple[str, list[str], i
     reference_state = torch.load(ref)
     for name, overrides, steps in cases:
         tr = trainer(list(base) + overrides, config)
+        initial = _initial_state(tr)
         load_full_state(tr.chunks, reference_state["params"])
         if tr.stage.teachers is not None:
             load_full_state([tr.stage.teachers], reference_state["teachers"])
@@ -81,6 +91,7 @@ def layouts(rank: int, world: int, ref: str, cases: list[tuple[str, list[str], i
             loss = tr.forward_backward(step=0)
             gather_grad_shards(tr.chunks)
             result = {"loss": loss, "grads": full_state(tr.chunks, grads=True)}
+        result["initial"] = initial
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         if parallel_state.get_data_parallel_rank() == 0:
             tp_rank = parallel_state.get_tensor_model_parallel_rank()

@@ -100,7 +100,7 @@ STAGE3_WORLD4 = [
 def _merged(out: Path, names: list[str]) -> dict:
     results = {}
     for name in names:
-        merged: dict = {"grads": {}, "trained": {}, "padding_max": 0.0}
+        merged: dict = {"grads": {}, "trained": {}, "initial": {}, "padding_max": 0.0}
         files = sorted(glob.glob(str(out / f"{name}.pp*.pt")))
         assert files, f"layout {name} wrote nothing"
         for path in files:
@@ -108,7 +108,7 @@ def _merged(out: Path, names: list[str]) -> dict:
             for key in ("loss", "losses"):
                 if key in part:
                     merged[key] = part[key]
-            for key in ("grads", "trained"):
+            for key in ("grads", "trained", "initial"):
                 merged[key].update(part.get(key, {}))
             merged["padding_max"] = max(merged["padding_max"], part.get("padding_max", 0.0))
         results[name] = merged
@@ -226,3 +226,20 @@ def test_stage3_loss_and_gradients_match_reference(all_runs, name):
     got = results[name]
     assert got["loss"]["loss/lm"] == pytest.approx(ref["loss"]["loss/lm"], rel=1e-6)
     _assert_grads_match(ref["grads"], got["grads"])
+
+
+@pytest.mark.parametrize("index, name", [(0, n) for n, _, _ in WORLD2 + WORLD4]
+                         + [(1, n) for n, _, _ in STAGE2_WORLD2 + STAGE2_WORLD4]
+                         + [(2, n) for n, _, _ in STAGE3_WORLD2 + STAGE3_WORLD4
+                            + STAGE3_LORA_WORLD2])
+def test_a_seed_starts_every_layout_from_the_same_weights(all_runs, index, name):
+    """Fresh runs, before any weight is loaded: every parameter (the teachers' too) is drawn from
+    the seed and its name as on one rank, so each layout starts bit for bit where tp 1 / pp 1
+    does (padding heads zero, as the reference has none)."""
+    ref, results = all_runs[index]
+    if "lora" in name:
+        ref = all_runs[3]
+    got = results[name]["initial"]
+    assert set(got) == set(ref["initial"]), sorted(set(got) ^ set(ref["initial"]))
+    for pname, expected in ref["initial"].items():
+        assert torch.equal(got[pname], expected), pname

@@ -18,13 +18,10 @@ from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megavideo.config.schema import FUSIONS, Config, ParallelConfig, TrainConfig
+from megavideo.models.init import init_normal
 from parallel.layout import megatron_layout, split_layers
 
 INIT_STD = 0.02  # trunc_normal(std=0.02) in the official code: the truncation at +-2 never bites
-
-def init_normal(tensor: torch.Tensor) -> torch.Tensor:
-    return torch.nn.init.normal_(tensor, mean=0.0, std=INIT_STD)
-
 
 def transformer_settings(train: TrainConfig) -> dict:
     """TransformerConfig fields every model here shares: no dropout, the fused kernels

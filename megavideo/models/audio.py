@@ -41,12 +41,20 @@ class AudioEncoder(MegatronModule):
         k = audio.pos_conv_kernel
         conv = nn.Conv1d(h, h, kernel_size=k, padding=k // 2, groups=audio.pos_conv_groups,
                          dtype=dtype)
-        nn.init.normal_(conv.weight, mean=0.0, std=math.sqrt(4.0 / (k * h)))
-        nn.init.zeros_(conv.bias)
         self.pos_conv = nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
+        self.reset_seeded()
         self.trim = 1 if k % 2 == 0 else 0  # BEATs' SamePad
         self.norm = LayerNorm(config, h, audio.norm_eps)
         self.layers = EncoderLayers(audio, config)
+
+    def reset_seeded(self) -> None:
+        """BEATs' positional convolution: weight ~ N(0, 4 / (kernel x width)), zero bias, and the
+        weight norm's magnitude that of the drawn weight (see :mod:`megavideo.models.init`)."""
+        conv = self.pos_conv
+        weight = torch.empty_like(conv.weight)
+        nn.init.normal_(weight, mean=0.0, std=math.sqrt(4.0 / weight.shape[2] / weight.shape[0]))
+        conv.weight = weight  # weight norm's right inverse: magnitude and direction from it
+        nn.init.zeros_(conv.bias)
 
     def forward(self, fbank: torch.Tensor) -> torch.Tensor:
         """fbank [B, F, mel] -> tokens [N, B, H] (N = F/16 x mel/16, time-major)."""

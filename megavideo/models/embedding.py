@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megavideo.config import ModelConfig, ViTConfig
+from megavideo.models.init import INIT_STD, init_with
 
 
 def _sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -85,7 +87,7 @@ class VideoEmbedding(nn.Module):
         grid = vit.image_size // vit.patch_size
         if vit.cls_token:
             self.cls_token = nn.Parameter(torch.empty(1, 1, vit.hidden_size, dtype=dtype))
-            nn.init.trunc_normal_(self.cls_token, std=0.02)
+            init_with(self.cls_token, partial(nn.init.trunc_normal_, std=INIT_STD))
         else:
             self.cls_token = None
         if vit.learnable_pos_embed:

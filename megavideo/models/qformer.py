@@ -17,8 +17,8 @@ from torch import nn
 
 from kernels.norms import LayerNorm
 from megavideo.config import QFormerConfig
-from megavideo.config.megatron import INIT_STD
 from megavideo.models.encoders import EncoderLayers
+from megavideo.models.init import init_normal, init_with, normal_linear
 from megavideo.models.specs import ViTTransformerConfig
 
 
@@ -31,14 +31,12 @@ class QFormer(MegatronModule):
         h = qformer.hidden_size
         self.video_norm = LayerNorm(config, video_width, qformer.norm_eps)
         self.queries = nn.Parameter(torch.empty(qformer.queries, 1, h, dtype=config.params_dtype))
-        nn.init.normal_(self.queries, std=INIT_STD)
+        init_with(self.queries, init_normal)
         self.queries.no_weight_decay = True
         self.embed_norm = LayerNorm(config, h, qformer.norm_eps)
         cross = range(0, qformer.num_layers, qformer.cross_attention_every)
         self.layers = EncoderLayers(qformer, config, cross, video_width, pg_collection)
-        self.proj = nn.Linear(h, llm_width, dtype=config.params_dtype)
-        nn.init.normal_(self.proj.weight, std=INIT_STD)
-        nn.init.zeros_(self.proj.bias)
+        self.proj = normal_linear(h, llm_width, config.params_dtype)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         """video [n, B, C] -> [Q, B, H_llm]."""

@@ -28,8 +28,8 @@ from torch import nn
 
 from kernels.norms import LayerNorm
 from megavideo.config import ModelConfig
-from megavideo.config.megatron import INIT_STD
 from megavideo.models.audio import AudioEncoder
+from megavideo.models.init import normal_linear
 from megavideo.models.objectives import (
     TEMPERATURE_RANGE,
     contrastive_loss,
@@ -69,10 +69,7 @@ def _projection(config, n_in: int, n_out: int, tp_group) -> ColumnParallelLinear
 
 
 def _head(config, width: int) -> nn.Linear:
-    head = nn.Linear(width, 2, dtype=config.params_dtype)
-    nn.init.normal_(head.weight, std=INIT_STD)
-    nn.init.zeros_(head.bias)
-    return head
+    return normal_linear(width, 2, config.params_dtype)
 
 
 class FusionProjection(nn.Module):

@@ -21,8 +21,8 @@ from torch import nn
 
 from kernels.norms import LayerNorm
 from megavideo.config import TextConfig, padded_vocab
-from megavideo.config.megatron import INIT_STD
 from megavideo.models.encoders import EncoderLayers
+from megavideo.models.init import init_normal, init_with, normal_linear
 from megavideo.models.specs import ViTTransformerConfig
 from parallel.comm import group_size
 
@@ -47,7 +47,7 @@ class TextEncoder(MegatronModule):
         self.position_embeddings = nn.Embedding(text.max_positions, h, dtype=config.params_dtype)
         self.token_type_embeddings = nn.Embedding(text.type_vocab_size, h, dtype=config.params_dtype)
         for table in (self.position_embeddings, self.token_type_embeddings):
-            nn.init.normal_(table.weight, std=INIT_STD)
+            init_with(table.weight, init_normal)
         self.embed_norm = LayerNorm(config, h, text.norm_eps)
         self.layers = EncoderLayers(text, config, range(self.first_fusion, text.num_layers),
                                     cross_width, padded=True, cross_padded=True)
@@ -80,9 +80,7 @@ class MLMHead(nn.Module):
         super().__init__()
         h = text.hidden_size
         self.encoder = [encoder]  # not a submodule: the decoder weight is its word embeddings
-        self.dense = nn.Linear(h, h, dtype=config.params_dtype)
-        nn.init.normal_(self.dense.weight, std=INIT_STD)
-        nn.init.zeros_(self.dense.bias)
+        self.dense = normal_linear(h, h, config.params_dtype)
         self.norm = LayerNorm(config, h, text.norm_eps)
         self.decoder = ColumnParallelLinear(h, padded_vocab(encoder.vocab_size), config=config,
                                             init_method=config.init_method, bias=True,

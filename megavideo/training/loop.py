@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Iterator
 
 import torch
@@ -19,12 +20,14 @@ from dataloaders.manifest import Manifest
 from kernels import backends
 from megavideo.accounting.meter import StepMeter
 from megavideo.config import Config, megatron, validate_device, validate_world
+from megavideo.models.init import initialize
 from megavideo.stages.stage1 import Stage1
 from megavideo.stages.stage2 import Stage2
 from megavideo.stages.stage3 import Stage3
 from megavideo.training import data
-from megavideo.training.checkpoint import EXIT_REQUEUE, Checkpointer, StopSignal
+from megavideo.training.checkpoint import EXIT_REQUEUE, Checkpointer, StopSignal, teacher_params
 from megavideo.training.metrics import MetricsWriter
+from megavideo.training.state import canonical_params
 from parallel.comm import all_reduce_tied_grads
 from parallel.distributed import detect_launch, device, init_distributed, init_model_parallel
 
@@ -44,13 +47,15 @@ class Trainer:
         log.info("GPU stack: %s", backends.detect().summary())
         init_model_parallel(par.tp, par.pp, par.vpp, train.seed)
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-        # Megatron-LM's convention: stages draw their initial weights from different streams
+        # Megatron-LM's convention for what is drawn while building; the initial weights are then
+        # re-drawn per parameter from train.seed alone, so that every layout starts the same run
         torch.manual_seed(train.seed + 100 * pp_rank)
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(train.seed + 100 * pp_rank)
         self.device = device()
         self.stage = STAGES[cfg.stage](cfg, self.device)
+        self._initialize(train.seed)
         config = self.stage.config
         self.chunks = [
             DistributedDataParallel(config=config, ddp_config=megatron.ddp_config(cfg), module=model,
@@ -69,6 +74,19 @@ class Trainer:
         self.skips = data.SkipBudget(cfg.data.max_skip_rate, train.global_batch)
         self.manifest: Manifest | None = None
         self.meter = StepMeter(cfg, dist.get_world_size(), self.stage)
+
+    def _initialize(self, seed: int) -> None:
+        """Every random initial weight re-drawn from ``seed`` and its canonical name, as on one
+        rank (:func:`megavideo.models.init.initialize`); a checkpoint restored later replaces
+        them."""
+        start = time.perf_counter()
+        teachers = self.stage.teachers
+        named = canonical_params(self.stage.models) + list(teacher_params(teachers).items())
+        modules = [*self.stage.models, *([teachers] if teachers is not None else [])]
+        initialize(named, modules, seed, parallel_state.get_tensor_model_parallel_rank(),
+                   parallel_state.get_tensor_model_parallel_world_size())
+        log.info("initial weights drawn per parameter from train.seed=%d in %.1f s", seed,
+                 time.perf_counter() - start)
 
     @contextlib.contextmanager
     def gathered_params(self) -> Iterator[None]:
