@@ -130,6 +130,15 @@ def test_equal_stages_match_the_formula(timings, name):
         f"{name}: measured bubble {measured:.3f}, formula {expected:.3f}\n{_describe(ranks)}")
 
 
+def test_interleaving_shrinks_the_measured_bubble_as_the_formula_says(timings):
+    """Interleaved (2 chunks a rank) below 1F1B, and by the formula's ratio (1/9 over 1/5) to
+    within a quarter (the ~1 point of hand-off both carry weighs more on the smaller bubble)."""
+    one, two = (statistics.median(_measured(timings[name])) for name in UNIFORM)
+    assert two < one
+    expected = bubble_fraction(PP, MICROBATCHES, 2) / bubble_fraction(PP, MICROBATCHES)
+    assert two / one == pytest.approx(expected, rel=0.25), (one, two)
+
+
 def test_student_matches_the_formula_at_its_stage_times(timings):
     ranks = timings["student_1f1b"]
     _check_counts(ranks, vpp=1)

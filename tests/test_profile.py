@@ -1,5 +1,10 @@
 """launch.profile on 2 CPU ranks: a short sweep writes its report, plots and a calibration that
-launch.plan reads."""
+launch.plan reads.
+
+The planner, calibrated on the sweep, predicts the sweep's own step times within a factor of 2.5
+(measured: the tp 1 and tp 2 + SP layouts exactly, as the calibration fits them; pp 2 at 1.7x, the
+gloo hand-offs between stages on two shared cores being what the model knows least). The per-layer
+activation bytes of the real steps equal the formula's."""
 
 from __future__ import annotations
 
@@ -37,15 +42,18 @@ def test_the_report_holds_every_layout_measured_and_predicted(profiled):
     rows = report["layouts"]
     assert [" ".join(r["overrides"]) for r in rows] == LAYOUTS
     for row in rows:
-        assert row["perf/step_s"] > 0 and row["predicted_step_s"] > 0
+        assert 1 / 2.5 <= row["predicted_step_s"] / row["perf/step_s"] <= 2.5, row["overrides"]
         assert row["perf/model_tflops"] > 0 and row["mem/peak_gib"] > 0
         assert {"comm/tp_bytes", "comm/tp_analytic_bytes", "pipeline/bubble",
                 "pipeline/bubble_formula"} <= set(row)
-        assert row["act/layer_bytes"] == pytest.approx(row["act/layer_bytes_formula"], rel=0.05)
+        assert row["act/layer_bytes"] == row["act/layer_bytes_formula"]
     # SP at tp 2 halves the residual stream; the attention keeps 3 of the 5 heads (padded to 6)
     assert rows[1]["act/layer_bytes"] < 0.65 * rows[0]["act/layer_bytes"]
     tp2, pp2 = rows[1], rows[2]
-    assert tp2["comm/tp_analytic_bytes"] > 0 and pp2["comm/pp_analytic_bytes"] > 0
+    # the blocks' analytic volume is part of what is counted (the teachers, aligners, pool and the
+    # teachers' targets move bytes too); tests/test_comm_volume.py matches the blocks' exactly
+    assert tp2["comm/tp_bytes"] > tp2["comm/tp_analytic_bytes"] > 0
+    assert pp2["comm/pp_bytes"] > pp2["comm/pp_analytic_bytes"] > 0
     assert pp2["pipeline/bubble_formula"] == pytest.approx(1 / 3)  # 8 / (2 x 4): 2 micro-batches
     assert report["device"]["name"] == "this CPU"
 
