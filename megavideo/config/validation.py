@@ -1,5 +1,9 @@
 """The rules between config keys, checked before any process group: each broken rule is a
-:class:`~megavideo.config.schema.ConfigError` in one sentence."""
+:class:`~megavideo.config.schema.ConfigError` in one sentence.
+
+One module over the usual 400 lines: the rules of every section in the order they are checked,
+many of them across sections (a layout against a model's shape), so that one file says what a
+valid config is."""
 
 from __future__ import annotations
 

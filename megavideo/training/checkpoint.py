@@ -13,7 +13,11 @@ data position (samples consumed), the learning-rate schedule, every rank's RNG s
 config. It is written into ``.tmp_<name>``; only after every rank has finished does rank 0 rename
 it and point ``latest`` at it, so a crash mid-save leaves the previous checkpoint as ``latest``.
 Any (tp, pp, vpp, dp) loads it; RNG states come back only at the layout that wrote them (the
-model's randomness is seeded per sample and step and needs none of them).
+model's randomness is seeded per sample and step and needs none of them). Weights from elsewhere
+(an earlier stage, a Hugging Face LLM) come through :mod:`megavideo.weights.adapters`.
+
+One module over the usual 400 lines: the saving and the loading of each part of a run's state
+(model, optimizer, teachers, RNG, data position) mirror each other and read best side by side.
 """
 
 from __future__ import annotations
@@ -31,10 +35,8 @@ from megatron.core.dist_checkpointing import ShardedObject
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from megavideo.config import Config, ConfigError
-from megavideo.models.embedding import interpolate_frames
-from megavideo.models.lora import is_lora
 from megavideo.training.state import canonical_params, named_parameters
-from megavideo.weights import hf_llm
+from megavideo.weights.adapters import EarlierStage, HuggingFaceLLM, model_differences
 from parallel import optimizer_state
 from parallel.checkpointing import assemble, sharded_tensors
 from parallel.comm import group_device
@@ -45,8 +47,6 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 EXIT_REQUEUE = 75  # saved on SIGUSR1/SIGTERM and stopped: requeue me (EX_TEMPFAIL)
 _MAIN = (0, 0, 0)
-VIDEO_ENCODER = ("embed", "blocks", "pool")  # what a later stage takes from an earlier one
-SHAPELESS = {"preset", "mask_ratio", "drop_path"}  # model keys that change no tensor
 # model config sections a stage does not build (a checkpoint is compared without them)
 _STAGE3 = {"llm", "qformer", "video_frozen"}
 OTHER_STAGES_SECTIONS = {
@@ -103,17 +103,6 @@ def _rank0_decides(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def _model_differences(saved: dict, current: dict, prefix: str = "model") -> list[str]:
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _model_differences(a, b, f"{prefix}.{key}")
-        elif a != b and key not in SHAPELESS:
-            out.append(f"{prefix}.{key} {a!r} != {b!r}")
-    return out
 
 
 def save_atomically(root: Path, name: str, state: dict) -> Path:
@@ -328,7 +317,7 @@ class Checkpointer:
         other = OTHER_STAGES_SECTIONS[self.cfg.stage]
         saved_model = {k: v for k, v in meta["config"]["model"].items() if k not in other}
         current = {k: v for k, v in self.cfg.to_dict()["model"].items() if k not in other}
-        differences = _model_differences(saved_model, current)
+        differences = model_differences(saved_model, current)
         if differences:
             raise ConfigError(f"checkpoint {path} was written for another model: "
                               f"{'; '.join(differences[:3])}.")
@@ -356,61 +345,44 @@ class Checkpointer:
         return step
 
     def load_video_encoder(self, path: Path, meta: dict) -> int:
-        """Start a later stage from an earlier stage's checkpoint: its video encoder (the
-        student's ``embed``, ``blocks`` and ``pool``), at any layout, with the position
-        embedding resampled to this stage's frame count; everything else starts fresh."""
-        saved = meta["config"]["model"]["student"]
-        ignored = {"num_frames", "drop_path", "preset"}
-        differences = [d for d in _model_differences(saved, self.cfg.to_dict()["model"]["student"],
-                                                     "model.student")
-                       if d.split()[0].rsplit(".", 1)[-1] not in ignored]
-        if differences:
-            raise ConfigError(f"checkpoint {path} holds another video encoder: "
-                              f"{'; '.join(differences[:3])}.")
-        frames = (saved["num_frames"] // saved["tubelet_size"],
-                  self.cfg.model.student.num_frames // self.cfg.model.student.tubelet_size)
-        # this stage's name -> the earlier stage's (stage 3 keeps the encoder under "video.")
-        names = {name: name.removeprefix("video.") for name, _ in self.params
-                 if name.removeprefix("video.").split(".")[0] in VIDEO_ENCODER}
-        request = {}
+        """Start a later stage from an earlier stage's checkpoint: its video encoder, at any
+        layout, adapted by :class:`~megavideo.weights.adapters.EarlierStage`; everything else
+        starts fresh."""
+        adapter = EarlierStage(path, meta, self.cfg)
+        keys = {name: adapter.key(name) for name, _ in self.params}
+        request, resampled = {}, set()
         for index, (name, param) in enumerate(self.params):
-            if name not in names:
+            if keys[name] is None:
                 continue
+            shape = whole_shape(param, self._coords(param)[1])
+            stored = adapter.stored_shape(name, shape)
             local = None
-            if names[name] == "embed.pos_embed" and frames[0] != frames[1]:
-                per_frame = (param.shape[0] - 1) // frames[1]
-                local = torch.empty(1 + per_frame * frames[0], param.shape[1], dtype=param.dtype)
-            request[name] = self._shards(checkpoint_key("student", names[name]), param, local,
+            if stored != shape:  # read whole, then adapted (a resampled tensor is not TP-split)
+                local = torch.empty(stored, dtype=param.dtype)
+                resampled.add(name)
+            request[name] = self._shards(checkpoint_key("student", keys[name]), param, local,
                                          index, 0, saving=False)
         loaded = dist_checkpointing.load({"model": request}, str(path))
-        for name, saved in names.items():
-            pos = loaded["model"].get(name)
-            if saved == "embed.pos_embed" and pos and frames[0] != frames[1]:
-                loaded["model"][name] = [interpolate_frames(pos[0], *frames, True)]
-        self._apply(loaded, (), 0, set(names))
+        for name in resampled & set(loaded["model"]):
+            loaded["model"][name] = [adapter.adapt(name, loaded["model"][name][0])]
+        only = {name for name, key in keys.items() if key is not None}
+        self._apply(loaded, (), 0, only)
         log.info("loaded the video encoder of stage %d from %s (%d tensors, %d -> %d frames); "
-                 "the rest of the stage-%d model starts fresh", meta["config"].get("stage", 1),
-                 path, len(names), *frames, self.cfg.stage)
+                 "the rest of the stage-%d model starts fresh", adapter.stage, path, len(only),
+                 *adapter.frames, self.cfg.stage)
         return 0
 
     def load_llm_weights(self, path: str) -> None:
         """Import a Mistral-architecture checkpoint in the Hugging Face layout into this rank's
         LLM shards (each rank reads only the tensors of its pipeline stage)."""
-        get = hf_llm.reader(path)
-        llm = self.cfg.model.llm
+        adapter = HuggingFaceLLM(path, self.cfg.model.llm)
         local = {}
         for name, param in self.params:
-            if not name.startswith("llm.") or is_lora(name):
+            if adapter.key(name) is None:
                 continue
-            try:
-                full = hf_llm.to_megatron(name, [get(k) for k in hf_llm.hf_keys(name)], llm)
-            except KeyError as err:
-                raise ConfigError(f"model.llm.weights: {err.args[0]}.") from None
-            expected = whole_shape(param, self._coords(param)[1])
-            if tuple(full.shape) != expected:
-                raise ConfigError(f"model.llm.weights: {name} is {tuple(full.shape)} in {path} "
-                                  f"but the model.llm config makes it {expected}.")
-            local[name] = [take_shard(param, full.float(), *self._coords(param))]
+            rank, size = self._coords(param)
+            local[name] = [take_shard(param, adapter.read(name, whole_shape(param, size)),
+                                      rank, size)]
         self._apply({"model": local}, (), 0, set(local))
         log.info("imported %d LLM tensors from %s", len(local), path)
 
