@@ -13,8 +13,9 @@ every layout already. No rank holds more than one whole parameter at a time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -57,12 +58,12 @@ def seed_of(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _seeded(seed: int, device: torch.device):
-    devices = [device] if device.type == "cuda" else []
-    forked = torch.random.fork_rng(devices=devices)
-    forked.__enter__()
-    torch.manual_seed(seed)
-    return forked
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """The global RNG (and ``device``'s) seeded with ``seed`` inside, as it was after."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def initialize(named: Iterable[tuple[str, nn.Parameter]], modules: Iterable[nn.Module],
@@ -84,11 +85,8 @@ def initialize(named: Iterable[tuple[str, nn.Parameter]], modules: Iterable[nn.M
                     redraw = sub.reset_parameters
                 if redraw is not None:
                     device = next(sub.parameters()).device
-                    forked = _seeded(seed_of(seed, f"{type(sub).__name__}:{key}"), device)
-                    try:
+                    with _seeded(seed_of(seed, f"{type(sub).__name__}:{key}"), device):
                         redraw()
-                    finally:
-                        forked.__exit__(None, None, None)
             for param in module.parameters():
                 fn = getattr(param, "init_fn", None)
                 if fn is None or id(param) not in names:
@@ -96,11 +94,8 @@ def initialize(named: Iterable[tuple[str, nn.Parameter]], modules: Iterable[nn.M
                 rank, size = getattr(param, "tp_coords", (tp_rank, tp))
                 whole = torch.empty(whole_shape(param, size), dtype=torch.float32,
                                     device=param.device)
-                forked = _seeded(seed_of(seed, names[id(param)]), param.device)
-                try:
+                with _seeded(seed_of(seed, names[id(param)]), param.device):
                     fn(whole)
-                finally:
-                    forked.__exit__(None, None, None)
                 param.copy_(take_shard(param, whole, rank, size))
 
 
