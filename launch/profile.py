@@ -37,10 +37,11 @@ def main(argv: list[str] | None = None) -> None:
         exit_with(err)
     from megavideo.accounting.planner import Inventory, Planner
     from megavideo.accounting.sweep import default_sweep, fit, machine, report, run_layout
+    from megavideo.config.megatron import process_group_timeout
     from parallel.distributed import init_distributed, shutdown
 
     inventory = Inventory(cfg)  # in a one-rank world of its own, before the training world
-    launch = init_distributed()
+    launch = init_distributed(process_group_timeout(cfg))
     world = launch.world_size
     sweep = [item.split() for item in args.layout] or default_sweep(cfg, world)
     device = machine(world)

@@ -129,8 +129,9 @@ def use_local_gpu(launch: Launch) -> None:
 _COMPAT = contextlib.ExitStack()  # the CPU redirection of a gloo group, left with the group
 
 
-def init_distributed(timeout_minutes: int = 30) -> Launch:
-    """Start the default process group (NCCL on GPU, gloo on CPU) for this launch."""
+def init_distributed(timeout: datetime.timedelta = datetime.timedelta(minutes=30)) -> Launch:
+    """Start the default process group (NCCL on GPU, gloo on CPU) for this launch; a collective
+    waits ``timeout`` for its peers (a run's: ``megavideo.config.megatron.process_group_timeout``)."""
     launch = detect_launch()
     if torch.cuda.is_available():
         backend = "nccl"
@@ -145,7 +146,7 @@ def init_distributed(timeout_minutes: int = 30) -> Launch:
             init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
             rank=launch.rank,
             world_size=launch.world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=timeout,
         )
     if launch.rank == 0:
         log.info("process group: %s, %d ranks via %s, master %s:%d", backend, launch.world_size,

@@ -18,6 +18,7 @@ isolates them, which an operator reads top to bottom when one fails.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -193,7 +194,7 @@ def check_nccl(ctx: Context) -> str:
     from parallel.comm import group_device
     from parallel.distributed import init_distributed
 
-    init_distributed(timeout_minutes=2)
+    init_distributed(datetime.timedelta(minutes=2))
     x = torch.ones(4, device=group_device())
     dist.all_reduce(x)
     dist.barrier()

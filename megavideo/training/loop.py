@@ -43,7 +43,7 @@ class Trainer:
         self.cfg = cfg
         par, train = cfg.parallel, cfg.train
         validate_device(cfg)  # before any process group
-        self.launch = init_distributed(cfg.run.timeout_minutes)
+        self.launch = init_distributed(megatron.process_group_timeout(cfg))
         log.info("GPU stack: %s", backends.detect().summary())
         init_model_parallel(par.tp, par.pp, par.vpp, train.seed)
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
