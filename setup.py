@@ -20,6 +20,7 @@ setup(
         "psutil",  # megatron-core's checkpoint writer needs it but does not declare it
         "einops",
         "pyyaml",
+        "omegaconf>=2.3",  # the config: YAML and overrides merged onto the dataclass schema
         "tensorboard",
         "av>=12",  # PyAV: manifests and the CPU decode path
         "safetensors",  # stage 3: Hugging Face LLM weights in and out

@@ -35,8 +35,8 @@ from megavideo.config import (
     Config,
     EncoderConfig,
     LLMConfig,
-    ModelConfig,
     QFormerConfig,
+    Stage3ModelConfig,
     ViTConfig,
     padded_vocab,
 )
@@ -299,7 +299,7 @@ def _stage2(cfg: Config, t: _Tally, dp: int) -> None:
     t.add("heads", heads, b)
 
 
-def _qformer_and_llm(t: _Tally, model: ModelConfig, video_out_grad: bool, n: int,
+def _qformer_and_llm(t: _Tally, model: Stage3ModelConfig, video_out_grad: bool, n: int,
                      samples: float) -> None:
     """The QFormer on ``n`` video tokens (needing a gradient when ``video_out_grad``), then the
     LLM on the prompts the queries are placed in."""

@@ -1,7 +1,10 @@
-"""Loading a run config: YAML files under ``configs/``, presets, dotted ``key=value`` overrides.
+"""Loading a run config on OmegaConf: YAML files under ``configs/``, presets, dotted ``key=value``
+overrides, merged onto the dataclass schema as a structured config (OmegaConf checks every key
+and type) and returned as the dataclasses themselves.
 
-``model.preset`` names a model preset (``configs/models/<preset>.yaml``) whose values sit under the
-run file's own ``model`` keys, which sit under the command-line overrides. Every error is raised as
+Precedence, lowest first: the schema's defaults, the model preset named by ``model.preset``
+(``configs/models/<preset>.yaml``; a preset holds every stage's parts and a stage takes the keys of
+its own model section), the run file, the overrides. Every error is raised as
 :class:`~megavideo.config.schema.ConfigError` with one sentence, before any process group exists.
 """
 
@@ -10,27 +13,19 @@ from __future__ import annotations
 import dataclasses
 import typing
 from pathlib import Path
-from typing import Any
 
 import yaml
+from omegaconf import BooleanNode, DictConfig, FloatNode, IntegerNode, ListConfig, OmegaConf, StringNode
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from megavideo.config.schema import Config, ConfigError
+from megavideo.config.schema import MODEL_SECTIONS, Config, ConfigError
 from megavideo.config.validation import validate
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
+SUB_PRESETS = ("text", "audio", "llm", "qformer")  # model parts with presets of their own
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path) -> DictConfig:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except OSError as err:
@@ -39,111 +34,110 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"config file {path} is not valid YAML: {err}.") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level.")
-    return data
+    return OmegaConf.create(data)
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """``["parallel.tp=2", "train.steps=5"]`` -> nested dict, values parsed as YAML scalars."""
-    tree: dict = {}
+def parse_overrides(items: list[str]) -> DictConfig:
+    """``["parallel.tp=2", "train.steps=5"]`` -> a nested config, values parsed as YAML; an empty
+    value is the empty string."""
     for item in items:
-        key, sep, raw = item.partition("=")
+        key, sep, _ = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form key=value.")
-        node = tree
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}' sets a key below a value.")
-        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
-    return tree
+    try:
+        return OmegaConf.from_dotlist([item + "''" if item.endswith("=") else item
+                                       for item in items])
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"overrides {' '.join(items)}: {_first_line(err)}.") from None
 
 
-def _check_type(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where} must be a list, got {value!r}.")
-        (inner,) = typing.get_args(hint)
-        return [_check_type(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if hint is bool and not isinstance(value, bool):
-        raise ConfigError(f"{where} must be true or false, got {value!r}.")
-    if hint in (int, float, str) and (not isinstance(value, hint) or isinstance(value, bool)):
-        raise ConfigError(f"{where} must be of type {hint.__name__}, got {value!r}.")
-    return value
+def _first_line(err: Exception) -> str:
+    return str(err).splitlines()[0].rstrip(".") if str(err) else type(err).__name__
 
 
-def _build(cls: type, data: dict, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping, got {data!r}.")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            raise ConfigError(
-                f"unknown config key '{where}.{key}' (known: {', '.join(sorted(names))})."
-            )
-    kwargs = {}
-    for key, value in data.items():
-        hint = hints[key]
-        path = f"{where}.{key}"
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, path)
-        else:
-            kwargs[key] = _check_type(value, hint, path)
-    return cls(**kwargs)
-
-
-def _preset_file(name: str, kind: str, config_dir: Path) -> dict:
+def _preset(name: str, kind: str, config_dir: Path) -> DictConfig:
     for directory in (config_dir / "models", CONFIG_DIR / "models"):
         path = directory / f"{name}.yaml"
         if path.is_file():
-            return _read_yaml(path)
+            data = _read_yaml(path)
+            return data.get(kind, data)
     raise ConfigError(f"unknown {kind} preset '{name}' (no file models/{name}.yaml).")
 
 
-def _resolve_preset(raw: dict, config_dir: Path) -> dict:
-    """``model.preset`` names a whole model file (its ``model`` mapping); ``model.text.preset``,
-    ``model.audio.preset`` and ``model.llm.preset`` name a file of that part (its ``text``,
-    ``audio`` or ``llm`` mapping). The run's own
-    keys sit over the preset's."""
-    model = raw.get("model", {})
-    if not isinstance(model, dict):
-        return raw
+def _stage(user: DictConfig) -> int:
+    stage = user.get("stage", 1)
+    if isinstance(stage, bool) or stage not in MODEL_SECTIONS:
+        raise ConfigError(f"stage must be 1, 2 or 3, got {stage!r}.")
+    return stage
+
+
+def _model_presets(user: DictConfig, stage: int, config_dir: Path) -> DictConfig:
+    """The presets ``model.preset`` and ``model.<part>.preset`` name, as one ``model`` mapping
+    under the run's own keys: the model file's keys of this stage's section, each part file's
+    mapping under its part."""
+    model = user.get("model")
+    if not isinstance(model, DictConfig):
+        return OmegaConf.create({})
+    fields = {f.name for f in dataclasses.fields(MODEL_SECTIONS[stage])}
+    out = OmegaConf.create({})
     if model.get("preset"):
-        preset = _preset_file(model["preset"], "model", config_dir)
-        model = _merge(preset.get("model", preset), model)
-    for section in ("text", "audio", "llm", "qformer"):
-        sub = model.get(section)
-        if isinstance(sub, dict) and sub.get("preset"):
-            preset = _preset_file(sub["preset"], section, config_dir)
-            model = {**model, section: _merge(preset.get(section, preset), sub)}
-    return {**raw, "model": model}
+        whole = _preset(model.preset, "model", config_dir)
+        out = OmegaConf.create({k: v for k, v in whole.items() if k in fields})
+    for part in SUB_PRESETS:
+        sub = model.get(part)
+        if isinstance(sub, DictConfig) and sub.get("preset"):
+            out[part] = OmegaConf.merge(out.get(part, {}), _preset(sub.preset, part, config_dir))
+    return OmegaConf.create({"model": out})
+
+
+EXPECTED = {IntegerNode: "of type int", FloatNode: "of type float", StringNode: "of type str",
+            BooleanNode: "true or false", ListConfig: "a list"}  # a node's kind, in words
+
+
+def _expected(err: ValidationError) -> str | None:
+    """What the rejected value had to be: its node's kind, or a list's element type."""
+    for node, what in EXPECTED.items():
+        if isinstance(err.child_node, node):
+            return what
+    if typing.get_origin(err.ref_type) is list:
+        (inner,) = typing.get_args(err.ref_type)
+        return f"of type {inner.__name__}"
+    return None
+
+
+def _schema_error(err: OmegaConfBaseException, stage: int) -> ConfigError:
+    """OmegaConf's multi-line error as one sentence."""
+    key, node = err.full_key, err.object_type
+    if isinstance(err, ConfigKeyError) and node is not None and dataclasses.is_dataclass(node):
+        known = ", ".join(sorted(f.name for f in dataclasses.fields(node)))
+        where = f"stage {stage}'s model section" if node is MODEL_SECTIONS[stage] else node.__name__
+        return ConfigError(f"unknown config key '{key}' ({where} has: {known}).")
+    expected = _expected(err) if isinstance(err, ValidationError) and key else None
+    if expected:
+        return ConfigError(f"{key} must be {expected}, got {err.value!r}.")
+    return ConfigError(f"config: {_first_line(err)}.")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML run config, apply the preset and the overrides, validate the result."""
-    raw: dict = {}
+    """Read a YAML run config, apply the presets and the overrides, validate the result."""
     config_dir = CONFIG_DIR
+    run = OmegaConf.create({})
     if path is not None:
         path = Path(path)
-        raw = _read_yaml(path)
+        run = _read_yaml(path)
         config_dir = path.resolve().parent
-    raw = _merge(raw, parse_overrides(list(overrides)))
-    raw = _resolve_preset(raw, config_dir)
-    config = _build(Config, raw, "config")
+    user = OmegaConf.merge(run, parse_overrides(list(overrides)))
+    stage = _stage(user)
+    schema = OmegaConf.structured(Config(stage=stage, model=MODEL_SECTIONS[stage]()))
+    try:
+        merged = OmegaConf.merge(schema, _model_presets(user, stage, config_dir), user)
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _schema_error(err, stage) from None
     validate(config)
     return config
 
 
-
 def dump(config: Config) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
-
+    """The config as YAML, every key written (a file ``load_config`` reads back to ``config``)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))

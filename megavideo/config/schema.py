@@ -1,8 +1,9 @@
 """The schema of a run config: one dataclass per section, their defaults and what each key means.
 
 A run config has the sections ``stage``, ``model``, ``parallel``, ``train``, ``data``, ``run``,
-``checkpoint`` and ``profile``. Loading (:mod:`.loading`) builds these from YAML and overrides;
-the rules between keys live in :mod:`.validation`.
+``checkpoint`` and ``profile``; the ``model`` section's type is the stage's (:data:`MODEL_SECTIONS`).
+Loading (:mod:`.loading`) builds these from YAML and overrides on OmegaConf; the rules between
+keys live in :mod:`.validation`.
 """
 
 from __future__ import annotations
@@ -197,25 +198,50 @@ class ObjectivesConfig:
 
 @dataclass
 class ModelConfig:
-    """The model of the run's stage. Stage 1: the student, the two frozen teachers and the
-    aligners between them. Stage 2: the student as video encoder, the text and audio encoders and
-    the objectives. Stage 3: the student as video encoder, the QFormer and the LLM decoder."""
+    """What every stage's model has: the video encoder (stage 1's student) and its attention
+    pool. Each stage's section (:data:`MODEL_SECTIONS`) adds its own parts."""
 
-    preset: str = ""
+    preset: str = ""  # a model file configs/models/<preset>.yaml (its keys of this stage's section)
     student: ViTConfig = field(default_factory=ViTConfig)
+    aligner_norm_eps: float = 1e-5  # the LayerNorm of the attention pool and of the aligners
+
+
+@dataclass
+class Stage1ModelConfig(ModelConfig):
+    """Stage 1: the student distilled from two frozen teachers through aligners on its last
+    layers, on the visible tokens of masked clips."""
+
     clip_teacher: ViTConfig = field(default_factory=ViTConfig)
     mae_teacher: ViTConfig = field(default_factory=ViTConfig)
     clip_layers: int = 6  # CLIP aligners on the student's last clip_layers layers
     mae_layers: int = 4  # MAE aligners on the student's last mae_layers layers
     mask_ratio: float = 0.8
     loss_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # clip, final, mae
-    aligner_norm_eps: float = 1e-5
+
+
+@dataclass
+class Stage2ModelConfig(ModelConfig):
+    """Stage 2: the student as video encoder (on masked clips), the text and audio encoders and
+    the objectives between them."""
+
+    mask_ratio: float = 0.8
     text: TextConfig = field(default_factory=TextConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
-    llm: LLMConfig = field(default_factory=LLMConfig)
+
+
+@dataclass
+class Stage3ModelConfig(ModelConfig):
+    """Stage 3: the student as video encoder (whole clips), the QFormer and the LLM decoder."""
+
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
-    video_frozen: bool = False  # stage 3: freeze the video encoder
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    video_frozen: bool = False  # freeze the video encoder
+
+
+MODEL_SECTIONS: dict[int, type[ModelConfig]] = {
+    1: Stage1ModelConfig, 2: Stage2ModelConfig, 3: Stage3ModelConfig,
+}
 
 
 @dataclass
@@ -314,7 +340,7 @@ class ProfileConfig:
 @dataclass
 class Config:
     stage: int = 1  # 1: distillation from the teachers; 2: video-audio-text alignment; 3: chat
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=Stage1ModelConfig)  # MODEL_SECTIONS[stage]
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -16,6 +16,7 @@ from megavideo.accounting.devices import DEVICES
 from megavideo.config.schema import (
     FUSIONS,
     LR_SCHEDULES,
+    MODEL_SECTIONS,
     OPTIMIZERS,
     STAGE2_TERMS,
     VOCAB_MULTIPLE,
@@ -24,7 +25,8 @@ from megavideo.config.schema import (
     ConfigError,
     DataConfig,
     EncoderConfig,
-    ModelConfig,
+    Stage1ModelConfig,
+    Stage2ModelConfig,
     TrainConfig,
     ViTConfig,
 )
@@ -65,7 +67,7 @@ def _validate_vit(vit: ViTConfig, name: str, tp: int, tp_key: str = "parallel.tp
         )
 
 
-def _validate_stage1(model: ModelConfig, tp: int) -> None:
+def _validate_stage1(model: Stage1ModelConfig, tp: int) -> None:
     student = model.student
     for name in ("clip_teacher", "mae_teacher"):
         _validate_vit(getattr(model, name), name, tp)
@@ -124,7 +126,7 @@ def _validate_encoder(enc: EncoderConfig, name: str, tp: int,
                           "gelu_tanh.")
 
 
-def _validate_stage2(model: ModelConfig, tp: int) -> None:
+def _validate_stage2(model: Stage2ModelConfig, tp: int) -> None:
     text, audio, obj = model.text, model.audio, model.objectives
     _validate_encoder(text, "text", tp)
     if not 1 <= text.fusion_layers <= text.num_layers:
@@ -221,8 +223,12 @@ def validate(config: Config, world_size: int | None = None) -> None:
     if par.sp and par.tp < 2:
         raise ConfigError("parallel.sp (sequence parallelism) needs parallel.tp >= 2.")
     student = model.student
-    if config.stage not in (1, 2, 3):
+    if config.stage not in MODEL_SECTIONS:
         raise ConfigError(f"stage must be 1, 2 or 3, got {config.stage}.")
+    section = MODEL_SECTIONS[config.stage]
+    if type(model) is not section:
+        raise ConfigError(f"stage {config.stage}'s model section is a {section.__name__}, got a "
+                          f"{type(model).__name__}.")
     # stages 1 and 2 pipeline the video encoder, stage 3 the LLM decoder
     piped, layers = ("LLM", model.llm.num_layers) if config.stage == 3 else \
         ("student", student.num_layers)
@@ -259,7 +265,7 @@ def validate(config: Config, world_size: int | None = None) -> None:
             f"model.student.hidden_size ({student.hidden_size}) must be divisible by "
             f"the video encoder's tp ({student_tp})."
         )
-    if not 0.0 <= model.mask_ratio < 1.0:
+    if config.stage != 3 and not 0.0 <= model.mask_ratio < 1.0:
         raise ConfigError(f"model.mask_ratio must be in [0, 1), got {model.mask_ratio}.")
     if config.stage == 1:
         _validate_stage1(model, par.tp)

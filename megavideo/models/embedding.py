@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megavideo.config import ModelConfig, ViTConfig
+from megavideo.config import ModelConfig, Stage1ModelConfig, Stage2ModelConfig, ViTConfig
 from megavideo.models.init import INIT_STD, init_with
 
 
@@ -126,7 +126,7 @@ class Tokens:
     length: int
 
     @classmethod
-    def of(cls, model: ModelConfig, tp: int, sequence_parallel: bool) -> Tokens:
+    def of(cls, model: Stage1ModelConfig | Stage2ModelConfig, tp: int, sequence_parallel: bool) -> Tokens:
         """Stages 1 and 2: the CLS token and each frame's visible patches."""
         student = model.student
         real = 1 + student.num_frames * num_visible(student.patches_per_frame, model.mask_ratio)

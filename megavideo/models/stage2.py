@@ -27,7 +27,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from torch import nn
 
 from kernels.norms import LayerNorm
-from megavideo.config import ModelConfig
+from megavideo.config import Stage2ModelConfig
 from megavideo.models.audio import AudioEncoder
 from megavideo.models.init import normal_linear
 from megavideo.models.objectives import (
@@ -87,7 +87,7 @@ class FusionProjection(nn.Module):
 class Stage2Model(VideoChunk):
     """One pipeline chunk of the stage-2 model (see the module docstring)."""
 
-    def __init__(self, model: ModelConfig, config: ViTTransformerConfig, chunk: Chunk, tokens: Tokens,
+    def __init__(self, model: Stage2ModelConfig, config: ViTTransformerConfig, chunk: Chunk, tokens: Tokens,
                  tp_group, dp_group, text_config: ViTTransformerConfig,
                  audio_config: ViTTransformerConfig | None, vocab_size: int,
                  special: dict[str, int]) -> None:

@@ -20,7 +20,7 @@ from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megavideo.config import ModelConfig
+from megavideo.config import Stage3ModelConfig
 from megavideo.models.llm import build_llm
 from megavideo.models.qformer import QFormer
 from megavideo.models.specs import ViTTransformerConfig
@@ -45,7 +45,7 @@ class Stage3Batch:
 class Stage3Model(MegatronModule):
     """One pipeline chunk of the LLM; the first also holds the video encoder and the QFormer."""
 
-    def __init__(self, model: ModelConfig, config: TransformerConfig, chunk: Chunk,
+    def __init__(self, model: Stage3ModelConfig, config: TransformerConfig, chunk: Chunk,
                  video_config: ViTTransformerConfig, qformer_config: ViTTransformerConfig,
                  tokens: Tokens, groups: EncoderGroups) -> None:
         super().__init__(config=config)

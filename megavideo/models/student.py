@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from megavideo.config import ModelConfig
+from megavideo.config import Stage1ModelConfig
 from megavideo.models.embedding import sincos_3d
 from megavideo.models.heads import ClipAligner, MaeAligner, cosine_loss
 from megavideo.models.specs import ViTTransformerConfig, without_sequence_parallel
@@ -44,7 +44,7 @@ class Stage1Batch:
     final: torch.Tensor | None = None  # [B, D], last chunk
 
 
-def aligned_layers(model: ModelConfig) -> tuple[dict[int, int], dict[int, int]]:
+def aligned_layers(model: Stage1ModelConfig) -> tuple[dict[int, int], dict[int, int]]:
     """Student layer -> aligner index, for the CLIP and the MAE aligners."""
     depth = model.student.num_layers
     clip = {depth - model.clip_layers + k: k for k in range(model.clip_layers)}
@@ -64,7 +64,7 @@ def _pos_param(table: torch.Tensor, dtype: torch.dtype, tied: str, owner: bool) 
 class Stage1Student(VideoChunk):
     """One pipeline chunk of the stage-1 student: the video encoder plus the aligners."""
 
-    def __init__(self, model: ModelConfig, config: ViTTransformerConfig, chunk: Chunk, tokens: Tokens,
+    def __init__(self, model: Stage1ModelConfig, config: ViTTransformerConfig, chunk: Chunk, tokens: Tokens,
                  tp_group) -> None:
         super().__init__(model, config, chunk, tokens, tp_group)
         student = model.student

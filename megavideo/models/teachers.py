@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megavideo.config import ModelConfig
+from megavideo.config import Stage1ModelConfig
 from megavideo.models.embedding import num_visible
 from megavideo.models.heads import AttentionPool, l2_normalize
 from megavideo.models.specs import ViTTransformerConfig, without_sequence_parallel
@@ -26,7 +26,7 @@ from megavideo.models.vit import VisionTransformer
 
 
 class ClipTeacher(nn.Module):
-    def __init__(self, model: ModelConfig, config: ViTTransformerConfig, tp_group) -> None:
+    def __init__(self, model: Stage1ModelConfig, config: ViTTransformerConfig, tp_group) -> None:
         super().__init__()
         vit = model.clip_teacher
         self.vit = VisionTransformer(vit, config)
@@ -50,7 +50,7 @@ class ClipTeacher(nn.Module):
 
 
 class MaeTeacher(nn.Module):
-    def __init__(self, model: ModelConfig, config: ViTTransformerConfig) -> None:
+    def __init__(self, model: Stage1ModelConfig, config: ViTTransformerConfig) -> None:
         super().__init__()
         vit = model.mae_teacher
         self.vit = VisionTransformer(vit, config)
@@ -88,7 +88,7 @@ def attention_guided_mask(
 class Stage1Teachers(nn.Module):
     """Both teachers; :meth:`forward` turns a clip into the mask and all targets."""
 
-    def __init__(self, model: ModelConfig, clip_config, mae_config, tp_group) -> None:
+    def __init__(self, model: Stage1ModelConfig, clip_config, mae_config, tp_group) -> None:
         super().__init__()
         self.model = model
         self.dtype = clip_config.params_dtype  # targets leave in the model's dtype (bf16 or fp32)

@@ -47,14 +47,6 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 EXIT_REQUEUE = 75  # saved on SIGUSR1/SIGTERM and stopped: requeue me (EX_TEMPFAIL)
 _MAIN = (0, 0, 0)
-# model config sections a stage does not build (a checkpoint is compared without them)
-_STAGE3 = {"llm", "qformer", "video_frozen"}
-OTHER_STAGES_SECTIONS = {
-    1: {"text", "audio", "objectives"} | _STAGE3,
-    2: {"clip_teacher", "mae_teacher", "clip_layers", "mae_layers", "loss_weights"} | _STAGE3,
-    3: {"clip_teacher", "mae_teacher", "clip_layers", "mae_layers", "loss_weights", "text",
-        "audio", "objectives", "mask_ratio"},
-}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -314,9 +306,10 @@ class Checkpointer:
         meta = dist_checkpointing.load_common_state_dict(str(path))["meta"]
         if weights_only and meta["config"].get("stage", 1) < self.cfg.stage:
             return self.load_video_encoder(path, meta)  # an earlier stage's checkpoint
-        other = OTHER_STAGES_SECTIONS[self.cfg.stage]
-        saved_model = {k: v for k, v in meta["config"]["model"].items() if k not in other}
-        current = {k: v for k, v in self.cfg.to_dict()["model"].items() if k not in other}
+        # the keys of this stage's model section (a checkpoint written before the sections were
+        # split per stage holds every stage's)
+        current = self.cfg.to_dict()["model"]
+        saved_model = {k: v for k, v in meta["config"]["model"].items() if k in current}
         differences = model_differences(saved_model, current)
         if differences:
             raise ConfigError(f"checkpoint {path} was written for another model: "

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from megavideo.config import Config, ModelConfig
+from megavideo.config import Config, Stage1ModelConfig
 
 Tensor = torch.Tensor
 
@@ -75,7 +75,7 @@ class KeyMismatch(ValueError):
     """Unknown or missing keys, all of them listed in one message."""
 
 
-def _mapping(kind: str, model: ModelConfig) -> dict[str, str]:
+def _mapping(kind: str, model: Stage1ModelConfig) -> dict[str, str]:
     """Official name -> MegaVideo name for every plain (renamed only) tensor."""
     vit = getattr(model, kind)
     prefix = "" if kind == "student" else "vit."
@@ -105,7 +105,7 @@ def _mapping(kind: str, model: ModelConfig) -> dict[str, str]:
     return out
 
 
-def _pos_embeds(kind: str, model: ModelConfig) -> list[tuple[str, str]]:
+def _pos_embeds(kind: str, model: Stage1ModelConfig) -> list[tuple[str, str]]:
     vit = getattr(model, kind)
     if not vit.learnable_pos_embed:
         return []
@@ -137,7 +137,7 @@ def strip_keys(state: dict[str, Tensor], strip: str = "", ignore: tuple[str, ...
     return out
 
 
-def from_official(kind: str, model: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
+def from_official(kind: str, model: Stage1ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
     """An official state dict of ``kind`` (student, clip_teacher, mae_teacher) -> MegaVideo
     single-rank names and layouts. Raises KeyMismatch listing every unknown and missing key."""
     vit = getattr(model, kind)
@@ -161,7 +161,7 @@ def from_official(kind: str, model: ModelConfig, state: dict[str, Tensor]) -> di
     return out
 
 
-def to_official(kind: str, model: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
+def to_official(kind: str, model: Stage1ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
     """The inverse of :func:`from_official`."""
     vit = getattr(model, kind)
     names = {b: a for a, b in _mapping(kind, model).items()}

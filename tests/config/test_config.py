@@ -1,0 +1,213 @@
+"""The config system: presets, overrides, and one clear sentence for every bad config."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from megavideo.config import (
+    ConfigError,
+    Stage1ModelConfig,
+    Stage2ModelConfig,
+    Stage3ModelConfig,
+    dump,
+    load_config,
+    parse_overrides,
+    validate,
+    validate_world,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "stage1_tiny.yaml"
+
+
+def test_presets_load_with_official_shapes():
+    six = load_config(ROOT / "configs" / "stage1_vit6b.yaml").model
+    assert (six.student.hidden_size, six.student.num_layers, six.student.num_heads) == (3200, 48, 25)
+    assert six.student.mlp_hidden_size == 12800 and six.student.drop_path == 0.3
+    one = load_config(ROOT / "configs" / "stage1_vit1b.yaml").model
+    assert (one.student.hidden_size, one.student.num_layers, one.student.num_heads) == (1408, 40, 16)
+    assert one.student.mlp_hidden_size == 6144
+    for model in (six, one):
+        assert (model.clip_teacher.hidden_size, model.clip_teacher.num_layers) == (3200, 48)
+        assert (model.mae_teacher.hidden_size, model.mae_teacher.num_layers) == (1408, 40)
+        assert model.mae_teacher.tubelet_size == 2 and model.mae_teacher.num_frames == 16
+        assert (model.clip_layers, model.mae_layers, model.mask_ratio) == (6, 4, 0.8)
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(TINY, ["parallel.tp=4", "train.lr=3e-4", "parallel.sp=false",
+                             "model.student.num_layers=8", "model.loss_weights=[1, 0.5, 2]"])
+    assert cfg.parallel.tp == 4 and cfg.train.lr == 3e-4 and cfg.parallel.sp is False
+    assert cfg.model.student.num_layers == 8 and cfg.model.loss_weights == [1.0, 0.5, 2.0]
+    assert cfg.model.student.hidden_size == 80  # the rest still comes from the preset
+    assert parse_overrides(["a.b.c=1", "a.d=x", "e="]) == {"a": {"b": {"c": 1}, "d": "x"}, "e": ""}
+    assert load_config(TINY, ["train.min_lr=${train.lr}"]).train.min_lr == 2e-3  # interpolation
+
+
+def test_each_stage_has_its_own_model_section():
+    """A model preset holds every stage's parts (vit-tiny: the student and both teachers); each
+    stage takes the keys of its own section, and the rest of the config is the same."""
+    one, two, three = (load_config(ROOT / "configs" / f"stage{s}_tiny.yaml") for s in (1, 2, 3))
+    assert [type(c.model) for c in (one, two, three)] == [
+        Stage1ModelConfig, Stage2ModelConfig, Stage3ModelConfig]
+    assert two.model.student == one.model.student and two.model.mask_ratio == one.model.mask_ratio
+    assert three.model.student == replace(one.model.student, num_frames=8, drop_path=0.0)
+    assert not hasattr(two.model, "clip_teacher") and not hasattr(three.model, "mask_ratio")
+    with pytest.raises(ConfigError, match="stage 1's model section is a Stage1ModelConfig, got a "
+                                          "Stage2ModelConfig."):
+        validate(replace(two, stage=1))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_dumped_config_loads_back_to_itself(tmp_path, stage):
+    cfg = load_config(ROOT / "configs" / f"stage{stage}_tiny.yaml", ["train.lr=3e-4"])
+    (tmp_path / "run.yaml").write_text(dump(cfg))
+    assert load_config(tmp_path / "run.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["parallel.tpp=2"], "unknown config key 'parallel.tpp' (ParallelConfig has: "
+                             "distributed_optimizer, encoder_tp,"),
+        (["model.student.depth=3"], "unknown config key 'model.student.depth' (ViTConfig has:"),
+        (["model.text.num_layers=2"], "unknown config key 'model.text' (stage 1's model section "
+                                      "has: aligner_norm_eps, clip_layers, clip_teacher,"),
+        (["stage=2", "model.clip_layers=2"], "unknown config key 'model.clip_layers' (stage 2's "
+         "model section has: aligner_norm_eps, audio, mask_ratio, objectives, preset, student, "
+         "text)."),
+        (["stage=4"], "stage must be 1, 2 or 3, got 4."),
+        (["parallel.tp=two"], "parallel.tp must be of type int, got 'two'."),
+        (["parallel.sp=maybe"], "parallel.sp must be true or false, got 'maybe'."),
+        (["train.betas=0.9"], "train.betas must be a list, got 0.9."),
+        (["train.betas=[a, 0.9]"], "train.betas[0] must be of type float, got 'a'."),
+        (["run.dir=[1]"], "run.dir must be of type str, got [1]."),
+        (["parallel.pp=4", "parallel.vpp=2"],
+         "8 pipeline stages (pp=4 x vpp=2) exceed the student's 6 layers."),
+        (["parallel.pp=7"], "7 pipeline stages (pp=7 x vpp=1) exceed the student's 6 layers."),
+        (["parallel.pp=1", "parallel.vpp=2"],
+         "parallel.vpp > 1 (interleaved pipeline) needs parallel.pp >= 2."),
+        (["parallel.tp=1"], "parallel.sp (sequence parallelism) needs parallel.tp >= 2."),
+        (["parallel.pipeline_layout=[2, 2]", "parallel.pp=2"],
+         "parallel.pipeline_layout sums to 4 layers but the student has 6."),
+        (["parallel.tp=3"], "model.student.mlp_hidden_size (320) must be divisible by parallel.tp (3)."),
+        (["train.warmup_steps=40"], "train.warmup_steps (40) must be smaller than train.steps (40)."),
+        (["train.precision=fp16"], "train.precision must be fp32 or bf16, got 'fp16'."),
+        (["model.preset=vit-2b"], "unknown model preset 'vit-2b' (no file models/vit-2b.yaml)."),
+        (["model.clip_layers=9"], "model.clip_layers (9) must be between 1 and the layer count"),
+        (["parallel"], "override 'parallel' is not of the form key=value."),
+        (["train.optimizer=lamb"], "train.optimizer must be one of adam, sgd, got 'lamb'."),
+        (["train.lr_schedule=step"], "train.lr_schedule must be one of cosine, linear, constant, "
+                                     "WSD, inverse-square-root, got 'step'."),
+        (["train.lr_schedule=WSD"], "train.lr_schedule=WSD anneals over train.wsd_decay_steps, "
+                                    "which must be in [1, 35]"),
+        (["train.lr_decay_steps=2"], "train.lr_decay_steps (2) must be 0 (train.steps) or more "
+                                     "than train.warmup_steps (5)."),
+        (["train.fusions=[softmax]"], "train.fusions: unknown fused kernel(s) softmax (known: "
+                                      "bias_activation, bias_dropout, masked_softmax, rope,"),
+        (["parallel.overlap_param_gather=true"], "parallel.overlap_param_gather needs "
+         "parallel.distributed_optimizer and parallel.overlap_grad_reduce."),
+        (["run.timeout_minutes=0"], "run.timeout_minutes must be at least 1, got 0."),
+    ],
+)
+def test_bad_config_fails_with_one_sentence(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "message"),
+    [
+        ([], 6, "tp x pp = 2 x 2 = 4 does not divide the world size 6."),
+        (["train.global_batch=6"], 8, "train.global_batch (6) must be a multiple of train.micro_batch "
+                                      "x data-parallel size (2 x 2)."),
+        (["parallel.vpp=2", "train.global_batch=2"], 4,
+         "the interleaved schedule (parallel.vpp > 1) runs micro-batches in groups of parallel.pp "
+         "(2): the micro-batches per step, train.global_batch / (train.micro_batch x data-parallel "
+         "size) = 1, must be a multiple of 2."),
+        (["parallel.vpp=2", "train.global_batch=6"], 4,
+         "the interleaved schedule (parallel.vpp > 1) runs micro-batches in groups of parallel.pp "
+         "(2): the micro-batches per step, train.global_batch / (train.micro_batch x data-parallel "
+         "size) = 3, must be a multiple of 2."),
+    ],
+)
+def test_layout_must_fit_the_world(overrides, world, message):
+    with pytest.raises(ConfigError, match=None) as err:
+        validate_world(load_config(TINY, overrides), world)
+    assert str(err.value) == message
+
+
+def test_train_rejects_a_bad_config_before_any_process_group():
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.train", str(TINY), "parallel.tp=3"],
+        cwd=ROOT, capture_output=True, text=True, env={"WORLD_SIZE": "4", "RANK": "0", "PATH": ""},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: model.student.mlp_hidden_size (320) must be divisible by parallel.tp (3).")
+    assert time.perf_counter() - start < 30
+
+
+def test_train_rejects_a_layout_that_does_not_fit_the_world():
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.train", str(TINY)],
+        cwd=ROOT, capture_output=True, text=True, env={"WORLD_SIZE": "6", "RANK": "0", "PATH": ""},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: tp x pp = 2 x 2 = 4 does not divide the world size 6.")
+
+
+@pytest.mark.parametrize(("name", "gpus", "drop_path"),
+                         [("stage1_vit1b", 128, 0.25), ("stage1_vit6b", 256, 0.3)])
+def test_the_papers_recipe(name, gpus, drop_path):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    train = cfg.train
+    assert (train.betas, train.eps, train.weight_decay, train.clip_grad) == ([0.9, 0.98], 1e-6, 0.05, 3.0)
+    assert train.lr == pytest.approx(1.5e-4 * train.global_batch / 256)
+    assert train.precision == "bf16" and train.recompute == "full"
+    assert train.warmup_steps * 301 == pytest.approx(train.steps * 40, rel=1e-3)
+    assert cfg.model.student.drop_path == drop_path and cfg.model.student.layer_scale_init == 1e-5
+    validate_world(cfg, gpus)  # the layout fits the paper's GPU count
+    assert cfg.checkpoint.interval > 0
+
+
+def test_megatron_cores_configs_are_built_from_the_config_keys():
+    import torch
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megavideo.config import megatron
+
+    cfg = load_config(TINY, ["train.optimizer=sgd", "train.momentum=0.5", "train.lr=0.1",
+                               "train.min_lr=0.01", "train.steps=20", "train.warmup_steps=2",
+                               "train.lr_schedule=WSD", "train.wsd_decay_steps=4",
+                               "train.wsd_decay_style=linear", "parallel.distributed_optimizer=true",
+                               "parallel.overlap_grad_reduce=true", "run.timeout_minutes=7"])
+    opt = megatron.optimizer_config(cfg, torch.float32)
+    assert (opt.optimizer, opt.sgd_momentum, opt.lr, opt.use_distributed_optimizer) == (
+        "sgd", 0.5, 0.1, True)
+    ddp = megatron.ddp_config(cfg)
+    assert (ddp.overlap_grad_reduce, ddp.overlap_param_gather, ddp.grad_reduce_in_fp32) == (
+        True, False, True)
+    assert megatron.process_group_timeout(cfg).total_seconds() == 7 * 60
+    settings = megatron.transformer_settings(cfg.train)
+    assert not any(settings[field] for field in megatron.FUSIONS.values())
+
+    # the schedule megatron-core runs: warm-up 0 -> 0.1 over 2 steps, the peak until step 16,
+    # then a linear anneal to min_lr over the last 4 of the 20 decay steps
+    group = {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.0, "weight_decay": 0.0}
+    sched = megatron.scheduler(cfg, torch.optim.SGD([group], lr=0.0))
+    assert isinstance(sched, OptimizerParamScheduler)
+    lrs = [sched.get_lr(group) for sched.num_steps in range(21)]
+    expected = [0.1 * s / 2 for s in range(2)] + [0.1] * 15 + [
+        0.1 - (0.1 - 0.01) * (s - 16) / 4 for s in range(17, 21)]
+    assert lrs == pytest.approx(expected, rel=1e-12)
