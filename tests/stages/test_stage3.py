@@ -1,0 +1,88 @@
+"""Stage 3 end to end: the tiny model memorises video -> answer pairs read from video files and a
+manifest with question-answer pairs, and ``launch.chat`` answers with the model at tp 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dataloaders.clips import write_clip
+from dataloaders.conversation import ChatTokenizer, batch, conversation, write_word_tokenizer
+from dataloaders.manifest import build_manifest
+from dataloaders.synthetic import COLOURS
+from megavideo.config import ConfigError, load_config
+from tests.distributed import torchrun
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = str(ROOT / "configs" / "stage3_tiny.yaml")
+QUESTION = "what happens in the video ?"
+PAIRS = [("red", "blue"), ("green", "yellow"), ("blue", "red"), ("purple", "cyan")]
+
+
+def _painter(first: str, second: str, frames: int):
+    def draw(i: int, width: int, height: int) -> np.ndarray:
+        rgb = np.array(COLOURS[first if i < frames // 2 else second]) * 100 + 128
+        return np.broadcast_to(rgb.astype(np.uint8), (height, width, 3)).copy()
+    return draw
+
+
+@pytest.fixture(scope="module")
+def memorised(tmp_path_factory):
+    """Four colour clips, one question each; 150 steps on one rank (~40 s). The two orders of a
+    pair share their words, so only the video tells them apart, and whether 150 steps learn
+    that depends on the initial weights: at seed 42 the loss ends at 0.019 (seed 7 plateaus at
+    0.10, seed 1234 at 0.094 even after 220 steps, one order still unlearned)."""
+    tmp = tmp_path_factory.mktemp("stage3")
+    rows = []
+    for k, (first, second) in enumerate(PAIRS):
+        path = write_clip(tmp / f"clip{k}", "mjpeg", frames=16, width=64, height=64,
+                          draw=_painter(first, second, 16))
+        rows.append({"path": str(path), "QA": [{"q": QUESTION, "a": f"{first} then {second}"}]})
+    (tmp / "list.json").write_text(json.dumps(rows))
+    build_manifest(tmp / "list.json", tmp / "manifest.jsonl")
+    run = tmp / "run"
+    subprocess.run([sys.executable, "-m", "launch.train", CONFIG, "parallel.tp=1",
+                    "parallel.pp=1", "parallel.sp=false", "data.source=manifest",
+                    f"data.manifest={tmp / 'manifest.jsonl'}", "data.workers=0",
+                    "train.steps=150", "train.global_batch=4", "train.micro_batch=4",
+                    "train.lr=3e-3", "train.min_lr=3e-4", "train.seed=42", f"run.dir={run}",
+                    "run.tensorboard=false"],
+                   cwd=ROOT, check=True, timeout=600)
+    return tmp, run
+
+
+def test_chat_reproduces_the_memorised_answers_at_tp2(memorised):
+    tmp, run = memorised
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["loss"] < 0.05 < metrics[0]["loss"]
+    for k in (0, 2):  # red then blue, blue then red: the same words, only the video differs
+        clip = next(tmp.glob(f"clip{k}.*"))
+        out = subprocess.run(torchrun(2) + ["-m", "launch.chat", str(run / "checkpoints"),
+                                            str(clip), QUESTION, "parallel.tp=2"],
+                             cwd=ROOT, timeout=300, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout.strip() == "{} then {}".format(*PAIRS[k]), out.stderr[-2000:]
+
+
+def test_answer_tokens_alone_carry_the_loss(tmp_path):
+    write_word_tokenizer(["what", "red", "?"], tmp_path / "tok.json")
+    tok = ChatTokenizer(tmp_path / "tok.json")
+    prompt = conversation(tok, "what ?", "red", queries=3, max_length=16)
+    b = batch([prompt])
+    targets = b["labels"][0][b["loss_mask"][0].bool()].tolist()
+    assert targets == [tok.encode("red")[0], tok.eos]  # the answer and </s>, nothing else
+    assert int(prompt.video.sum()) == 3 and prompt.length < 16
+
+
+def test_stage3_config_errors_are_one_sentence():
+    with pytest.raises(ConfigError, match="encoder_tp"):
+        load_config(CONFIG, ["parallel.encoder_tp=3"])
+    with pytest.raises(ConfigError, match="micro_batch"):
+        load_config(CONFIG, ["train.micro_batch=1", "train.global_batch=2"])
+    with pytest.raises(ConfigError, match="tokenizer"):
+        load_config(CONFIG, ["model.llm.tokenizer=/nonexistent.json"])
