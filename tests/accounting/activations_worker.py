@@ -20,7 +20,7 @@ from megavideo.models.specs import transformer_config
 from megavideo.models.vit import block_stack
 from parallel.distributed import init_distributed, init_model_parallel
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "stage1_tiny.yaml"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TOKENS, MICRO_BATCH, LAYERS = 128, 2, 2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -35,7 +35,7 @@ def _rows(tp: int, sp: bool) -> int:
 
 
 def _vit(tp, sp, recompute, precision, extra) -> float:
-    cfg = load_config(CONFIG, _overrides(tp, sp, recompute, precision, extra))
+    cfg = load_config(CONFIGS / "stage1_tiny.yaml", _overrides(tp, sp, recompute, precision, extra))
     vit = cfg.model.student
     config = transformer_config(vit, cfg.parallel, cfg.train, pipelined=False, sequence_parallel=sp)
     stack = block_stack(vit, config, LAYERS).train()
@@ -46,7 +46,7 @@ def _vit(tp, sp, recompute, precision, extra) -> float:
 
 
 def _llm(tp, sp, recompute, precision, extra) -> float:
-    cfg = load_config(CONFIG, _overrides(tp, sp, recompute, precision, extra))
+    cfg = load_config(CONFIGS / "stage3_tiny.yaml", _overrides(tp, sp, recompute, precision, extra))
     llm = cfg.model.llm
     config = llm_config(llm, cfg.parallel, cfg.train)
     model = build_llm(llm, config, num_layers=LAYERS).train()

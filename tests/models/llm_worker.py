@@ -11,7 +11,7 @@ from megavideo.config import ParallelConfig, TrainConfig, load_config
 from megavideo.models.llm import build_llm, llm_config
 from parallel.distributed import single_rank_world
 
-TINY = Path(__file__).resolve().parents[2] / "configs" / "stage1_tiny.yaml"
+STAGE3 = Path(__file__).resolve().parents[2] / "configs" / "stage3_tiny.yaml"
 
 
 def count_and_run(rank: int, world: int, out: str) -> None:
@@ -22,13 +22,13 @@ def count_and_run(rank: int, world: int, out: str) -> None:
 
 def _count_and_run(out: str) -> None:
     one = ParallelConfig()
-    big = load_config(TINY, ["model.llm.preset=mistral-7b"]).model.llm
+    big = load_config(STAGE3, ["model.llm.preset=mistral-7b"]).model.llm
     with meta_device():
         model = build_llm(big, llm_config(big, one, TrainConfig()))
     counts = {name.split(".")[0]: 0 for name, _ in model.named_parameters()}
     for name, param in model.named_parameters():
         counts[name.split(".")[0]] += param.numel()
-    tiny = load_config(TINY, ["model.llm.preset=llm-tiny"]).model.llm
+    tiny = load_config(STAGE3, ["model.llm.preset=llm-tiny"]).model.llm
     torch.manual_seed(0)
     model = build_llm(tiny, llm_config(tiny, one, TrainConfig()))
     ids = torch.randint(tiny.vocab_size, (2, 12))
