@@ -285,7 +285,7 @@ class Checkpointer:
         resume = _rank0_decides(str(latest) if latest else "")
         if resume:
             return self.load(Path(resume), weights_only=False)
-        if self.cfg.model.llm.weights and self.cfg.stage == 3:
+        if self.cfg.stage == 3 and self.cfg.model.llm.weights:
             self.load_llm_weights(self.cfg.model.llm.weights)
         if not self.cfg.checkpoint.load:
             return 0

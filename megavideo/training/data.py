@@ -85,9 +85,9 @@ def frames(cfg: Config) -> int:
 
 
 def audio_spec(cfg: Config) -> AudioSpec | None:
-    audio = cfg.model.audio
-    if cfg.stage == 1 or not audio.enabled:
+    if cfg.stage != 2 or not cfg.model.audio.enabled:
         return None
+    audio = cfg.model.audio
     return AudioSpec(audio.seconds, audio.mel_bins, audio.frames)
 
 
