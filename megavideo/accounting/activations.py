@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from kernels.attention import attention_kernel
 from kernels.backends import layer_backend
 from megavideo.config import Config
 from megavideo.models.specs import transformer_config
@@ -30,7 +31,9 @@ from parallel.layout import padded_heads
 
 FP32 = 4  # bytes of the values this repo computes in fp32 whatever the model's dtype
 RECOMPUTE = ("none", "selective", "full")
-ATTENTION = ("unfused", "flash")
+# the core attention's kernel: unfused (the score matrix), sdpa (PyTorch's fused kernels), flash
+# (flash-attn, TE's fused attention: grouped-query attention without repeating k and v)
+ATTENTION = ("unfused", "sdpa", "flash")
 
 
 class SavedTensors:
@@ -189,9 +192,9 @@ def vit_layer_bytes(
     all-reduced over TP). So (SP at t) = (t = 1 bytes - 8·s·b) / t + 8·s·b exactly when a and m
     divide by t.
 
-    attention="flash" (fused attention, for GPU planning): the softmax rows become the
-    [b, a/t, s] fp32 log-sum-exp statistics, 4·b·(a/t)·s; q, k, v and the output it saves are
-    the tensors counted above.
+    attention="flash" or "sdpa" (fused attention: flash-attn, TE's, PyTorch's SDPA; measured on
+    the CPU's SDPA kernel): the softmax rows become the [b, a/t, s] fp32 log-sum-exp statistics,
+    4·b·(a/t)·s; q, k, v and the output it saves are the tensors counted above.
     recompute="selective" (megatron-core's core_attn): the attention is checkpointed, which
     keeps q, k, v (counted above) and a 4-byte mask-type tensor; the softmax or flash rows go.
     recompute="full": each block is checkpointed and only its input stays, B·r·b·h.
@@ -223,7 +226,7 @@ def vit_layer_bytes(
         terms.append(2 * B * b)  # the [b] keep/scale vectors
     if recompute == "selective":
         terms.append(4)  # the checkpoint's attn_mask_type tensor (int32)
-    elif attention == "flash":
+    elif attention != "unfused":
         terms.append(FP32 * b * heads_here * s)
     else:
         probs = b * heads_here * s * s
@@ -279,8 +282,11 @@ def llm_layer_bytes(
 
     recompute="selective": the core attention is checkpointed on q and k after RoPE (k at its g
     groups) and v, a view that keeps the whole qkv output ((a + 2g)/t·d wide), plus a 4-byte
-    mask-type tensor; the repeated k, v and the softmax rows go. attention="flash" saves those
-    same q, k, v plus the [b, a/t, s] fp32 log-sum-exp statistics (4·b·(a/t)·s).
+    mask-type tensor; the repeated k, v and the softmax rows go. attention="flash" (flash-attn,
+    TE: grouped-query attention without repeating) saves those same q, k, v plus the [b, a/t, s]
+    fp32 log-sum-exp statistics (4·b·(a/t)·s); attention="sdpa" (PyTorch's kernels, given k and
+    v repeated to a/t heads as megatron-core's unfused attention repeats them) saves the
+    repeated k, v instead when g < a, and the log-sum-exp statistics.
     recompute="full": only each layer's input, B·r·b·h.
     """
     r = _check(tokens, tp, sp, recompute, attention)
@@ -302,13 +308,16 @@ def llm_layer_bytes(
         a * row,                                 # context
         5 * B * s * b * (mlp // tp),             # fc1 output (2m), SiLU output, up, product
     ]
-    if recompute == "selective" or attention == "flash":
-        terms.append(g * row + (a + 2 * g) * row)  # k after RoPE, the qkv output (held by v)
-        terms.append(4 if recompute == "selective" else FP32 * b * a * s)
-    else:
-        terms.append(2 * a * row if g < a else a * row + 3 * a * row)
+    repeated = g < a and attention != "flash" and recompute != "selective"
+    # k and v as the kernel keeps them: repeated to a heads, or k after RoPE and the qkv output
+    terms.append(2 * a * row if repeated else g * row + (a + 2 * g) * row)
+    if recompute == "selective":
+        terms.append(4)  # the checkpoint's attn_mask_type tensor (int32)
+    elif attention == "unfused":
         probs = b * a * s * s
         terms.append(FP32 * probs + (B * probs if B != FP32 else 0))
+    else:
+        terms.append(FP32 * b * a * s)  # the log-sum-exp statistics
     return float(sum(terms))
 
 
@@ -325,7 +334,7 @@ def student_layer_bytes(cfg: Config) -> dict[str, float]:
     x = torch.randn(tokens // par.tp if sp else tokens, train.micro_batch, vit.hidden_size,
                     dtype=config.params_dtype, device=device, requires_grad=True)
     measured = measure_layer_bytes(stack, x, None, None)
-    attention = "flash" if layer_backend() == "te" else "unfused"
+    attention = "flash" if layer_backend() == "te" else attention_kernel(config.attention_backend)
     formula = vit_layer_bytes(vit.hidden_size, vit.num_heads, vit.mlp_hidden_size, tokens,
                               train.micro_batch, par.tp, sp, train.recompute,
                               config.params_dtype.itemsize, attention, vit.qk_norm,

@@ -328,7 +328,9 @@ class Planner:
         per_layer = vit_layer_bytes(
             student.hidden_size, student.num_heads,
             student.mlp_hidden_size, tokens, layout.micro_batch, layout.tp, layout.sp,
-            layout.recompute, self.bytes, attention="flash", qk_norm=student.qk_norm,
+            layout.recompute, self.bytes,
+            attention="unfused" if cfg.train.attention == "unfused" else "flash",
+            qk_norm=student.qk_norm,
             layer_scale=bool(student.layer_scale_init))
         per_param = bytes_per_param(cfg.train.precision, layout.distributed_optimizer, layout.dp)
         worst, worst_total = {}, -1.0

@@ -17,6 +17,7 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from kernels.attention import ATTENTION
 from megavideo.config.schema import FUSIONS, Config, ParallelConfig, TrainConfig
 from megavideo.models.init import init_normal
 from parallel.layout import megatron_layout, split_layers
@@ -25,13 +26,15 @@ INIT_STD = 0.02  # trunc_normal(std=0.02) in the official code: the truncation a
 
 def transformer_settings(train: TrainConfig) -> dict:
     """TransformerConfig fields every model here shares: no dropout, the fused kernels
-    ``train.fusions`` names, the init, the precision, recomputation, p2p that gloo runs."""
+    ``train.fusions`` names, the core attention ``train.attention`` names, the init, the
+    precision, recomputation, p2p that gloo runs."""
     bf16 = train.precision == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
     return dict(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         **{field: name in train.fusions for name, field in FUSIONS.items()},
+        attention_backend=ATTENTION[train.attention],
         init_method=init_normal,
         output_layer_init_method=init_normal,
         params_dtype=dtype,

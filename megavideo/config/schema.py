@@ -27,6 +27,7 @@ FUSIONS = {
     "persist_layer_norm": "persist_layer_norm",
     "gradient_accumulation": "gradient_accumulation_fusion",
 }
+ATTENTION_KERNELS = ("auto", "sdpa", "flash", "unfused")  # train.attention (kernels.attention)
 OPTIMIZERS = ("adam", "sgd")  # what megatron-core 0.16.1's get_megatron_optimizer builds
 LR_SCHEDULES = ("cosine", "linear", "constant", "WSD", "inverse-square-root")
 WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
@@ -286,6 +287,8 @@ class TrainConfig:
     wsd_decay_steps: int = 0  # WSD: the last steps of the decay, where it anneals
     wsd_decay_style: str = "exponential"  # WSD's anneal: exponential | linear | cosine | minus_sqrt
     fusions: list[str] = field(default_factory=list)  # megatron-core fused kernels (FUSIONS)
+    # core attention: auto | sdpa | flash | unfused (megatron-core's whole score matrix)
+    attention: str = "auto"
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch
 
 from megavideo.accounting.devices import DEVICES
 from megavideo.config.schema import (
+    ATTENTION_KERNELS,
     FUSIONS,
     LR_SCHEDULES,
     MODEL_SECTIONS,
@@ -282,6 +283,9 @@ def validate(config: Config, world_size: int | None = None) -> None:
     if len(train.betas) != 2:
         raise ConfigError("train.betas must list two numbers.")
     _validate_schedule(train)
+    if train.attention not in ATTENTION_KERNELS:
+        raise ConfigError(f"train.attention must be one of {', '.join(ATTENTION_KERNELS)}, got "
+                          f"'{train.attention}'.")
     unknown = [name for name in train.fusions if name not in FUSIONS]
     if unknown:
         raise ConfigError(f"train.fusions: unknown fused kernel(s) {', '.join(unknown)} (known: "
@@ -417,12 +421,29 @@ def _validate_fusions(fusions: list[str]) -> None:
                               "apex's fused weight-gradient kernel, and this node has neither.")
 
 
+def _validate_attention(attention: str) -> None:
+    """train.attention=flash runs the flash-attn package (on the TE spec, TE's flash kernel,
+    which needs it too): a CUDA kernel that must be importable here."""
+    if attention != "flash":
+        return
+    from kernels import backends
+
+    found = backends.detect()
+    if not (found.cuda and found.flash_attn):
+        why = "this node has no GPU torch can see" if not found.cuda else \
+            f"flash-attn is not importable ({found.reason('flash_attn')})"
+        raise ConfigError(f"train.attention=flash runs the flash-attn package's CUDA kernels, and "
+                          f"{why}: set train.attention=auto (flash-attn where it runs, else "
+                          "PyTorch's SDPA).")
+
+
 def validate_device(config: Config, env: Mapping[str, str] | None = None) -> None:
     """Check ``run.device`` against this node before any process group: a node where the job
     was given GPUs (or the config asks for them) but torch sees none is an error, not a quiet
     run on the CPU."""
     device = config.run.device
     _validate_fusions(config.train.fusions)
+    _validate_attention(config.train.attention)
     if torch.cuda.is_available():
         if device == "cpu":
             raise ConfigError("run.device=cpu on a node where torch sees a GPU: hide the GPUs "

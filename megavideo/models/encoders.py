@@ -61,7 +61,8 @@ class EncoderLayers(nn.Module):
         self.layers = nn.ModuleList(
             build_module(post_norm_layer_spec(enc, cross_width if i in cross_layers else 0,
                                               getattr(pg_collection, "tp", None), padded=padded,
-                                              cross_padded=cross_padded),
+                                              cross_padded=cross_padded,
+                                              attention=config.attention_backend),
                          config=config, layer_number=i + 1, pg_collection=pg_collection)
             for i in range(enc.num_layers))
         self.recompute = config.recompute_granularity == "full"

@@ -19,10 +19,12 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from kernels.attention import core_attention
 from kernels.backends import layer_backend
 from kernels.norms import RMSNorm
 from megavideo.config import LLMConfig, ParallelConfig, TrainConfig
@@ -56,9 +58,10 @@ def _lora_spec(lora: type, llm: LLMConfig) -> ModuleSpec:
     return ModuleSpec(module=lora, params={"rank": llm.lora_rank, "alpha": llm.lora_alpha})
 
 
-def llm_block_spec(llm: LLMConfig, num_layers: int) -> TransformerBlockSubmodules:
+def llm_block_spec(llm: LLMConfig, num_layers: int,
+                   attention: AttnBackend = AttnBackend.auto) -> TransformerBlockSubmodules:
     """The specs of ``num_layers`` layers (a pipeline chunk's) and the final norm, for the
-    backend this process runs."""
+    backend this process runs (``attention``: the config's ``attention_backend``)."""
     if layer_backend() == "te":
         from megatron.core.extensions.transformer_engine import TENorm
 
@@ -70,6 +73,7 @@ def llm_block_spec(llm: LLMConfig, num_layers: int) -> TransformerBlockSubmodule
         layer = get_gpt_layer_local_spec(normalization="RMSNorm")
         layer.submodules.input_layernorm = RMSNorm
         layer.submodules.pre_mlp_layernorm = RMSNorm
+        layer.submodules.self_attention.submodules.core_attention = core_attention(attention)
         norm = RMSNorm
     if llm.tuning == "lora":
         attention = layer.submodules.self_attention.submodules
@@ -85,7 +89,7 @@ def build_llm(llm: LLMConfig, config: TransformerConfig, pre_process: bool = Tru
     ``scatter_embedding=False`` leaves the embedding's output whole under SP, for a caller that
     inserts other tokens first."""
     layers = llm.num_layers if num_layers is None else num_layers
-    model = GPTModel(config, llm_block_spec(llm, layers), vocab_size=llm.vocab_size,
+    model = GPTModel(config, llm_block_spec(llm, layers, config.attention_backend), vocab_size=llm.vocab_size,
                     max_sequence_length=llm.max_positions, pre_process=pre_process,
                     post_process=post_process, parallel_output=True,
                     share_embeddings_and_output_weights=False, position_embedding_type="rope",

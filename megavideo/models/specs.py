@@ -1,8 +1,9 @@
 """megatron-core TransformerConfig and ModuleSpec for InternVideo2's ViT blocks.
 
-The local spec (megatron-core's ColumnParallelLinear/RowParallelLinear and DotProductAttention, torch
-norms) runs everywhere; the Transformer Engine spec (fused norm+linear, TE attention) is chosen by
-:func:`kernels.backends.layer_backend` on a GPU with TE importable.
+The local spec (megatron-core's ColumnParallelLinear/RowParallelLinear, torch norms, and the core
+attention ``train.attention`` picks, :mod:`kernels.attention`) runs everywhere; the Transformer
+Engine spec (fused norm+linear, TE attention) is chosen by :func:`kernels.backends.layer_backend`
+on a GPU with TE importable.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ from megatron.core.transformer.attention import (
     SelfAttention,
     SelfAttentionSubmodules,
 )
-from megatron.core.transformer.dot_product_attention import DotProductAttention
-from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.enums import AttnBackend, AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
+from kernels.attention import core_attention
 from kernels.backends import layer_backend
 from kernels.norms import NORMS
 from megavideo.config import EncoderConfig, ParallelConfig, TrainConfig, ViTConfig
@@ -95,9 +96,11 @@ class ColumnParallelLinearNoBias(ColumnParallelLinear):
         super().__init__(*args, bias=False, **kwargs)
 
 
-def vit_layer_spec(vit: ViTConfig, attn_mask_type: AttnMaskType, tp_group=None) -> ModuleSpec:
+def vit_layer_spec(vit: ViTConfig, attn_mask_type: AttnMaskType, tp_group=None,
+                   attention: AttnBackend = AttnBackend.auto) -> ModuleSpec:
     """The ModuleSpec of one InternVideo2 block for the backend this process runs (its q/k norm
-    spans the TP group ``tp_group``, by default megatron-core's)."""
+    spans the TP group ``tp_group``, by default megatron-core's; ``attention``: the config's
+    ``attention_backend``)."""
     from megavideo.models.layers import FullWidthQKNorm, InternVideo2Block
 
     qk_norm = ModuleSpec(module=FullWidthQKNorm, params={"tp_group": tp_group}) \
@@ -120,7 +123,7 @@ def vit_layer_spec(vit: ViTConfig, attn_mask_type: AttnMaskType, tp_group=None) 
     else:
         norm = NORMS[vit.norm]
         qkv = ColumnParallelLinear if vit.qkv_bias else ColumnParallelLinearNoBias
-        core, proj, fc1, fc2 = (DotProductAttention, RowParallelLinear,
+        core, proj, fc1, fc2 = (core_attention(attention), RowParallelLinear,
                                 ColumnParallelLinear, RowParallelLinear)
     return ModuleSpec(
         module=InternVideo2Block,
@@ -176,13 +179,14 @@ def cross_attention_mask(kv_mask: torch.Tensor | None, queries: int):
 
 
 def post_norm_layer_spec(enc: EncoderConfig, cross_width: int = 0, tp_group=None, *,
-                         padded: bool = False, cross_padded: bool = False) -> ModuleSpec:
+                         padded: bool = False, cross_padded: bool = False,
+                         attention: AttnBackend = AttnBackend.auto) -> ModuleSpec:
     """A post-norm encoder layer (BERT, BEATs), with cross-attention to ``cross_width``-wide
     tokens when it is set. The three norm slots of megatron-core's layer hold the norms *after*
     self-attention, cross-attention and the MLP. ``padded``/``cross_padded``: the self-/cross-
     attention is given a padding mask (of the tokens/of the memory). ``tp_group``: a TP group
     other than megatron-core's (megatron-core's CrossAttention does not hand its group to its q
-    and kv projections, so the spec does)."""
+    and kv projections, so the spec does). ``attention``: the config's ``attention_backend``."""
     from megavideo.models.encoders import PostNormLayer
 
     if layer_backend() == "te":
@@ -194,7 +198,7 @@ def post_norm_layer_spec(enc: EncoderConfig, cross_width: int = 0, tp_group=None
 
         column, row, core = TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
     else:
-        column, row, core = ColumnParallelLinear, RowParallelLinear, DotProductAttention
+        column, row, core = ColumnParallelLinear, RowParallelLinear, core_attention(attention)
     norm = NORMS[enc.norm]
     cross = IdentityOp
     if cross_width:

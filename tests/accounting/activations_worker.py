@@ -8,6 +8,7 @@ layer on rank 0 go to a JSON file. tp 1 cases run as data parallelism over the t
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -46,6 +47,10 @@ def _vit(tp, sp, recompute, precision, extra) -> float:
 
 
 def _llm(tp, sp, recompute, precision, extra) -> float:
+    # megatron-core's GPTModel writes its attention backend into NVTE_* variables and refuses a
+    # process where they say another: cases with other kernels share this one
+    for name in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
+        os.environ.pop(name, None)
     cfg = load_config(CONFIGS / "stage3_tiny.yaml", _overrides(tp, sp, recompute, precision, extra))
     llm = cfg.model.llm
     config = llm_config(llm, cfg.parallel, cfg.train)

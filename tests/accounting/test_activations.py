@@ -26,6 +26,7 @@ from tests.accounting import activations_worker
 from tests.accounting.activations_worker import MICRO_BATCH, TOKENS
 from tests.distributed import spawn
 
+UNFUSED = ["train.attention=unfused"]  # megatron-core's DotProductAttention: the score matrix
 VIT = ["model.student.hidden_size=96", "model.student.num_heads=4",
        "model.student.mlp_hidden_size=384", "model.student.drop_path=0.0"]
 LLM = ["model.llm.hidden_size=96", "model.llm.num_heads=4", "model.llm.num_kv_heads=2",
@@ -35,24 +36,44 @@ LAYOUTS = {"tp1": (1, False), "tp2": (2, False), "tp2_sp": (2, True)}
 
 # name: (kind, tp, sp, recompute, precision, overrides, formula)
 CASES = {
-    f"vit_{layout}_{rec}": ("vit", tp, sp, rec, "fp32", VIT,
+    f"vit_{layout}_{rec}": ("vit", tp, sp, rec, "fp32", VIT + UNFUSED,
                             lambda tp=tp, sp=sp, rec=rec: vit_layer_bytes(
                                 96, 4, 384, TOKENS, MICRO_BATCH, tp, sp, rec, 4))
     for layout, (tp, sp) in LAYOUTS.items() for rec in RECOMPUTE
 }
 CASES["vit_tiny_padded_tp2_sp"] = (
-    "vit", 2, True, "none", "fp32", [],
+    "vit", 2, True, "none", "fp32", UNFUSED,
     lambda: vit_layer_bytes(80, 5, 320, TOKENS, MICRO_BATCH, 2, True, "none", 4, drop_path=True))
 CASES["vit_bf16_tp2_sp"] = (
-    "vit", 2, True, "none", "bf16", VIT,
+    "vit", 2, True, "none", "bf16", VIT + UNFUSED,
     lambda: vit_layer_bytes(96, 4, 384, TOKENS, MICRO_BATCH, 2, True, "none", 2))
 CASES["llm_tp1_none"] = (
-    "llm", 1, False, "none", "fp32", LLM,
+    "llm", 1, False, "none", "fp32", LLM + UNFUSED,
     lambda: llm_layer_bytes(96, 4, 2, 256, TOKENS, MICRO_BATCH, 1, False, "none", 4))
 for _rec in RECOMPUTE:
     CASES[f"llm_tp2_sp_{_rec}"] = (
-        "llm", 2, True, _rec, "fp32", LLM,
+        "llm", 2, True, _rec, "fp32", LLM + UNFUSED,
         lambda rec=_rec: llm_layer_bytes(96, 4, 2, 256, TOKENS, MICRO_BATCH, 2, True, rec, 4))
+# PyTorch's SDPA (the default on the CPU: its flash kernel) saves the log-sum-exp rows instead of
+# the score matrix, as the "flash" formula says (for the LLM's grouped-query attention, with k and
+# v repeated to the query heads: the "sdpa" formula)
+for _layout, (_tp, _sp) in LAYOUTS.items():
+    CASES[f"vit_{_layout}_none_sdpa"] = (
+        "vit", _tp, _sp, "none", "fp32", VIT,
+        lambda tp=_tp, sp=_sp: vit_layer_bytes(96, 4, 384, TOKENS, MICRO_BATCH, tp, sp, "none", 4,
+                                               "flash"))
+CASES["vit_tiny_padded_tp2_sp_sdpa"] = (
+    "vit", 2, True, "none", "fp32", [],
+    lambda: vit_layer_bytes(80, 5, 320, TOKENS, MICRO_BATCH, 2, True, "none", 4, "flash",
+                            drop_path=True))
+CASES["vit_bf16_tp2_sp_sdpa"] = (
+    "vit", 2, True, "none", "bf16", VIT,
+    lambda: vit_layer_bytes(96, 4, 384, TOKENS, MICRO_BATCH, 2, True, "none", 2, "flash"))
+for _name, _tp, _sp in (("llm_tp1_none_sdpa", 1, False), ("llm_tp2_sp_none_sdpa", 2, True)):
+    CASES[_name] = (
+        "llm", _tp, _sp, "none", "fp32", LLM,
+        lambda tp=_tp, sp=_sp: llm_layer_bytes(96, 4, 2, 256, TOKENS, MICRO_BATCH, tp, sp, "none",
+                                               4, "sdpa"))
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,10 @@ stages). fp32 on CPU.
 Stage 2 (VTC/VTM/MLM and the audio variants) is checked the same way, in the same process
 groups (see STAGE2 below).
 
+Every run uses PyTorch's SDPA for the core attention (train.attention=auto on the CPU); a second
+reference per stage on megatron-core's DotProductAttention (the whole score matrix) checks every
+layout against it too.
+
 Tolerances (fp32, summation order only):
 - losses: relative 1e-6 (measured: <= 1.1e-8);
 - gradients: |g - g_ref| <= 1e-5 * max|g_ref| + 1e-8 * (largest gradient in the model), per tensor
@@ -78,6 +82,7 @@ STAGE2_WORLD4 = [
 # the micro-batch) or tp 2. Two micro-batches of 4 conversations; the loss is the mean over the
 # step's answer tokens. LoRA (adapters only, under TP and SP) has its own reference.
 STAGE3 = str(Path(__file__).resolve().parents[2] / "configs" / "stage3_tiny.yaml")
+UNFUSED = ("train.attention=unfused",)
 STAGE3_BASE = ("train.micro_batch=4", "parallel.encoder_tp=0")
 STAGE3_LORA = STAGE3_BASE + ("model.llm.tuning=lora", "model.llm.lora_rank=4")
 STAGE3_WORLD2 = [
@@ -134,12 +139,19 @@ def all_runs(tmp_path_factory):
     spawn(4, w.sequence, [(w.layouts, (str(ref), WORLD4, str(out))),
                           (w.layouts, (str(ref2), STAGE2_WORLD4, str(out), STAGE2, STAGE2_BASE)),
                           (w.layouts, (str(ref3), STAGE3_WORLD4, str(out), STAGE3, STAGE3_BASE))])
+    # megatron-core's unfused attention (the score matrix) at tp 1 / pp 1, in a process of its own
+    # (megatron-core's GPTModel pins its attention backend in NVTE_* variables for the process)
+    unfused = [out / f"unfused{stage}.pt" for stage in (1, 2, 3)]
+    spawn(1, w.sequence, [(w.reference, (str(unfused[0]), 0, None, UNFUSED)),
+                          (w.reference, (str(unfused[1]), 0, STAGE2, STAGE2_BASE + UNFUSED)),
+                          (w.reference, (str(unfused[2]), 0, STAGE3, STAGE3_BASE + UNFUSED))])
     stage1 = _merged(out, [n for n, _, _ in WORLD2 + WORLD4])
     stage2 = _merged(out, [n for n, _, _ in STAGE2_WORLD2 + STAGE2_WORLD4])
     stage3 = _merged(out, [n for n, _, _ in STAGE3_WORLD2 + STAGE3_WORLD4])
     stage3_lora = _merged(out, [n for n, _, _ in STAGE3_LORA_WORLD2])
     return ((torch.load(ref), stage1), (torch.load(ref2), stage2),
-            (torch.load(ref3), stage3 | stage3_lora), torch.load(ref3_lora))
+            (torch.load(ref3), stage3 | stage3_lora), torch.load(ref3_lora),
+            [torch.load(path) for path in unfused])
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +237,20 @@ def test_stage3_loss_and_gradients_match_reference(all_runs, name):
         ref = all_runs[3]
     got = results[name]
     assert got["loss"]["loss/lm"] == pytest.approx(ref["loss"]["loss/lm"], rel=1e-6)
+    _assert_grads_match(ref["grads"], got["grads"])
+
+
+@pytest.mark.parametrize("index, name", [(0, n) for n, _, s in WORLD2 + WORLD4 if not s]
+                         + [(1, n) for n, _, _ in STAGE2_WORLD2 + STAGE2_WORLD4]
+                         + [(2, n) for n, _, _ in STAGE3_WORLD2 + STAGE3_WORLD4])
+def test_sdpa_matches_megatrons_unfused_attention(all_runs, index, name):
+    """Every layout runs PyTorch's SDPA (train.attention=auto on the CPU); each matches the
+    tp 1 / pp 1 reference on megatron-core's DotProductAttention (the whole score matrix) within
+    the parity tolerances (measured: see the module docstring)."""
+    ref = all_runs[4][index]
+    got = all_runs[index][1][name]
+    for term, value in ref["loss"].items():
+        assert got["loss"][term] == pytest.approx(value, rel=1e-6, abs=1e-9), term
     _assert_grads_match(ref["grads"], got["grads"])
 
 
