@@ -2,6 +2,7 @@
 
 from setuptools import find_packages, setup
 
+TORCHAO = "torchao>=0.18"
 DALI = "nvidia-dali-cuda120>=2.0"  # dataloaders/dali.py: MIN_VERSION
 
 setup(
@@ -39,6 +40,9 @@ setup(
         "mpi": ["mpi4py"],
         # the decoder the official InternVideo2 code uses, for launch.bench_data's baseline
         "bench": ["decord"],
-        "dev": ["pytest", "ruff", DALI, "mpi4py"],
+        # FP8 GEMMs on the local spec (train.precision=fp8 without Transformer Engine); its float8
+        # training also runs on the CPU (torch._scaled_mm), where CI tests it
+        "fp8": [TORCHAO],
+        "dev": ["pytest", "ruff", DALI, "mpi4py", TORCHAO],
     },
 )

@@ -327,7 +327,7 @@ def student_layer_bytes(cfg: Config) -> dict[str, float]:
     random residual stream (call on every rank of an initialised model-parallel world at that tp)."""
     vit, par, train = cfg.model.student, cfg.parallel, cfg.train
     sp = par.sp and par.tp > 1
-    tokens = Tokens.of(cfg.model, par.tp, sp).length
+    tokens = Tokens.of(cfg.model, par.tp, sp, train.precision == "fp8").length
     config = transformer_config(vit, par, train, pipelined=False, sequence_parallel=sp)
     device = rank_device()
     stack = block_stack(vit, config, 2).to(device).train()

@@ -132,7 +132,7 @@ def describe(cfg: Config, world_size: int | None = None) -> dict:
     par, model, train = cfg.parallel, cfg.model, cfg.train
     world_size = world_size or par.tp * par.pp
     dp = world_size // (par.tp * par.pp)
-    tokens = Tokens.of(model, par.tp, par.sp)
+    tokens = Tokens.of(model, par.tp, par.sp, cfg.train.precision == "fp8")
     counts = split_layers(model.student.num_layers, par.pp, par.vpp, par.pipeline_layout)
     with single_rank_world():
         build = _chunk_builder(cfg, tokens)  # parameters do not depend on the token count
@@ -179,8 +179,8 @@ def describe(cfg: Config, world_size: int | None = None) -> dict:
 
 def bytes_per_param(precision: str, distributed_optimizer: bool, dp: int) -> dict[str, float]:
     """Weights, fp32 gradients, and the optimizer's fp32 master copy + Adam moments per param."""
-    weights = 2.0 if precision == "bf16" else 4.0
-    optimizer = (4.0 if precision == "bf16" else 0.0) + 8.0
+    weights = 2.0 if precision in ("bf16", "fp8") else 4.0
+    optimizer = (4.0 if precision in ("bf16", "fp8") else 0.0) + 8.0
     return {"weights": weights, "grads": 4.0,
             "optimizer": optimizer / dp if distributed_optimizer else optimizer}
 

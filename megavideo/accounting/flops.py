@@ -76,8 +76,8 @@ def _video_tokens(cfg: Config) -> Tokens:
     encoder_tp)."""
     par = cfg.parallel
     if cfg.stage == 3:
-        return Tokens.whole(cfg.model, par.encoder_tp_size, par.sp)
-    return Tokens.of(cfg.model, par.tp, par.sp)
+        return Tokens.whole(cfg.model, par.encoder_tp_size, par.sp, cfg.train.precision == "fp8")
+    return Tokens.of(cfg.model, par.tp, par.sp, cfg.train.precision == "fp8")
 
 
 @dataclass(frozen=True)

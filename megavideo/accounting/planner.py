@@ -228,7 +228,7 @@ class Planner:
         self.device = DEVICES[device] if isinstance(device, str) else device
         self.calibration = calibration or Calibration()
         self.peak = peak_tflops or self.device.peak_tflops(cfg.train.precision)
-        self.bytes = 2 if cfg.train.precision == "bf16" else 4
+        self.bytes = 2 if cfg.train.bf16 else 4
         self.inventory = inventory or Inventory(self.cfg)
 
     def with_calibration(self, calibration: Calibration) -> Planner:
@@ -279,7 +279,7 @@ class Planner:
                    if k not in PIPELINED_PARTS and k not in FIRST_STAGE_PARTS)
         rate = self.peak * 1e12 * self.calibration.matmul_efficiency
         replicas = layout.dp * m  # micro-batches of the whole step over all replicas
-        tokens = Tokens.of(cfg.model, layout.tp, layout.sp).length
+        tokens = Tokens.of(cfg.model, layout.tp, layout.sp, cfg.train.precision == "fp8").length
         tp_bw = self._bandwidth(layout.tp)
         tp_calls = tp_layer_calls(layout.tp, layout.sp, student.qk_norm, layout.recompute)
         tp_wire = ring_wire_bytes(tp_layer_volume(tokens, layout.micro_batch, student.hidden_size,
@@ -324,7 +324,7 @@ class Planner:
     def _memory(self, cfg: Config, layout: Layout, m: int, per_rank: list[int],
                 out: Prediction) -> None:
         student, model = cfg.model.student, cfg.model
-        tokens = Tokens.of(model, layout.tp, layout.sp).length
+        tokens = Tokens.of(model, layout.tp, layout.sp, cfg.train.precision == "fp8").length
         per_layer = vit_layer_bytes(
             student.hidden_size, student.num_heads,
             student.mlp_hidden_size, tokens, layout.micro_batch, layout.tp, layout.sp,

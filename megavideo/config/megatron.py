@@ -18,17 +18,19 @@ from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from kernels.attention import ATTENTION
+from kernels.backends import layer_backend
 from megavideo.config.schema import FUSIONS, Config, ParallelConfig, TrainConfig
 from megavideo.models.init import init_normal
 from parallel.layout import megatron_layout, split_layers
 
 INIT_STD = 0.02  # trunc_normal(std=0.02) in the official code: the truncation at +-2 never bites
 
-def transformer_settings(train: TrainConfig) -> dict:
+def transformer_settings(train: TrainConfig, fp8: bool = True) -> dict:
     """TransformerConfig fields every model here shares: no dropout, the fused kernels
     ``train.fusions`` names, the core attention ``train.attention`` names, the init, the
-    precision, recomputation, p2p that gloo runs."""
-    bf16 = train.precision == "bf16"
+    precision (FP8 GEMMs where ``fp8`` and ``train.precision=fp8``), recomputation, p2p that gloo
+    runs."""
+    bf16 = train.bf16
     dtype = torch.bfloat16 if bf16 else torch.float32
     return dict(
         hidden_dropout=0.0,
@@ -45,7 +47,37 @@ def transformer_settings(train: TrainConfig) -> dict:
         batch_p2p_sync=False,
         cuda_graph_scope=[],  # megatron-core's own default "full" warns that it is deprecated
         **recompute_settings(train),
+        **fp8_settings(train, fp8),
     )
+
+
+def fp8_backend(train: TrainConfig) -> str:
+    """Who runs ``train.precision=fp8``'s GEMMs: ``te`` (Transformer Engine, the TE spec) or
+    ``torchao`` (the local spec's linears); '' for the other precisions."""
+    if train.precision != "fp8":
+        return ""
+    if train.fp8.backend != "auto":
+        return train.fp8.backend
+    return "te" if layer_backend() == "te" else "torchao"
+
+
+def fp8_settings(train: TrainConfig, enabled: bool = True) -> dict:
+    """TransformerConfig's FP8 fields: megatron-core's own for Transformer Engine (format, recipe,
+    delayed scaling's amax history and margin, the first and last layers in bf16); for torchao
+    the recipe in this codebase's ``float8`` field and the same bf16 layer counts, which its
+    linears read. Nothing where ``enabled`` is false (a frozen teacher without fp8.teachers)."""
+    backend = fp8_backend(train) if enabled else ""
+    f = train.fp8
+    bf16_layers = dict(first_last_layers_bf16=bool(f.bf16_first_layers or f.bf16_last_layers),
+                       num_layers_at_start_in_bf16=f.bf16_first_layers,
+                       num_layers_at_end_in_bf16=f.bf16_last_layers)
+    if backend == "te":
+        return dict(fp8=f.format, fp8_recipe=f.recipe, fp8_margin=f.margin,
+                    fp8_amax_history_len=f.amax_history, fp8_amax_compute_algo=f.amax_algo,
+                    **bf16_layers)
+    if backend == "torchao":
+        return dict(float8=f.recipe, **bf16_layers)
+    return {}
 
 
 def recompute_settings(train: TrainConfig) -> dict:
@@ -94,7 +126,7 @@ def optimizer_config(cfg: Config, params_dtype: torch.dtype) -> OptimizerConfig:
         optimizer=train.optimizer, lr=train.lr, min_lr=train.min_lr,
         weight_decay=train.weight_decay, adam_beta1=train.betas[0], adam_beta2=train.betas[1],
         adam_eps=train.eps, sgd_momentum=train.momentum, clip_grad=train.clip_grad,
-        bf16=train.precision == "bf16", params_dtype=params_dtype,
+        bf16=train.bf16, params_dtype=params_dtype,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
     )
 

@@ -265,6 +265,32 @@ class ParallelConfig:
         return self.encoder_tp or self.tp
 
 
+FP8_BACKENDS = ("auto", "te", "torchao")
+FP8_RECIPES = {  # what each backend offers (megatron-core 0.16.1's TE recipes; torchao's float8)
+    "te": ("delayed", "tensorwise", "blockwise", "mxfp8"),
+    "torchao": ("tensorwise", "rowwise"),
+}
+
+
+@dataclass
+class FP8Config:
+    """``train.precision=fp8``: the transformer layers' GEMMs in FP8 on bf16 weights, through
+    Transformer Engine (the TE spec) or torchao's float8 training (the local spec); embeddings,
+    norms, attention, heads and aligners stay bf16 (docs/performance.md)."""
+
+    backend: str = "auto"  # auto (te on the TE spec, torchao on the local spec) | te | torchao
+    # te: hybrid (e4m3 forward, e5m2 gradients) | e4m3 (everywhere); torchao's recipe fixes it
+    format: str = "hybrid"
+    # te: delayed | tensorwise | blockwise | mxfp8 (Blackwell); torchao: tensorwise | rowwise
+    recipe: str = "tensorwise"
+    amax_history: int = 1024  # delayed scaling: the amax history's length
+    amax_algo: str = "max"  # delayed scaling: max | most_recent over the history
+    margin: int = 0  # delayed scaling: the scale's margin (powers of 2)
+    bf16_first_layers: int = 0  # the first layers of each transformer kept in bf16
+    bf16_last_layers: int = 0  # the last layers of each transformer kept in bf16
+    teachers: bool = False  # stage 1: the frozen teachers' forward in FP8 too
+
+
 @dataclass
 class TrainConfig:
     steps: int = 10
@@ -278,7 +304,7 @@ class TrainConfig:
     eps: float = 1e-6
     clip_grad: float = 3.0
     seed: int = 1234
-    precision: str = "fp32"  # fp32 | bf16
+    precision: str = "fp32"  # fp32 | bf16 | fp8 (bf16 weights, FP8 GEMMs: the fp8 section)
     recompute: str = "none"  # none | selective | full
     optimizer: str = "adam"  # adam (AdamW: decoupled weight decay) | sgd
     momentum: float = 0.9  # sgd's
@@ -289,6 +315,12 @@ class TrainConfig:
     fusions: list[str] = field(default_factory=list)  # megatron-core fused kernels (FUSIONS)
     # core attention: auto | sdpa | flash | unfused (megatron-core's whole score matrix)
     attention: str = "auto"
+    fp8: FP8Config = field(default_factory=FP8Config)
+
+    @property
+    def bf16(self) -> bool:
+        """Weights and activations in bf16: precision bf16, or fp8 (FP8 GEMMs on bf16 weights)."""
+        return self.precision in ("bf16", "fp8")
 
 
 @dataclass

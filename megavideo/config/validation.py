@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from megavideo.accounting.devices import DEVICES
+from megavideo.config.fp8_rules import check_recipe, validate_fp8
 from megavideo.config.schema import (
     ATTENTION_KERNELS,
     FUSIONS,
@@ -274,8 +275,9 @@ def validate(config: Config, world_size: int | None = None) -> None:
         _validate_stage2(model, par.tp)
     else:
         _validate_stage3(config)
-    if train.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"train.precision must be fp32 or bf16, got '{train.precision}'.")
+    if train.precision not in ("fp32", "bf16", "fp8"):
+        raise ConfigError(f"train.precision must be fp32, bf16 or fp8, got '{train.precision}'.")
+    validate_fp8(config)
     if train.recompute not in ("none", "selective", "full"):
         raise ConfigError(
             f"train.recompute must be none, selective or full, got '{train.recompute}'."
@@ -437,6 +439,45 @@ def _validate_attention(attention: str) -> None:
                           "PyTorch's SDPA).")
 
 
+def _validate_fp8_device(config: Config) -> None:
+    """train.precision=fp8 on this node: the backend it resolves to is importable, offers the
+    recipe, and the GPU has FP8 GEMMs (compute capability 8.9+; mxfp8: 10.0+)."""
+    from megavideo.config.megatron import fp8_backend
+
+    backend = fp8_backend(config.train)
+    if not backend:
+        return
+    from kernels import backends
+
+    found = backends.detect()
+    check_recipe(backend, config.train.fp8.recipe)
+    if backend == "te" and not (found.cuda and found.transformer_engine):
+        raise ConfigError("train.fp8.backend=te needs Transformer Engine on a GPU, and this node "
+                          f"has {found.summary()}: set train.fp8.backend=auto (torchao on the "
+                          "local spec) or train.precision=bf16.")
+    if backend == "torchao" and not _importable("torchao.float8"):
+        raise ConfigError("train.precision=fp8 on the local spec runs torchao's float8 training, "
+                          "and torchao is not importable here: pip install torchao, or set "
+                          "train.precision=bf16.")
+    if torch.cuda.is_available():
+        need = (10, 0) if config.train.fp8.recipe == "mxfp8" else (8, 9)
+        have = torch.cuda.get_device_capability()
+        if have < need:
+            raise ConfigError(f"train.fp8.recipe={config.train.fp8.recipe} needs a GPU of compute "
+                              f"capability {need[0]}.{need[1]} or newer, and this one is "
+                              f"{have[0]}.{have[1]}.")
+
+
+def _importable(module: str) -> bool:
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except Exception:  # ImportError, or a broken binary raising OSError/RuntimeError
+        return False
+    return True
+
+
 def validate_device(config: Config, env: Mapping[str, str] | None = None) -> None:
     """Check ``run.device`` against this node before any process group: a node where the job
     was given GPUs (or the config asks for them) but torch sees none is an error, not a quiet
@@ -444,6 +485,7 @@ def validate_device(config: Config, env: Mapping[str, str] | None = None) -> Non
     device = config.run.device
     _validate_fusions(config.train.fusions)
     _validate_attention(config.train.attention)
+    _validate_fp8_device(config)
     if torch.cuda.is_available():
         if device == "cpu":
             raise ConfigError("run.device=cpu on a node where torch sees a GPU: hide the GPUs "

@@ -114,29 +114,41 @@ def num_visible(patches: int, mask_ratio: float) -> int:
     return patches - int(patches * mask_ratio)
 
 
+FP8_MULTIPLE = 16  # FP8 GEMMs take row counts that are multiples of 16 (the weight gradient's)
+
+
 def seq_length(tokens: int, multiple: int) -> int:
     return math.ceil(tokens / multiple) * multiple
 
 
+def padding_multiple(tp: int, sequence_parallel: bool, fp8: bool) -> int:
+    """What the video encoder's sequence is padded to a multiple of: tp under sequence
+    parallelism (each rank holds an equal share), 16 under FP8, both when both."""
+    return math.lcm(tp if sequence_parallel else 1, FP8_MULTIPLE if fp8 else 1)
+
+
 @dataclass(frozen=True)
 class Tokens:
-    """The video encoder's token sequence: CLS + visible patches, padded for sequence parallelism."""
+    """The video encoder's token sequence: CLS + visible patches, padded for sequence parallelism
+    and FP8 (:func:`padding_multiple`)."""
 
     real: int
     length: int
 
     @classmethod
-    def of(cls, model: Stage1ModelConfig | Stage2ModelConfig, tp: int, sequence_parallel: bool) -> Tokens:
+    def of(cls, model: Stage1ModelConfig | Stage2ModelConfig, tp: int, sequence_parallel: bool,
+           fp8: bool = False) -> Tokens:
         """Stages 1 and 2: the CLS token and each frame's visible patches."""
         student = model.student
         real = 1 + student.num_frames * num_visible(student.patches_per_frame, model.mask_ratio)
-        return cls(real, seq_length(real, tp) if sequence_parallel else real)
+        return cls(real, seq_length(real, padding_multiple(tp, sequence_parallel, fp8)))
 
     @classmethod
-    def whole(cls, model: ModelConfig, tp: int, sequence_parallel: bool) -> Tokens:
+    def whole(cls, model: ModelConfig, tp: int, sequence_parallel: bool,
+              fp8: bool = False) -> Tokens:
         """Stage 3: the CLS token and every patch (no masking)."""
         real = 1 + model.student.num_patches
-        return cls(real, seq_length(real, tp) if sequence_parallel else real)
+        return cls(real, seq_length(real, padding_multiple(tp, sequence_parallel, fp8)))
 
     def attention_mask(self, batch: int, device) -> torch.Tensor | None:
         """[b, 1, 1, s], True on padding keys; None when there is no padding."""

@@ -14,13 +14,16 @@ from __future__ import annotations
 from collections.abc import Collection
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state
+from megatron.core.fp8_utils import is_first_last_bf16_layer
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import nn
 
+from kernels.float8 import keep_bf16
 from megavideo.config import EncoderConfig
+from megavideo.models.layers import fp8_stack_context, run_layer
 from megavideo.models.specs import ViTTransformerConfig, cross_attention_mask, post_norm_layer_spec
 
 
@@ -59,13 +62,18 @@ class EncoderLayers(nn.Module):
                  pg_collection=None, *, padded: bool = False, cross_padded: bool = False) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            build_module(post_norm_layer_spec(enc, cross_width if i in cross_layers else 0,
+            build_module(post_norm_layer_spec(enc, config, cross_width if i in cross_layers else 0,
                                               getattr(pg_collection, "tp", None), padded=padded,
-                                              cross_padded=cross_padded,
-                                              attention=config.attention_backend),
+                                              cross_padded=cross_padded),
                          config=config, layer_number=i + 1, pg_collection=pg_collection)
             for i in range(enc.num_layers))
         self.recompute = config.recompute_granularity == "full"
+        self.config = config
+        self.tp_group = getattr(pg_collection, "tp", None) or \
+            parallel_state.get_tensor_model_parallel_group(check_initialized=False)
+        for layer in self.layers:
+            if is_first_last_bf16_layer(config, layer.layer_number - 1):
+                keep_bf16(layer)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, start: int = 0,
                 stop: int | None = None, context: torch.Tensor | None = None,
@@ -73,9 +81,9 @@ class EncoderLayers(nn.Module):
         """x [s, b, h]; mask [b, 1, 1, s] True on padding (None: no padding); context [m, b, w],
         context_mask [b, 1, 1, m] True on absent memory tokens (None: all present). The masks
         are the ones the layers were built for (``padded``, ``cross_padded``)."""
-        for layer in self.layers[start:stop]:
-            if self.recompute and self.training:
-                x = tensor_parallel.checkpoint(layer, False, x, mask, context, context_mask)
-            else:
-                x = layer(x, mask, context, context_mask)
+        recompute = self.recompute and self.training
+        with fp8_stack_context(self.config):
+            for layer in self.layers[start:stop]:
+                x = run_layer(layer, self.config, recompute, self.tp_group, x, mask, context,
+                              context_mask)
         return x

@@ -9,16 +9,20 @@ branch), so every parallel layout, recomputation and tensor-parallel rank drops 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.enums import Fp8Recipe
+from megatron.core.fp8_utils import get_fp8_context, is_first_last_bf16_layer
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import get_pg_rank, make_viewless_tensor
 from torch import nn
 
+from kernels.float8 import keep_bf16
 from parallel.comm import all_reduce_sum, group_size
 from parallel.tensors import zero_padding_heads
 
@@ -101,6 +105,8 @@ class InternVideo2Block(TransformerLayer):
                 self.self_attention.linear_proj.weight.div_(scale)
                 self.mlp.linear_fc2.weight.div_(scale)
         self._mark_head_padding(config)
+        if is_first_last_bf16_layer(config, self.layer_number - 1):
+            keep_bf16(self)
 
     def _mark_head_padding(self, config) -> None:
         """Tag the per-head parameters; zero the padding heads' slices (they then provably add
@@ -137,25 +143,57 @@ class InternVideo2Block(TransformerLayer):
         return self._residual(hidden_states, mlp, self.ls2, u2)
 
 
+def _delayed_scaling(config) -> bool:
+    return bool(config.fp8) and config.fp8_recipe == Fp8Recipe.delayed
+
+
+def fp8_stack_context(config):
+    """The FP8 context around a whole stack of layers, as megatron-core's TransformerBlock enters
+    it: Transformer Engine's autocast for delayed scaling (one amax reduction per stack); nothing
+    for the other recipes and for bf16 (:func:`run_layer` enters theirs per layer)."""
+    return get_fp8_context(config) if _delayed_scaling(config) else contextlib.nullcontext()
+
+
+def run_layer(layer: nn.Module, config, recompute: bool, tp_group, *args):
+    """``layer(*args)`` inside its FP8 context (recipes other than delayed scaling enter it per
+    layer, so the first and last layers can stay bf16), checkpointed for full recomputation: under
+    FP8 with Transformer Engine's checkpoint, whose recomputed forward reuses the first forward's
+    scaling state instead of updating the amax statistics twice."""
+
+    def forward(*inputs):
+        inner = get_fp8_context(config, layer.layer_number - 1) \
+            if config.fp8 and not _delayed_scaling(config) else contextlib.nullcontext()
+        with inner:
+            return layer(*inputs)
+
+    if not recompute:
+        return forward(*args)
+    if config.fp8:
+        from megatron.core.extensions.transformer_engine import te_checkpoint
+
+        return te_checkpoint(forward, False, tensor_parallel.random.get_cuda_rng_tracker,
+                             tp_group, *args)
+    return tensor_parallel.checkpoint(forward, False, *args)
+
+
 class BlockStack(TransformerBlock):
     """The blocks one model chunk holds, run in order; hands back the outputs of chosen layers.
 
     ``taps`` are global 0-based layer indices whose outputs (the raw residual stream) the caller
-    needs for aligners or teacher targets. Full recomputation checkpoints each block.
+    needs for aligners or teacher targets. Full recomputation checkpoints each block. This forward
+    replaces megatron-core's and enters FP8 as it does (:func:`fp8_stack_context`,
+    :func:`run_layer`).
     """
 
     def forward(self, hidden_states, attention_mask=None, drop_u=None, taps=()):
         tapped = {}
         recompute = self.config.recompute_granularity == "full" and self.training
-        for layer in self.layers:
-            if recompute:
-                hidden_states = tensor_parallel.checkpoint(
-                    layer, False, hidden_states, attention_mask, drop_u
-                )
-            else:
-                hidden_states = layer(hidden_states, attention_mask, drop_u)
-            if layer.layer_number - 1 in taps:
-                tapped[layer.layer_number - 1] = hidden_states
+        with fp8_stack_context(self.config):
+            for layer in self.layers:
+                hidden_states = run_layer(layer, self.config, recompute, self.pg_collection.tp,
+                                          hidden_states, attention_mask, drop_u)
+                if layer.layer_number - 1 in taps:
+                    tapped[layer.layer_number - 1] = hidden_states
         if self.final_layernorm is not None:
             hidden_states = self.final_layernorm(hidden_states)
         hidden_states = make_viewless_tensor(hidden_states, requires_grad=True, keep_graph=True)

@@ -14,27 +14,29 @@ normed input).
 from __future__ import annotations
 
 import torch.nn.functional as F
+from megatron.core.fp8_utils import is_first_last_bf16_layer
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
-from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from kernels.attention import core_attention
 from kernels.backends import layer_backend
+from kernels.float8 import keep_bf16, local_linears
 from kernels.norms import RMSNorm
 from megavideo.config import LLMConfig, ParallelConfig, TrainConfig
 from megavideo.config.megatron import pipeline_settings, transformer_settings
 from megavideo.models.lora import LoRAColumnParallelLinear, LoRARowParallelLinear
+from megavideo.models.specs import LayerConfig
 
 
-def llm_config(llm: LLMConfig, parallel: ParallelConfig, train: TrainConfig) -> TransformerConfig:
+def llm_config(llm: LLMConfig, parallel: ParallelConfig, train: TrainConfig) -> LayerConfig:
     """The decoder's TransformerConfig at the given layout."""
-    return TransformerConfig(
+    return LayerConfig(
         num_layers=llm.num_layers,
         hidden_size=llm.hidden_size,
         num_attention_heads=llm.num_heads,
@@ -58,10 +60,11 @@ def _lora_spec(lora: type, llm: LLMConfig) -> ModuleSpec:
     return ModuleSpec(module=lora, params={"rank": llm.lora_rank, "alpha": llm.lora_alpha})
 
 
-def llm_block_spec(llm: LLMConfig, num_layers: int,
-                   attention: AttnBackend = AttnBackend.auto) -> TransformerBlockSubmodules:
+def llm_block_spec(llm: LLMConfig, config: LayerConfig,
+                   num_layers: int) -> TransformerBlockSubmodules:
     """The specs of ``num_layers`` layers (a pipeline chunk's) and the final norm, for the
-    backend this process runs (``attention``: the config's ``attention_backend``)."""
+    backend this process runs (``config`` gives the core attention and the local spec's FP8
+    linears)."""
     if layer_backend() == "te":
         from megatron.core.extensions.transformer_engine import TENorm
 
@@ -73,7 +76,11 @@ def llm_block_spec(llm: LLMConfig, num_layers: int,
         layer = get_gpt_layer_local_spec(normalization="RMSNorm")
         layer.submodules.input_layernorm = RMSNorm
         layer.submodules.pre_mlp_layernorm = RMSNorm
-        layer.submodules.self_attention.submodules.core_attention = core_attention(attention)
+        attention, mlp = layer.submodules.self_attention.submodules, layer.submodules.mlp.submodules
+        attention.core_attention = core_attention(config.attention_backend)
+        column, row = local_linears(config.float8)
+        attention.linear_qkv, attention.linear_proj = column, row
+        mlp.linear_fc1, mlp.linear_fc2 = column, row
         norm = RMSNorm
     if llm.tuning == "lora":
         attention = layer.submodules.self_attention.submodules
@@ -89,7 +96,7 @@ def build_llm(llm: LLMConfig, config: TransformerConfig, pre_process: bool = Tru
     ``scatter_embedding=False`` leaves the embedding's output whole under SP, for a caller that
     inserts other tokens first."""
     layers = llm.num_layers if num_layers is None else num_layers
-    model = GPTModel(config, llm_block_spec(llm, layers, config.attention_backend), vocab_size=llm.vocab_size,
+    model = GPTModel(config, llm_block_spec(llm, config, layers), vocab_size=llm.vocab_size,
                     max_sequence_length=llm.max_positions, pre_process=pre_process,
                     post_process=post_process, parallel_output=True,
                     share_embeddings_and_output_weights=False, position_embedding_type="rope",
@@ -97,4 +104,6 @@ def build_llm(llm: LLMConfig, config: TransformerConfig, pre_process: bool = Tru
                     scatter_embedding_sequence_parallel=scatter_embedding)
     for layer in model.decoder.layers:
         layer.mlp.linear_fc1.weight.glu = True  # [gate; up], split per half over TP
+        if is_first_last_bf16_layer(config, layer.layer_number - 1):
+            keep_bf16(layer)
     return model

@@ -9,20 +9,20 @@ on a GPU with TE importable.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import (
     CrossAttention,
     CrossAttentionSubmodules,
     SelfAttention,
     SelfAttentionSubmodules,
 )
-from megatron.core.transformer.enums import AttnBackend, AttnMaskType
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -31,6 +31,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayerSubmodul
 
 from kernels.attention import core_attention
 from kernels.backends import layer_backend
+from kernels.float8 import local_linears
 from kernels.norms import NORMS
 from megavideo.config import EncoderConfig, ParallelConfig, TrainConfig, ViTConfig
 from megavideo.config.megatron import pipeline_settings, transformer_settings
@@ -38,7 +39,14 @@ from parallel.layout import padded_heads
 
 
 @dataclass
-class ViTTransformerConfig(TransformerConfig):
+class LayerConfig(TransformerConfig):
+    """megatron-core's TransformerConfig plus the choices of this codebase's local-spec layers."""
+
+    float8: str = ""  # torchao's FP8 recipe for the local spec's linears ('' : none)
+
+
+@dataclass
+class ViTTransformerConfig(LayerConfig):
     """megatron-core's TransformerConfig plus what InternVideo2's blocks add to it."""
 
     real_attention_heads: int = 0  # heads before padding to a multiple of tp
@@ -55,9 +63,11 @@ def transformer_config(
     *,
     pipelined: bool,
     sequence_parallel: bool,
+    fp8: bool = True,
 ) -> ViTTransformerConfig:
     """The config of one encoder's layers. Only the video encoder is pipelined and runs with SP;
-    the teachers and the text and audio encoders are whole on their pipeline stage."""
+    the teachers and the text and audio encoders are whole on their pipeline stage. ``fp8``:
+    FP8 GEMMs under ``train.precision=fp8`` (a frozen teacher's only with fp8.teachers)."""
     heads = padded_heads(vit.num_heads, parallel.tp)
     return ViTTransformerConfig(
         num_layers=vit.num_layers,
@@ -74,7 +84,7 @@ def transformer_config(
         add_qkv_bias=vit.qkv_bias,
         activation_func=partial(F.gelu, approximate="tanh") if vit.activation == "gelu_tanh"
         else F.gelu,
-        **transformer_settings(train),
+        **transformer_settings(train, fp8),
         real_attention_heads=vit.num_heads,
         full_width_qk_norm=vit.qk_norm,
         layer_scale_init=vit.layer_scale_init,
@@ -89,18 +99,24 @@ def without_sequence_parallel(config: TransformerConfig) -> TransformerConfig:
     return out
 
 
-class ColumnParallelLinearNoBias(ColumnParallelLinear):
-    """InternVideo2's qkv projection has no bias while the other linears do."""
+@functools.cache
+def without_bias(linear: type) -> type:
+    """``linear`` that never has a bias: InternVideo2's qkv projection has none while the other
+    linears do (megatron-core hands every linear the config's bias setting)."""
 
-    def __init__(self, *args, bias: bool = False, **kwargs) -> None:
-        super().__init__(*args, bias=False, **kwargs)
+    class NoBias(linear):
+        def __init__(self, *args, bias: bool = False, **kwargs) -> None:
+            super().__init__(*args, bias=False, **kwargs)
+
+    NoBias.__name__ = NoBias.__qualname__ = f"{linear.__name__}NoBias"
+    return NoBias
 
 
-def vit_layer_spec(vit: ViTConfig, attn_mask_type: AttnMaskType, tp_group=None,
-                   attention: AttnBackend = AttnBackend.auto) -> ModuleSpec:
+def vit_layer_spec(vit: ViTConfig, config: LayerConfig, attn_mask_type: AttnMaskType,
+                   tp_group=None) -> ModuleSpec:
     """The ModuleSpec of one InternVideo2 block for the backend this process runs (its q/k norm
-    spans the TP group ``tp_group``, by default megatron-core's; ``attention``: the config's
-    ``attention_backend``)."""
+    spans the TP group ``tp_group``, by default megatron-core's; ``config`` gives the core
+    attention and the local spec's FP8 linears)."""
     from megavideo.models.layers import FullWidthQKNorm, InternVideo2Block
 
     qk_norm = ModuleSpec(module=FullWidthQKNorm, params={"tp_group": tp_group}) \
@@ -112,19 +128,16 @@ def vit_layer_spec(vit: ViTConfig, attn_mask_type: AttnMaskType, tp_group=None,
             TERowParallelLinear,
         )
 
-        class TELayerNormColumnParallelLinearNoBias(TELayerNormColumnParallelLinear):
-            def __init__(self, *args, bias: bool = False, **kwargs) -> None:
-                super().__init__(*args, bias=False, **kwargs)
-
         norm = IdentityOp
-        qkv = TELayerNormColumnParallelLinear if vit.qkv_bias else TELayerNormColumnParallelLinearNoBias
+        qkv = TELayerNormColumnParallelLinear if vit.qkv_bias else \
+            without_bias(TELayerNormColumnParallelLinear)
         core, proj, fc1, fc2 = (TEDotProductAttention, TERowParallelLinear,
                                 TELayerNormColumnParallelLinear, TERowParallelLinear)
     else:
         norm = NORMS[vit.norm]
-        qkv = ColumnParallelLinear if vit.qkv_bias else ColumnParallelLinearNoBias
-        core, proj, fc1, fc2 = (core_attention(attention), RowParallelLinear,
-                                ColumnParallelLinear, RowParallelLinear)
+        column, row = local_linears(config.float8)
+        qkv = column if vit.qkv_bias else without_bias(column)
+        core, proj, fc1, fc2 = core_attention(config.attention_backend), row, column, row
     return ModuleSpec(
         module=InternVideo2Block,
         submodules=TransformerLayerSubmodules(
@@ -178,15 +191,16 @@ def cross_attention_mask(kv_mask: torch.Tensor | None, queries: int):
     return query_mask, kv_mask
 
 
-def post_norm_layer_spec(enc: EncoderConfig, cross_width: int = 0, tp_group=None, *,
-                         padded: bool = False, cross_padded: bool = False,
-                         attention: AttnBackend = AttnBackend.auto) -> ModuleSpec:
+def post_norm_layer_spec(enc: EncoderConfig, config: LayerConfig, cross_width: int = 0,
+                         tp_group=None, *, padded: bool = False,
+                         cross_padded: bool = False) -> ModuleSpec:
     """A post-norm encoder layer (BERT, BEATs), with cross-attention to ``cross_width``-wide
     tokens when it is set. The three norm slots of megatron-core's layer hold the norms *after*
     self-attention, cross-attention and the MLP. ``padded``/``cross_padded``: the self-/cross-
     attention is given a padding mask (of the tokens/of the memory). ``tp_group``: a TP group
     other than megatron-core's (megatron-core's CrossAttention does not hand its group to its q
-    and kv projections, so the spec does). ``attention``: the config's ``attention_backend``."""
+    and kv projections, so the spec does). ``config`` gives the core attention and the local
+    spec's FP8 linears."""
     from megavideo.models.encoders import PostNormLayer
 
     if layer_backend() == "te":
@@ -198,7 +212,7 @@ def post_norm_layer_spec(enc: EncoderConfig, cross_width: int = 0, tp_group=None
 
         column, row, core = TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
     else:
-        column, row, core = ColumnParallelLinear, RowParallelLinear, core_attention(attention)
+        (column, row), core = local_linears(config.float8), core_attention(config.attention_backend)
     norm = NORMS[enc.norm]
     cross = IdentityOp
     if cross_width:

@@ -28,8 +28,7 @@ def block_stack(
     ``pg_collection`` gives them other process groups than megatron-core's (stage 3)."""
     tp_group = pg_collection.tp if pg_collection is not None else None
     submodules = TransformerBlockSubmodules(
-        layer_specs=[vit_layer_spec(vit, mask_type(padded), tp_group,
-                                   config.attention_backend)] * num_layers,
+        layer_specs=[vit_layer_spec(vit, config, mask_type(padded), tp_group)] * num_layers,
         layer_norm=NORMS[vit.norm] if vit.final_norm else None,
     )
     return BlockStack(config, submodules, post_layer_norm=vit.final_norm,

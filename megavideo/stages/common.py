@@ -63,7 +63,7 @@ class PipelineStage:
         counts = split_layers(model.student.num_layers, par.pp, par.vpp, par.pipeline_layout)
         config = transformer_config(model.student, par, self.cfg.train, pipelined=True,
                                     sequence_parallel=par.sp)
-        return counts, Tokens.of(model, par.tp, par.sp), config
+        return counts, Tokens.of(model, par.tp, par.sp, self.cfg.train.precision == "fp8"), config
 
     @property
     def seq_length(self) -> int:

@@ -65,7 +65,8 @@ class Stage3(PipelineStage):
         counts = split_layers(model.llm.num_layers, par.pp, par.vpp, par.pipeline_layout)
         config = llm_config(model.llm, par, self.cfg.train)
         config.calculate_per_token_loss = True
-        return counts, Tokens.whole(model, par.encoder_tp_size, par.sp), config
+        return counts, Tokens.whole(model, par.encoder_tp_size, par.sp,
+                                             self.cfg.train.precision == "fp8"), config
 
     @property
     def seq_length(self) -> int:

@@ -77,9 +77,12 @@ def test_transformer_engine_spec_is_chosen_on_gpu():
     from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
     from megavideo.config import load_config
-    from megavideo.models.specs import vit_layer_spec
+    from megavideo.models.specs import transformer_config, vit_layer_spec
 
-    spec = vit_layer_spec(load_config("configs/stage1_tiny.yaml").model.student, None)
+    cfg = load_config("configs/stage1_tiny.yaml")
+    config = transformer_config(cfg.model.student, cfg.parallel, cfg.train, pipelined=False,
+                                sequence_parallel=False)
+    spec = vit_layer_spec(cfg.model.student, config, None)
     assert spec.submodules.self_attention.submodules.core_attention is TEDotProductAttention
 
 
