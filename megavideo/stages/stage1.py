@@ -52,7 +52,8 @@ class Stage1(PipelineStage):
         self.teachers = None
         if self.pp_rank == 0:
             teacher_cfg = {name: transformer_config(getattr(model, name), par, cfg.train,
-                                                    pipelined=False, sequence_parallel=False)
+                                                    pipelined=False, sequence_parallel=False,
+                                                    fp8=cfg.train.fp8.teachers)
                            for name in ("clip_teacher", "mae_teacher")}
             self.teachers = Stage1Teachers(model, teacher_cfg["clip_teacher"],
                                            teacher_cfg["mae_teacher"], self.tp_group).to(device)

@@ -109,3 +109,20 @@ def test_fp8_training_stays_within_fp8_rounding_of_bf16(curves, name):
     bf16, fp8 = curves["bf16_dp2"], curves[name]
     assert fp8 == pytest.approx(bf16, rel=1e-2)
     assert fp8 != bf16
+
+
+def test_the_teachers_run_in_fp8_only_when_asked(world):
+    from kernels.float8 import Float8Linear
+    from megavideo.config import load_config
+    from megavideo.training.loop import Trainer
+
+    counts = []
+    for teachers in ("false", "true"):
+        cfg = load_config(float8_worker.CONFIG, ["parallel.tp=1", "parallel.pp=1", "parallel.sp=false",
+                                                 "train.precision=fp8", "run.tensorboard=false",
+                                                 # 17 CLIP tokens x 4 frames x 8 clips: 16 | rows
+                                                 "train.micro_batch=8", "train.global_batch=8",
+                                                 f"train.fp8.teachers={teachers}"])
+        teachers_ = Trainer(cfg).stage.teachers
+        counts.append(sum(isinstance(m, Float8Linear) for m in teachers_.modules()))
+    assert counts == [0, 4 * (4 + 3)]  # 4 linears a layer: CLIP 4 layers, MAE 3
