@@ -133,6 +133,13 @@ def _vit_layer(tokens: float, vit: EncoderConfig, heads: int, grad: bool, train:
             + _linear(tokens, vit.mlp_hidden_size, d, g, train))
 
 
+def vit_layer_flops(vit: EncoderConfig, tokens: int, trained: bool = True) -> tuple[float, float]:
+    """Per-sample (forward, backward) matmul FLOPs of one InternVideo2 block on ``tokens`` tokens
+    (its real heads; backward 0 for a frozen block)."""
+    cost = _vit_layer(tokens, vit, vit.num_heads, grad=trained, train=trained)
+    return cost.fwd, cost.bwd
+
+
 def _post_norm_layer(tokens: float, enc: EncoderConfig, grad: bool, train: bool,
                      memory: float = 0, memory_width: int = 0, memory_grad: bool = False) -> _Cost:
     """A post-norm encoder layer (BERT, BEATs, the QFormer), cross-attending to ``memory``

@@ -3,9 +3,9 @@
 One rank at tp 1 / pp 1 runs one ``Trainer.forward_backward`` per case under FlopCounterMode
 (the stage-1 teachers' pass included: it runs inside the step); the synthetic inputs' FLOPs (the
 audio filterbank's mel matmul) are counted apart and left out, and the counter's convolution
-backward is corrected for grouped convolutions (see tests/accounting/flops_worker.py). Two micro-batches of
-two samples per case. Measured: every case matches the analytic hardware count exactly, and the
-tests assert that.
+backward is corrected for grouped convolutions (see tests/accounting/flops_worker.py). Two
+micro-batches of two samples per case, with megatron-core's unfused attention (COMMON).
+Measured: every case matches the analytic hardware count exactly, and the tests assert that.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from tests.accounting import flops_worker
 from tests.distributed import spawn
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+# megatron-core's unfused attention: FlopCounterMode counts its matmuls, and does not count the
+# CPU's fused SDPA kernel (the model FLOPs are the kernel's either way)
 COMMON = ["parallel.tp=1", "parallel.pp=1", "parallel.sp=false", "run.tensorboard=false",
-          "train.global_batch=2", "train.micro_batch=1"]
+          "train.global_batch=2", "train.micro_batch=1", "train.attention=unfused"]
 STAGE3 = ["parallel.encoder_tp=0"]
 CASES = {
     "stage1": ("stage1_tiny.yaml", []),

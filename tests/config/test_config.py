@@ -98,7 +98,7 @@ def test_a_dumped_config_loads_back_to_itself(tmp_path, stage):
          "parallel.pipeline_layout sums to 4 layers but the student has 6."),
         (["parallel.tp=3"], "model.student.mlp_hidden_size (320) must be divisible by parallel.tp (3)."),
         (["train.warmup_steps=40"], "train.warmup_steps (40) must be smaller than train.steps (40)."),
-        (["train.precision=fp16"], "train.precision must be fp32 or bf16, got 'fp16'."),
+        (["train.precision=fp16"], "train.precision must be fp32, bf16 or fp8, got 'fp16'."),
         (["model.preset=vit-2b"], "unknown model preset 'vit-2b' (no file models/vit-2b.yaml)."),
         (["model.clip_layers=9"], "model.clip_layers (9) must be between 1 and the layer count"),
         (["parallel"], "override 'parallel' is not of the form key=value."),

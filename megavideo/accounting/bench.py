@@ -1,0 +1,149 @@
+"""One device's throughput on the blocks that dominate stage 1 (``python -m launch.bench_gpu``).
+
+The student's block stack at full width on the stage-1 sequence (CLS + the visible patches of
+each frame, padded as the precision needs), forward and backward, in bf16 and in FP8 (Transformer
+Engine on its spec, torchao's float8 on the local spec) where the device runs FP8; and the two
+frozen teachers' block stacks, forward only, on what they see (the CLIP teacher each frame as an
+image, the MAE teacher the whole clip). Each case runs ``warmup`` untimed steps, then ``steps``
+timed ones (CUDA events on a GPU, the wall clock on the CPU), and reports model TFLOP/s (the
+matmuls of the real tokens and heads, :mod:`megavideo.accounting.flops`), MFU against the device's
+peak for the precision, the attention kernel and the peak memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import torch
+
+from kernels.attention import attention_kernel
+from kernels.backends import layer_backend
+from megavideo.accounting.devices import peak_tflops
+from megavideo.accounting.flops import vit_layer_flops
+from megavideo.config import Config, ViTConfig
+from megavideo.config.megatron import fp8_backend
+from megavideo.models.embedding import Tokens
+from megavideo.models.specs import transformer_config
+from megavideo.models.vit import block_stack
+from parallel.distributed import device as rank_device
+
+
+@dataclasses.dataclass
+class Case:
+    """One measured configuration (a row of the table)."""
+
+    name: str
+    precision: str
+    tokens: int  # real tokens per sample (the sequence is padded to ``length``)
+    length: int
+    batch: int
+    layers: int
+    seconds: float  # per step, the mean over the timed steps
+    tflops: float  # model TFLOP/s
+    mfu: float | None  # against the device's peak for the precision; None without a peak
+    attention: str
+    fp8_backend: str
+    peak_gib: float | None  # None on the CPU
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def fp8_runs_here(cfg: Config) -> str:
+    """Why FP8 cannot be measured on this device, or '' when it can."""
+    train = dataclasses.replace(cfg.train, precision="fp8")
+    backend = fp8_backend(train)
+    if backend == "te" and layer_backend() != "te":
+        return "Transformer Engine is not used here"
+    if backend == "torchao":
+        try:
+            import torchao.float8  # noqa: F401
+        except Exception as err:  # ImportError, or a broken binary
+            return f"torchao is not importable ({type(err).__name__})"
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
+        return "this GPU has no FP8 GEMMs (compute capability below 8.9)"
+    return ""
+
+
+def _timed(step: Callable[[], None], warmup: int, steps: int) -> float:
+    """Seconds per ``step()`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000 / steps
+    begin = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - begin) / steps
+
+
+def _stack_case(cfg: Config, name: str, vit: ViTConfig, precision: str, tokens: Tokens,
+                batch: int, layers: int, train: bool, warmup: int, steps: int) -> Case:
+    device = rank_device()
+    settings = dataclasses.replace(cfg.train, precision=precision, recompute="none", fusions=[])
+    parallel = dataclasses.replace(cfg.parallel, tp=1, pp=1, vpp=1, sp=False, pipeline_layout=[],
+                                   encoder_tp=0)
+    vit = dataclasses.replace(vit, num_layers=layers, drop_path=0.0)
+    config = transformer_config(vit, parallel, settings, pipelined=False, sequence_parallel=False)
+    padded = tokens.length > tokens.real
+    stack = block_stack(vit, config, layers, padded=padded).to(device).train(train)
+    x = torch.randn(tokens.length, batch, vit.hidden_size, dtype=config.params_dtype,
+                    device=device, requires_grad=train)
+    mask = tokens.attention_mask(batch, device)
+    grad = torch.randn_like(x)
+
+    def step() -> None:
+        if train:
+            out, _ = stack(x, mask, None)
+            out.backward(grad)
+        else:
+            with torch.no_grad():
+                stack(x, mask, None)
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    seconds = _timed(step, warmup, steps)
+    forward, backward = vit_layer_flops(vit, tokens.real)
+    flops = layers * batch * (forward + (backward if train else 0.0))
+    tflops = flops / seconds / 1e12
+    peak = peak_tflops(cfg.profile.device, precision, cfg.profile.peak_tflops)
+    return Case(name=name, precision=precision, tokens=tokens.real, length=tokens.length,
+                batch=batch, layers=layers, seconds=seconds, tflops=tflops,
+                mfu=tflops / peak if peak else None,
+                attention="te" if layer_backend() == "te" else
+                attention_kernel(config.attention_backend),
+                fp8_backend=fp8_backend(settings),
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30
+                if torch.cuda.is_available() else None)
+
+
+def bench(cfg: Config, layers: int, warmup: int, steps: int) -> tuple[list[Case], str]:
+    """Every case at ``layers`` blocks (call inside a one-rank process group); returns the cases
+    and why FP8 was not measured ('' when it was)."""
+    model, b = cfg.model, cfg.train.micro_batch
+    no_fp8 = fp8_runs_here(cfg)
+    cases = []
+    for precision in ("bf16", "fp8"):
+        if precision == "fp8" and no_fp8:
+            continue
+        tokens = Tokens.of(model, 1, False, precision == "fp8")
+        cases.append(_stack_case(cfg, "student fwd+bwd", model.student, precision, tokens, b,
+                                 layers, True, warmup, steps))
+    clip, mae = model.clip_teacher, model.mae_teacher
+    per_frame = 1 + clip.patches_per_frame if clip.cls_token else clip.patches_per_frame
+    cases.append(_stack_case(cfg, "CLIP teacher fwd", clip, "bf16",
+                             Tokens(per_frame, per_frame), b * clip.num_frames,
+                             min(layers, clip.num_layers), False, warmup, steps))
+    mae_tokens = mae.num_patches + int(mae.cls_token)
+    cases.append(_stack_case(cfg, "MAE teacher fwd", mae, "bf16", Tokens(mae_tokens, mae_tokens),
+                             b, min(layers, mae.num_layers), False, warmup, steps))
+    return cases, no_fp8

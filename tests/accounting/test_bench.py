@@ -1,0 +1,58 @@
+"""``python -m launch.bench_gpu`` on the CPU with the tiny config: every case measured, its
+TFLOP/s the analytic model FLOPs over the measured time, no calibration without a peak."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megavideo.accounting.flops import vit_layer_flops
+from megavideo.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "stage1_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def benched(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, "-m", "launch.bench_gpu", str(TINY), "--layers", "2",
+                           "--steps", "2", "--warmup", "1", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads((out / "bench_gpu.json").read_text()), out
+
+
+def test_every_case_is_measured_with_its_shapes(benched):
+    text, report, _ = benched
+    cases = [(c["name"], c["precision"], c["tokens"], c["length"], c["batch"], c["attention"])
+             for c in report["cases"]]
+    fp8 = [("student fwd+bwd", "fp8", 17, 32, 2, "sdpa")] if not report["fp8_not_measured"] else []
+    # the student on CLS + 4 frames x 4 visible patches (padded to 32 for FP8), the CLIP teacher on
+    # each of the 4 frames of the 2 clips (CLS + 16 patches), the MAE teacher on 4 x 16 patches
+    assert cases == [("student fwd+bwd", "bf16", 17, 17, 2, "sdpa"), *fp8,
+                     ("CLIP teacher fwd", "bf16", 17, 17, 8, "sdpa"),
+                     ("MAE teacher fwd", "bf16", 64, 64, 2, "sdpa")]
+    assert "student fwd+bwd" in text and "this CPU" in text
+
+
+def test_tflops_are_the_model_flops_over_the_time(benched):
+    _, report, _ = benched
+    model = load_config(TINY).model
+    parts = {"student fwd+bwd": (model.student, True), "CLIP teacher fwd": (model.clip_teacher, False),
+             "MAE teacher fwd": (model.mae_teacher, False)}
+    for case in report["cases"]:
+        vit, trained = parts[case["name"]]
+        forward, backward = vit_layer_flops(vit, case["tokens"], trained)
+        flops = case["layers"] * case["batch"] * (forward + backward)
+        assert case["tflops"] * case["seconds"] * 1e12 == pytest.approx(flops, rel=1e-12)
+        assert case["mfu"] is None and case["peak_gib"] is None  # the CPU has no peak
+
+
+def test_no_calibration_without_a_peak(benched):
+    *_, out = benched
+    assert not (out / "calibration.json").exists()
