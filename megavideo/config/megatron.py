@@ -106,15 +106,33 @@ def pipeline_settings(num_layers: int, parallel: ParallelConfig, pipelined: bool
     )
 
 
+def overlap(cfg: Config, gpu: bool | None = None) -> tuple[bool, bool]:
+    """(gradient reduce, parameter all-gather) overlapped with compute: ``parallel.overlap_*``
+    where set; where null, on for a GPU run (NCCL: bucketed collectives hide behind the backward
+    and the next forward) and off on the CPU (gloo, where they buy nothing), the gather only with
+    the distributed optimizer and the overlapped reduce (which a gather asked for implies).
+    ``gpu``: whether the run is on GPUs (default: this process's device; the planner plans one)."""
+    par = cfg.parallel
+    if gpu is None:
+        gpu = torch.cuda.is_available() and cfg.run.device != "cpu"
+    grad = par.overlap_grad_reduce
+    if grad is None:
+        grad = gpu or par.overlap_param_gather is True
+    param = par.overlap_param_gather
+    if param is None:
+        param = gpu and grad and par.distributed_optimizer
+    return grad, param
+
+
 def ddp_config(cfg: Config) -> DistributedDataParallelConfig:
     """Gradients reduced in fp32; the reduce (and, with the distributed optimizer, the parameter
-    all-gather) overlapped with the backward and forward passes when ``parallel.overlap_*`` say."""
-    par = cfg.parallel
+    all-gather) overlapped with the backward and forward passes as :func:`overlap` says."""
+    grad, param = overlap(cfg)
     return DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=par.overlap_grad_reduce,
-        overlap_param_gather=par.overlap_param_gather,
-        use_distributed_optimizer=par.distributed_optimizer,
+        overlap_grad_reduce=grad,
+        overlap_param_gather=param,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
     )
 
 
@@ -164,17 +182,17 @@ def process_group_timeout(cfg: Config) -> datetime.timedelta:
 def overlap_hooks(cfg: Config, chunks: list) -> dict:
     """The TransformerConfig fields through which megatron-core's schedules drive DDP when
     communication overlaps (as Megatron-LM's training sets them): no gradient sync on all but the
-    last micro-batch, the bucketed reduce started by the schedule, and with
-    ``parallel.overlap_param_gather`` the parameter all-gather of each model chunk."""
-    par = cfg.parallel
+    last micro-batch, the bucketed reduce started by the schedule, and with the overlapped
+    parameter gather (:func:`overlap`) the parameter all-gather of each model chunk."""
+    grad, param = overlap(cfg)
 
     def each(method: str):
         functions = [getattr(chunk, method) for chunk in chunks]
         return functions[0] if len(functions) == 1 else functions
 
     hooks = {}
-    if par.overlap_grad_reduce:
+    if grad:
         hooks.update(no_sync_func=each("no_sync"), grad_sync_func=each("start_grad_sync"))
-    if par.overlap_param_gather:
+    if param:
         hooks.update(param_sync_func=each("start_param_sync"))
     return hooks

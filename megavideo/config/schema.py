@@ -256,9 +256,11 @@ class ParallelConfig:
     # stage 3: the video encoder and QFormer's TP degree on the LLM's first pipeline stage
     # (0: parallel.tp); it divides parallel.tp, the rest of the TP group splits the clips
     encoder_tp: int = 0
-    overlap_grad_reduce: bool = False  # reduce gradients in buckets during the backward pass
-    # with the distributed optimizer: all-gather the updated parameters during the next forward
-    overlap_param_gather: bool = False
+    # reduce gradients in buckets during the backward pass; null: on a GPU run, off on the CPU
+    overlap_grad_reduce: bool | None = None
+    # with the distributed optimizer: all-gather the updated parameters during the next forward;
+    # null: on a GPU run with the distributed optimizer and the overlapped reduce, else off
+    overlap_param_gather: bool | None = None
 
     @property
     def encoder_tp_size(self) -> int:

@@ -292,7 +292,8 @@ def validate(config: Config, world_size: int | None = None) -> None:
     if unknown:
         raise ConfigError(f"train.fusions: unknown fused kernel(s) {', '.join(unknown)} (known: "
                           f"{', '.join(FUSIONS)}).")
-    if par.overlap_param_gather and not (par.distributed_optimizer and par.overlap_grad_reduce):
+    if par.overlap_param_gather and not (par.distributed_optimizer and par.overlap_grad_reduce
+                                         is not False):
         raise ConfigError("parallel.overlap_param_gather needs parallel.distributed_optimizer and "
                           "parallel.overlap_grad_reduce.")
     if config.run.timeout_minutes < 1:

@@ -93,7 +93,7 @@ class Trainer:
         """The model's parameters up to date inside the block: with the parameter all-gather
         overlapped, the last step's gather otherwise waits for the next forward pass (Megatron-LM
         does the same before it saves)."""
-        if not self.cfg.parallel.overlap_param_gather:
+        if not megatron.overlap(self.cfg)[1]:
             yield
             return
         for chunk in self.chunks:

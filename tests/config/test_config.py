@@ -211,3 +211,25 @@ def test_megatron_cores_configs_are_built_from_the_config_keys():
     expected = [0.1 * s / 2 for s in range(2)] + [0.1] * 15 + [
         0.1 - (0.1 - 0.01) * (s - 16) / 4 for s in range(17, 21)]
     assert lrs == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(("overrides", "gpu", "expected"), [
+    ([], False, (False, False)),  # the CPU: gloo, nothing to hide
+    ([], True, (True, False)),  # a GPU run overlaps the gradient reduce
+    (["parallel.distributed_optimizer=true"], True, (True, True)),  # and the parameter gather
+    (["parallel.distributed_optimizer=true", "run.device=cpu"], True, (False, False)),
+    (["parallel.distributed_optimizer=true", "parallel.overlap_grad_reduce=false"], True,
+     (False, False)),
+    (["parallel.distributed_optimizer=true", "parallel.overlap_param_gather=true"], False,
+     (True, True)),  # a gather asked for brings the reduce along
+])
+def test_communication_overlaps_by_default_on_a_gpu(monkeypatch, overrides, gpu, expected):
+    import torch
+
+    from megavideo.config import megatron
+
+    cfg = load_config(TINY, overrides)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    assert megatron.overlap(cfg) == expected
+    ddp = megatron.ddp_config(cfg)
+    assert (ddp.overlap_grad_reduce, ddp.overlap_param_gather) == expected
