@@ -18,7 +18,7 @@ from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from kernels.attention import ATTENTION
-from kernels.backends import layer_backend
+from kernels.backends import detect, layer_backend
 from megavideo.config.schema import FUSIONS, Config, ParallelConfig, TrainConfig
 from megavideo.models.init import init_normal
 from parallel.layout import megatron_layout, split_layers
@@ -35,20 +35,44 @@ def transformer_settings(train: TrainConfig, fp8: bool = True) -> dict:
     return dict(
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        **{field: name in train.fusions for name, field in FUSIONS.items()},
+        **{field: name in fusions(train) for name, field in FUSIONS.items()},
         attention_backend=ATTENTION[train.attention],
         init_method=init_normal,
         output_layer_init_method=init_normal,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=bf16,
-        # gloo: batched p2p with interleaving silently corrupts later micro-batches (FIELD_NOTES)
-        batch_p2p_comm=False,
-        batch_p2p_sync=False,
+        # batched p2p on NCCL (megatron-core's default); gloo: batched p2p with interleaving
+        # silently corrupts later micro-batches (FIELD_NOTES)
+        batch_p2p_comm=torch.cuda.is_available(),
+        batch_p2p_sync=torch.cuda.is_available(),
         cuda_graph_scope=[],  # megatron-core's own default "full" warns that it is deprecated
         **recompute_settings(train),
         **fp8_settings(train, fp8),
     )
+
+
+AUTO_FUSIONS = ("bias_activation", "bias_dropout")  # megatron-core's own (jit-scripted) kernels
+
+
+def fusions(train: TrainConfig, gpu: bool | None = None) -> set[str]:
+    """The fused kernels ``train.fusions`` switches on. ``auto`` stands for, on a GPU: bias+GELU
+    (megatron-core's is the tanh form InternVideo2 trains with; encoders with the exact GELU keep
+    theirs unfused) or bias+SwiGLU, and bias-dropout-add; with Transformer Engine, RoPE; with
+    TE or apex, the fused weight-gradient accumulation (not into torchao's FP8 linears). On the
+    CPU ``auto`` is none: every layout computes today's numbers. megatron-core's masked softmax
+    needs Megatron-LM's compiled kernels and is only ever switched on by name."""
+    names = set(train.fusions) - {"auto"}
+    if gpu is None:
+        gpu = torch.cuda.is_available()
+    if "auto" in train.fusions and gpu:
+        found = detect()
+        names |= set(AUTO_FUSIONS)
+        if found.transformer_engine:
+            names.add("rope")
+        if (found.transformer_engine or found.apex) and fp8_backend(train) != "torchao":
+            names.add("gradient_accumulation")
+    return names
 
 
 def fp8_backend(train: TrainConfig) -> str:

@@ -314,7 +314,8 @@ class TrainConfig:
     lr_decay_steps: int = 0  # steps from the start to min_lr (0: train.steps)
     wsd_decay_steps: int = 0  # WSD: the last steps of the decay, where it anneals
     wsd_decay_style: str = "exponential"  # WSD's anneal: exponential | linear | cosine | minus_sqrt
-    fusions: list[str] = field(default_factory=list)  # megatron-core fused kernels (FUSIONS)
+    # megatron-core fused kernels (FUSIONS); auto: on a GPU the ones this node runs, none on the CPU
+    fusions: list[str] = field(default_factory=lambda: ["auto"])
     # core attention: auto | sdpa | flash | unfused (megatron-core's whole score matrix)
     attention: str = "auto"
     fp8: FP8Config = field(default_factory=FP8Config)

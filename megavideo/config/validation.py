@@ -288,10 +288,10 @@ def validate(config: Config, world_size: int | None = None) -> None:
     if train.attention not in ATTENTION_KERNELS:
         raise ConfigError(f"train.attention must be one of {', '.join(ATTENTION_KERNELS)}, got "
                           f"'{train.attention}'.")
-    unknown = [name for name in train.fusions if name not in FUSIONS]
+    unknown = [name for name in train.fusions if name not in FUSIONS and name != "auto"]
     if unknown:
         raise ConfigError(f"train.fusions: unknown fused kernel(s) {', '.join(unknown)} (known: "
-                          f"{', '.join(FUSIONS)}).")
+                          f"auto, {', '.join(FUSIONS)}).")
     if par.overlap_param_gather and not (par.distributed_optimizer and par.overlap_grad_reduce
                                          is not False):
         raise ConfigError("parallel.overlap_param_gather needs parallel.distributed_optimizer and "
@@ -407,14 +407,26 @@ def validate_interleaving(micro_batches: int, pp: int, what: str) -> None:
         )
 
 
-def _validate_fusions(fusions: list[str]) -> None:
-    """Fused kernels are CUDA kernels; fusing the weight-gradient accumulation needs TE's or
-    apex's (megatron-core refuses it otherwise, after the process group)."""
+def _validate_fusions(config: Config) -> None:
+    """Fused kernels named in train.fusions (``auto`` picks only what runs) are CUDA kernels;
+    fusing the weight-gradient accumulation needs TE's or apex's (megatron-core refuses it
+    otherwise, after the process group) and megatron-core's linears; the masked softmax needs
+    Megatron-LM's compiled kernels."""
+    fusions = [name for name in config.train.fusions if name != "auto"]
     if not fusions:
         return
     if not torch.cuda.is_available():
         raise ConfigError(f"train.fusions ({', '.join(fusions)}) are CUDA kernels: this node has "
-                          "no GPU torch can see; set train.fusions=[] to run here.")
+                          "no GPU torch can see; set train.fusions=[auto] to run here.")
+    if "masked_softmax" in fusions and not _importable("scaled_masked_softmax_cuda"):
+        raise ConfigError("train.fusions: masked_softmax runs Megatron-LM's compiled "
+                          "scaled_masked_softmax_cuda kernel, which is not importable here.")
+    if "gradient_accumulation" in fusions and config.train.precision == "fp8":
+        from megavideo.config.megatron import fp8_backend
+
+        if fp8_backend(config.train) == "torchao":
+            raise ConfigError("train.fusions: gradient_accumulation fuses megatron-core's weight "
+                              "gradient, which torchao's FP8 linears compute themselves.")
     if "gradient_accumulation" in fusions:
         from kernels import backends
 
@@ -484,7 +496,7 @@ def validate_device(config: Config, env: Mapping[str, str] | None = None) -> Non
     was given GPUs (or the config asks for them) but torch sees none is an error, not a quiet
     run on the CPU."""
     device = config.run.device
-    _validate_fusions(config.train.fusions)
+    _validate_fusions(config)
     _validate_attention(config.train.attention)
     _validate_fp8_device(config)
     if torch.cuda.is_available():

@@ -82,14 +82,22 @@ def transformer_config(
         layernorm_epsilon=vit.norm_eps,
         add_bias_linear=True,
         add_qkv_bias=vit.qkv_bias,
-        activation_func=partial(F.gelu, approximate="tanh") if vit.activation == "gelu_tanh"
-        else F.gelu,
-        **transformer_settings(train, fp8),
+        **_activation(vit.activation, transformer_settings(train, fp8)),
         real_attention_heads=vit.num_heads,
         full_width_qk_norm=vit.qk_norm,
         layer_scale_init=vit.layer_scale_init,
         drop_path_rate=vit.drop_path,
     )
+
+
+def _activation(activation: str, settings: dict) -> dict:
+    """The MLP's activation with the shared settings: megatron-core's fused bias+GELU is the tanh
+    form, so the tanh GELU takes ``F.gelu`` with the fusion on (megatron-core then runs its fused
+    tanh kernel) and ``gelu(approximate="tanh")`` without; the exact GELU never fuses."""
+    fused = settings["bias_activation_fusion"] and activation == "gelu_tanh"
+    exact = activation == "gelu" or fused
+    return {**settings, "bias_activation_fusion": fused,
+            "activation_func": F.gelu if exact else partial(F.gelu, approximate="tanh")}
 
 
 def without_sequence_parallel(config: TransformerConfig) -> TransformerConfig:

@@ -110,7 +110,7 @@ def test_a_dumped_config_loads_back_to_itself(tmp_path, stage):
         (["train.lr_decay_steps=2"], "train.lr_decay_steps (2) must be 0 (train.steps) or more "
                                      "than train.warmup_steps (5)."),
         (["train.fusions=[softmax]"], "train.fusions: unknown fused kernel(s) softmax (known: "
-                                      "bias_activation, bias_dropout, masked_softmax, rope,"),
+                                      "auto, bias_activation, bias_dropout, masked_softmax, rope,"),
         (["parallel.overlap_param_gather=true"], "parallel.overlap_param_gather needs "
          "parallel.distributed_optimizer and parallel.overlap_grad_reduce."),
         (["run.timeout_minutes=0"], "run.timeout_minutes must be at least 1, got 0."),
@@ -200,7 +200,7 @@ def test_megatron_cores_configs_are_built_from_the_config_keys():
         True, False, True)
     assert megatron.process_group_timeout(cfg).total_seconds() == 7 * 60
     settings = megatron.transformer_settings(cfg.train)
-    assert not any(settings[field] for field in megatron.FUSIONS.values())
+    assert not any(settings[field] for field in megatron.FUSIONS.values())  # auto, on the CPU
 
     # the schedule megatron-core runs: warm-up 0 -> 0.1 over 2 steps, the peak until step 16,
     # then a linear anneal to min_lr over the last 4 of the 20 decay steps
@@ -233,3 +233,19 @@ def test_communication_overlaps_by_default_on_a_gpu(monkeypatch, overrides, gpu,
     assert megatron.overlap(cfg) == expected
     ddp = megatron.ddp_config(cfg)
     assert (ddp.overlap_grad_reduce, ddp.overlap_param_gather) == expected
+
+
+@pytest.mark.parametrize(("fusions", "gpu", "expected"), [
+    ("[auto]", False, set()),  # the CPU: today's numbers
+    ("[auto]", True, {"bias_activation", "bias_dropout"}),  # + rope, gradient_accumulation with TE
+    ("[]", True, set()),
+    ("[auto,masked_softmax]", True, {"bias_activation", "bias_dropout", "masked_softmax"}),
+])
+def test_auto_fusions_are_megatrons_kernels_on_a_gpu(monkeypatch, fusions, gpu, expected):
+    from kernels.backends import detect
+    from megavideo.config import megatron
+
+    if detect().transformer_engine or detect().apex:
+        pytest.skip("TE or apex adds their fusions to auto")
+    cfg = load_config(TINY, [f"train.fusions={fusions}"] if fusions != "[auto]" else [])
+    assert megatron.fusions(cfg.train, gpu=gpu) == expected
