@@ -158,6 +158,14 @@ def all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
     return _GatherRows.apply(x, group)
 
 
+def gather_along(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Every rank's ``x`` concatenated along ``dim`` in the group's rank order (autograd-aware
+    as :func:`all_gather_rows`)."""
+    if group_size(group) == 1:
+        return x
+    return all_gather_rows(x.movedim(dim, 0).contiguous(), group).movedim(0, dim)
+
+
 class _FetchRows(torch.autograd.Function):
     """Rows of a tensor split over ranks by blocks of ``b`` rows, picked by global row index."""
 

@@ -256,6 +256,9 @@ class ParallelConfig:
     # stage 3: the video encoder and QFormer's TP degree on the LLM's first pipeline stage
     # (0: parallel.tp); it divides parallel.tp, the rest of the TP group splits the clips
     encoder_tp: int = 0
+    # stage 1: the frozen teachers' TP degree (0: parallel.tp); it divides parallel.tp and the rest
+    # of the TP group splits the clips (1: a whole copy of each teacher per rank, no TP traffic)
+    teacher_tp: int = 0
     # reduce gradients in buckets during the backward pass; null: on a GPU run, off on the CPU
     overlap_grad_reduce: bool | None = None
     # with the distributed optimizer: all-gather the updated parameters during the next forward;
@@ -265,6 +268,10 @@ class ParallelConfig:
     @property
     def encoder_tp_size(self) -> int:
         return self.encoder_tp or self.tp
+
+    @property
+    def teacher_tp_size(self) -> int:
+        return self.teacher_tp or self.tp
 
 
 FP8_BACKENDS = ("auto", "te", "torchao")

@@ -27,6 +27,7 @@ from megavideo.config.schema import (
     ConfigError,
     DataConfig,
     EncoderConfig,
+    ParallelConfig,
     Stage1ModelConfig,
     Stage2ModelConfig,
     TrainConfig,
@@ -69,10 +70,16 @@ def _validate_vit(vit: ViTConfig, name: str, tp: int, tp_key: str = "parallel.tp
         )
 
 
-def _validate_stage1(model: Stage1ModelConfig, tp: int) -> None:
-    student = model.student
+def _validate_stage1(model: Stage1ModelConfig, par: ParallelConfig, micro_batch: int) -> None:
+    student, tp = model.student, par.teacher_tp_size
+    tp_key = "parallel.teacher_tp" if par.teacher_tp else "parallel.tp"
+    if par.teacher_tp < 0 or par.tp % tp or micro_batch % (par.tp // tp):
+        raise ConfigError(f"parallel.teacher_tp ({par.teacher_tp}) must be 0 (parallel.tp) or "
+                          f"divide parallel.tp ({par.tp}), and train.micro_batch ({micro_batch}) "
+                          "be a multiple of parallel.tp / parallel.teacher_tp: each teacher copy "
+                          "takes its share of the clips.")
     for name in ("clip_teacher", "mae_teacher"):
-        _validate_vit(getattr(model, name), name, tp)
+        _validate_vit(getattr(model, name), name, tp, tp_key)
     if not model.clip_teacher.pool_heads or not model.clip_teacher.per_frame:
         raise ConfigError(
             "model.clip_teacher must be a per-frame image model with an attention pool "
@@ -87,7 +94,7 @@ def _validate_stage1(model: Stage1ModelConfig, tp: int) -> None:
                         ("mae_teacher", model.mae_teacher.hidden_size)):
         if width % tp:
             raise ConfigError(
-                f"model.{name}.hidden_size ({width}) must be divisible by parallel.tp ({tp})."
+                f"model.{name}.hidden_size ({width}) must be divisible by {tp_key} ({tp})."
             )
     frames = student.num_frames * model.mae_teacher.tubelet_size
     if model.mae_teacher.num_frames != frames or model.clip_teacher.num_frames != student.num_frames:
@@ -269,8 +276,11 @@ def validate(config: Config, world_size: int | None = None) -> None:
         )
     if config.stage != 3 and not 0.0 <= model.mask_ratio < 1.0:
         raise ConfigError(f"model.mask_ratio must be in [0, 1), got {model.mask_ratio}.")
+    if par.teacher_tp and config.stage != 1:
+        raise ConfigError("parallel.teacher_tp is a stage-1 setting (the frozen teachers' own TP "
+                          "degree).")
     if config.stage == 1:
-        _validate_stage1(model, par.tp)
+        _validate_stage1(model, par, train.micro_batch)
     elif config.stage == 2:
         _validate_stage2(model, par.tp)
     else:

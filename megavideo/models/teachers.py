@@ -8,9 +8,13 @@
   so both have one token per (student frame, patch). Targets: its last K layers, the last one
   through the final LayerNorm, L2-normalised.
 
-Both run forward-only under no_grad, tensor-parallel over the student's TP group (each TP rank
-computes its slice of every teacher layer, so a micro-batch's targets are computed once per TP
-group), on the first pipeline stage: see :mod:`megavideo.stage1` for why.
+Both run forward-only under no_grad on the first pipeline stage (see :mod:`megavideo.stages.stage1`
+for why), tensor-parallel over the student's TP group (each TP rank computes its slice of every
+teacher layer, so a micro-batch's targets are computed once per TP group) or, with
+``parallel.teacher_tp`` below ``parallel.tp``, over smaller groups of their own
+(:mod:`parallel.encoder_groups`): each group computes the targets of its share of the clips and
+the replica group gathers them, so the teachers' TP traffic shrinks (none at teacher_tp 1) for
+their weights' memory.
 """
 
 from __future__ import annotations
@@ -23,13 +27,18 @@ from megavideo.models.embedding import num_visible
 from megavideo.models.heads import AttentionPool, l2_normalize
 from megavideo.models.specs import ViTTransformerConfig, without_sequence_parallel
 from megavideo.models.vit import VisionTransformer
+from parallel.comm import gather_along
+from parallel.encoder_groups import EncoderGroups
+
+BATCH_DIM = {"visible": 0, "clip": 1, "mae": 1, "final": 0}  # where each target holds the clips
 
 
 class ClipTeacher(nn.Module):
-    def __init__(self, model: Stage1ModelConfig, config: ViTTransformerConfig, tp_group) -> None:
+    def __init__(self, model: Stage1ModelConfig, config: ViTTransformerConfig, tp_group,
+                 pg_collection=None) -> None:
         super().__init__()
         vit = model.clip_teacher
-        self.vit = VisionTransformer(vit, config)
+        self.vit = VisionTransformer(vit, config, pg_collection)
         self.pool = AttentionPool(without_sequence_parallel(config), vit.hidden_size, vit.pool_heads,
                                   vit.pool_dim, model.aligner_norm_eps, tp_group)
         self.frames = vit.num_frames
@@ -50,10 +59,11 @@ class ClipTeacher(nn.Module):
 
 
 class MaeTeacher(nn.Module):
-    def __init__(self, model: Stage1ModelConfig, config: ViTTransformerConfig) -> None:
+    def __init__(self, model: Stage1ModelConfig, config: ViTTransformerConfig,
+                 pg_collection=None) -> None:
         super().__init__()
         vit = model.mae_teacher
-        self.vit = VisionTransformer(vit, config)
+        self.vit = VisionTransformer(vit, config, pg_collection)
         self.taps = list(range(vit.num_layers - model.mae_layers, vit.num_layers))
 
     def forward(self, video: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
@@ -88,12 +98,17 @@ def attention_guided_mask(
 class Stage1Teachers(nn.Module):
     """Both teachers; :meth:`forward` turns a clip into the mask and all targets."""
 
-    def __init__(self, model: Stage1ModelConfig, clip_config, mae_config, tp_group) -> None:
+    def __init__(self, model: Stage1ModelConfig, clip_config, mae_config, tp_group,
+                 groups: EncoderGroups | None = None) -> None:
+        """``groups``: the teachers' own TP groups (``parallel.teacher_tp``), None for the
+        student's."""
         super().__init__()
         self.model = model
         self.dtype = clip_config.params_dtype  # targets leave in the model's dtype (bf16 or fp32)
-        self.clip = ClipTeacher(model, clip_config, tp_group)
-        self.mae = MaeTeacher(model, mae_config)
+        pgs = groups.pg_collection if groups is not None else None
+        self.clip = ClipTeacher(model, clip_config, groups.tp_group if groups else tp_group, pgs)
+        self.mae = MaeTeacher(model, mae_config, pgs)
+        self.groups = groups if groups is not None and groups.replicas > 1 else None
         self.requires_grad_(False)
         self.eval()
 
@@ -103,7 +118,20 @@ class Stage1Teachers(nn.Module):
     @torch.no_grad()
     def forward(self, video: torch.Tensor, generators: list[torch.Generator]) -> dict:
         """video [B, 3, 2T, H, W] (the MAE teacher's frames; the student and the CLIP teacher see
-        every other one) -> dict of visible indices and targets, batch-first."""
+        every other one) -> dict of visible indices and targets, batch-first. With teacher groups
+        smaller than the TP group, each computes its share of the clips and the replica group
+        gathers the whole micro-batch's."""
+        frames = video[:, :, :: self.model.mae_teacher.tubelet_size]
+        if self.groups is None:
+            return {"student_frames": frames, **self._targets(video, generators)}
+        g = self.groups
+        share = video.shape[0] // g.replicas
+        mine = slice(g.replica * share, (g.replica + 1) * share)
+        part = self._targets(video[mine], generators[mine])
+        return {"student_frames": frames,
+                **{k: gather_along(v, BATCH_DIM[k], g.replica_group) for k, v in part.items()}}
+
+    def _targets(self, video: torch.Tensor, generators: list[torch.Generator]) -> dict:
         model = self.model
         frames = video[:, :, :: model.mae_teacher.tubelet_size]
         clip_features, final, attention = self.clip(frames)
@@ -115,7 +143,6 @@ class Stage1Teachers(nn.Module):
         clip_targets = torch.gather(clip_features, 2, index)  # [K, B, n, C]
         mae_targets = self.mae(video, visible[:, 1:] - 1)
         return {
-            "student_frames": frames,
             "visible": visible,
             "clip": clip_targets.to(self.dtype),
             "mae": mae_targets.to(self.dtype),

@@ -39,10 +39,10 @@ def block_stack(
 class VisionTransformer(nn.Module):
     """A whole (not pipelined) ViT: the teachers. Returns the last hidden state and the taps."""
 
-    def __init__(self, vit: ViTConfig, config: ViTTransformerConfig) -> None:
+    def __init__(self, vit: ViTConfig, config: ViTTransformerConfig, pg_collection=None) -> None:
         super().__init__()
         self.embed = VideoEmbedding(vit, config.params_dtype)
-        self.blocks = block_stack(vit, config, vit.num_layers)
+        self.blocks = block_stack(vit, config, vit.num_layers, pg_collection=pg_collection)
 
     def forward(self, video: torch.Tensor, taps=()) -> tuple[torch.Tensor, dict]:
         x = self.embed(video).transpose(0, 1).contiguous()  # [N, B, C]

@@ -11,7 +11,7 @@ with the official layouts that is the last stage alone. Stages without aligners 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -22,6 +22,7 @@ from megavideo.models.student import Stage1Batch, Stage1Student, aligned_layers
 from megavideo.models.teachers import Stage1Teachers
 from megavideo.stages.common import PipelineStage
 from parallel.comm import recv_from_stage, send_to_stage
+from parallel.encoder_groups import encoder_groups
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +51,19 @@ class Stage1(PipelineStage):
         self.models = [Stage1Student(model, self.config, chunk, self.tokens, self.tp_group).to(device)
                        for chunk in self.layout[self.pp_rank]]
         self.teachers = None
+        # the teachers' own TP groups (collective: every rank builds them) below parallel.tp
+        groups = encoder_groups(par.teacher_tp_size) if par.teacher_tp_size < par.tp else None
         if self.pp_rank == 0:
-            teacher_cfg = {name: transformer_config(getattr(model, name), par, cfg.train,
+            teacher_par = replace(par, tp=par.teacher_tp_size)
+            teacher_cfg = {name: transformer_config(getattr(model, name), teacher_par, cfg.train,
                                                     pipelined=False, sequence_parallel=False,
                                                     fp8=cfg.train.fp8.teachers)
                            for name in ("clip_teacher", "mae_teacher")}
             self.teachers = Stage1Teachers(model, teacher_cfg["clip_teacher"],
-                                           teacher_cfg["mae_teacher"], self.tp_group).to(device)
+                                           teacher_cfg["mae_teacher"], self.tp_group,
+                                           groups).to(device)
+            if groups is not None:
+                groups.adopt(self.teachers)
         self.needs = [self._needs(r) for r in range(par.pp)]
         self.tied = self._tied()
 

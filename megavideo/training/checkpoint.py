@@ -406,7 +406,7 @@ class Checkpointer:
         with torch.no_grad():
             for key, param in self._teachers_params().items():
                 shards = loaded.get("teachers", {}).get(key, [])
-                param.copy_(assemble(param, shards, self.tp_rank).to(param.dtype))
+                param.copy_(assemble(param, shards, self._coords(param)[0]).to(param.dtype))
 
     def _set_rng(self, states: dict) -> None:
         torch.set_rng_state(states["torch"])

@@ -41,6 +41,8 @@ WORLD2 = [
     ("pp2_full_recompute", ["parallel.pp=2", "train.recompute=full"], 0),
     ("tp2_sp_selective_recompute", ["parallel.tp=2", "parallel.sp=true", "train.recompute=selective"], 0),
     ("dp2_distopt", ["parallel.distributed_optimizer=true"], 0),
+    # a whole copy of each teacher per rank, each on half of the micro-batch's clips
+    ("tp2_sp_whole_teachers", ["parallel.tp=2", "parallel.sp=true", "parallel.teacher_tp=1"], 0),
     ("dp2_distopt_steps", ["parallel.distributed_optimizer=true"], STEPS),
     # the gradient reduce and the parameter gather overlapped (bucketed, driven by the schedule)
     ("dp2_distopt_overlap_steps", ["parallel.distributed_optimizer=true",
@@ -49,6 +51,8 @@ WORLD2 = [
 ]
 WORLD4 = [
     ("tp4_sp", ["parallel.tp=4", "parallel.sp=true"], 0),
+    # the teachers at tp 2 (3 heads padded to 4) in two groups, each on half of the clips
+    ("tp4_sp_teacher_tp2", ["parallel.tp=4", "parallel.sp=true", "parallel.teacher_tp=2"], 0),
     ("pp4", ["parallel.pp=4"], 0),
     ("pp2_vpp2", ["parallel.pp=2", "parallel.vpp=2"], 0),
     ("pp2_tp2_sp", ["parallel.pp=2", "parallel.tp=2", "parallel.sp=true"], 0),
