@@ -233,8 +233,8 @@ def _stage1(cfg: Config, t: _Tally) -> None:
                                    + _linear(n - 1, d, model.mae_teacher.hidden_size, True, True))
              + _linear(1, student.pool_dim, model.clip_teacher.pool_dim, True, True))
     t.add("heads", heads, b)
-    _teacher(t, "clip_teacher", model.clip_teacher, par.tp, b, pooled=True)
-    _teacher(t, "mae_teacher", model.mae_teacher, par.tp, b, pooled=False)
+    _teacher(t, "clip_teacher", model.clip_teacher, par.teacher_tp_size, b, pooled=True)
+    _teacher(t, "mae_teacher", model.mae_teacher, par.teacher_tp_size, b, pooled=False)
 
 
 @lru_cache(maxsize=16)
