@@ -1,13 +1,31 @@
-"""Video fixtures, written once per test session with PyAV's encoders (dataloaders/clips.py)."""
+"""Shared fixtures: video files written once per session with PyAV's encoders (dataloaders/clips.py),
+and the attention-backend variables megatron-core leaves in the process."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from dataloaders.clips import truncate, write_clip
 from dataloaders.manifest import build_manifest
+
+NVTE = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+
+
+@pytest.fixture(autouse=True)
+def _attention_backend_variables():
+    """megatron-core's GPTModel writes its attention backend into the process's NVTE_* variables
+    and refuses a process where they name another: a test that builds one in pytest's process
+    must not hand them to a later test's subprocesses."""
+    saved = {name: os.environ.get(name) for name in NVTE}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

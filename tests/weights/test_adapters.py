@@ -98,4 +98,4 @@ def test_initialize_redraws_a_shard_of_the_whole_tensor_as_on_one_rank():
 
 
 def test_the_schema_still_builds_from_its_defaults():
-    assert dataclasses.asdict(load_config(STAGE1))["train"]["fusions"] == []
+    assert dataclasses.asdict(load_config(STAGE1))["train"]["fusions"] == ["auto"]
