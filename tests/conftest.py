@@ -14,11 +14,10 @@ from dataloaders.manifest import build_manifest
 NVTE = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
 
 
-@pytest.fixture(autouse=True)
-def _attention_backend_variables():
+def _restoring_attention_backend_variables():
     """megatron-core's GPTModel writes its attention backend into the process's NVTE_* variables
-    and refuses a process where they name another: a test that builds one in pytest's process
-    must not hand them to a later test's subprocesses."""
+    and refuses a process where they name another: a test or a module's fixture that builds one in
+    pytest's process must not hand them to a later test's subprocesses."""
     saved = {name: os.environ.get(name) for name in NVTE}
     yield
     for name, value in saved.items():
@@ -26,6 +25,11 @@ def _attention_backend_variables():
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+module_attention_backend = pytest.fixture(scope="module", autouse=True)(
+    _restoring_attention_backend_variables)
+test_attention_backend = pytest.fixture(autouse=True)(_restoring_attention_backend_variables)
 
 
 @pytest.fixture(scope="session")
