@@ -74,8 +74,8 @@ class SDPAttention(MegatronModule):
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("SDPAttention takes no attention bias and no packed sequences.")
         causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
-        mask = None if causal or attention_mask is None else attention_mask
-        if causal or mask is None:
+        mask = None if causal else attention_mask
+        if mask is None:
             context = self._unmasked(query, key, value, causal)
             if context is not None:
                 return context

@@ -42,6 +42,11 @@ def _importable(module: str) -> tuple[bool, str, str]:
     return True, "", str(version)
 
 
+def importable(module: str) -> bool:
+    """Whether ``module`` imports in this process."""
+    return _importable(module)[0]
+
+
 @dataclass(frozen=True)
 class Backends:
     cuda: bool

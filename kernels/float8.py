@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 
+from megatron.core.fp8_utils import is_first_last_bf16_layer
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
@@ -89,6 +90,15 @@ def keep_bf16(module: nn.Module) -> None:
     for child in module.modules():
         if isinstance(child, Float8Linear):
             child.float8 = False
+
+
+def keep_configured_bf16(layers) -> None:
+    """Keep in bf16 the FP8 linears of each megatron-core TransformerLayer in ``layers`` that its
+    config keeps in bf16 (``fp8.bf16_first_layers`` / ``bf16_last_layers``: megatron-core's rule,
+    by global layer number)."""
+    for layer in layers:
+        if is_first_last_bf16_layer(layer.config, layer.layer_number - 1):
+            keep_bf16(layer)
 
 
 def local_linears(float8: str) -> tuple[type, type]:

@@ -10,15 +10,14 @@ import pytest
 
 from dataloaders.clips import truncate, write_clip
 from dataloaders.manifest import build_manifest
-
-NVTE = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+from tests.distributed import ATTENTION_BACKEND_VARIABLES
 
 
 def _restoring_attention_backend_variables():
     """megatron-core's GPTModel writes its attention backend into the process's NVTE_* variables
     and refuses a process where they name another: a test or a module's fixture that builds one in
     pytest's process must not hand them to a later test's subprocesses."""
-    saved = {name: os.environ.get(name) for name in NVTE}
+    saved = {name: os.environ.get(name) for name in ATTENTION_BACKEND_VARIABLES}
     yield
     for name, value in saved.items():
         if value is None:
@@ -29,7 +28,7 @@ def _restoring_attention_backend_variables():
 
 module_attention_backend = pytest.fixture(scope="module", autouse=True)(
     _restoring_attention_backend_variables)
-test_attention_backend = pytest.fixture(autouse=True)(_restoring_attention_backend_variables)
+attention_backend_per_test = pytest.fixture(autouse=True)(_restoring_attention_backend_variables)
 
 
 @pytest.fixture(scope="session")

@@ -23,15 +23,23 @@ def torchrun(nproc: int) -> list[str]:
             "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
 
 
+# megatron-core's GPTModel writes its attention backend into these and refuses a process where
+# they name another
+ATTENTION_BACKEND_VARIABLES = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+
+
+def clear_attention_backend_variables() -> None:
+    """Let the next GPTModel built in this process pick its own attention backend."""
+    for name in ATTENTION_BACKEND_VARIABLES:
+        os.environ.pop(name, None)
+
+
 def _entry(rank: int, world: int, port: int, fn, args, errors) -> None:
     threads = max(1, (os.cpu_count() or 1) // world)  # the cores shared out among the ranks
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
     torch.set_num_threads(threads)  # torch is imported by now: the variable alone comes too late
-    # megatron-core's GPTModel pins its attention backend in NVTE_* variables and refuses a process
-    # where they name another: a rank starts without the ones an earlier test left in pytest's
-    for name in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
-        os.environ.pop(name, None)
+    clear_attention_backend_variables()  # none of what an earlier test left in pytest's
     try:
         fn(rank, world, *args)
     except BaseException:

@@ -22,7 +22,7 @@ from kernels.attention import attention_kernel
 from kernels.backends import layer_backend
 from megavideo.accounting.devices import peak_tflops
 from megavideo.accounting.flops import vit_layer_flops
-from megavideo.config import Config, ViTConfig
+from megavideo.config import Config, ConfigError, ViTConfig, validate_device
 from megavideo.config.megatron import fp8_backend
 from megavideo.models.embedding import Tokens
 from megavideo.models.specs import transformer_config
@@ -52,18 +52,13 @@ class Case:
 
 
 def fp8_runs_here(cfg: Config) -> str:
-    """Why FP8 cannot be measured on this device, or '' when it can."""
-    train = dataclasses.replace(cfg.train, precision="fp8")
-    backend = fp8_backend(train)
-    if backend == "te" and layer_backend() != "te":
-        return "Transformer Engine is not used here"
-    if backend == "torchao":
-        try:
-            import torchao.float8  # noqa: F401
-        except Exception as err:  # ImportError, or a broken binary
-            return f"torchao is not importable ({type(err).__name__})"
-    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
-        return "this GPU has no FP8 GEMMs (compute capability below 8.9)"
+    """Why FP8 cannot be measured on this device (the sentence ``validate_device`` refuses a
+    ``train.precision=fp8`` run with), or '' when it can."""
+    try:
+        validate_device(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                                           precision="fp8")))
+    except ConfigError as err:
+        return str(err)
     return ""
 
 
@@ -89,7 +84,7 @@ def _timed(step: Callable[[], None], warmup: int, steps: int) -> float:
 def _stack_case(cfg: Config, name: str, vit: ViTConfig, precision: str, tokens: Tokens,
                 batch: int, layers: int, train: bool, warmup: int, steps: int) -> Case:
     device = rank_device()
-    settings = dataclasses.replace(cfg.train, precision=precision, recompute="none", fusions=[])
+    settings = dataclasses.replace(cfg.train, precision=precision, recompute="none")
     parallel = dataclasses.replace(cfg.parallel, tp=1, pp=1, vpp=1, sp=False, pipeline_layout=[],
                                    encoder_tp=0)
     vit = dataclasses.replace(vit, num_layers=layers, drop_path=0.0)

@@ -247,14 +247,10 @@ def _text_vocab(path: str) -> int:
         return BERT_VOCAB
 
 
-def _audio_tokens(audio: AudioConfig) -> int:
-    return (audio.frames // audio.patch_size) * (audio.mel_bins // audio.patch_size)
-
-
 def _audio(t: _Tally, audio: AudioConfig, samples: float) -> None:
     """BEATs: patch convolution, projection, grouped position convolution, post-norm layers."""
     train = not audio.frozen
-    n, h, k = _audio_tokens(audio), audio.hidden_size, audio.pos_conv_kernel
+    n, h, k = audio.tokens, audio.hidden_size, audio.pos_conv_kernel
     pos_out = n + 2 * (k // 2) - k + 1  # before the trim of an even kernel
     embed = (_linear(n, audio.patch_size ** 2, audio.patch_dim, False, train, megatron=False)
              + _linear(n, audio.patch_dim, h, train, train, megatron=False)
@@ -281,7 +277,7 @@ def _stage2(cfg: Config, t: _Tally, dp: int) -> None:
     pairs = [(("vtc", "vtm", "mlm"), n)]  # the terms of each memory, its tokens
     if audio.enabled:
         _audio(t, audio, b)
-        na = _audio_tokens(audio)
+        na = audio.tokens
         heads += (_linear(1, audio.hidden_size, e, not audio.frozen, True)
                   + _linear(1, 2 * e, e, True, True)
                   + _linear(na, audio.hidden_size, fusion, not audio.frozen, True))

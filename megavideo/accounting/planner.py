@@ -14,8 +14,10 @@ Performance model of one step (every number per GPU; see docs/performance.md):
                (equal stages give the bubble (p - 1) / (m v + p - 1)), plus each micro-batch's
                activation send and gradient receive between stages
     DP         the fp32 gradient all-reduce (or reduce-scatter + parameter all-gather with the
-               distributed optimizer) after the last micro-batch, over NVLink inside a node and the
-               network between nodes
+               distributed optimizer), over NVLink inside a node and the network between nodes;
+               overlapped as a GPU run overlaps it (:func:`megavideo.config.megatron.overlap`):
+               hidden behind ~2/3 of the last micro-batch on the slowest rank (all of it with the
+               overlapped parameter gather), only the rest added to the step
 
 Memory of each pipeline rank: weights, fp32 gradients, the optimizer (fp32 master + Adam moments,
 divided by dp with the distributed optimizer), frozen weights (the teachers on the first stage),

@@ -93,9 +93,7 @@ def _rows(config: Config) -> list[tuple[str, int]]:
     if config.stage == 2:
         out = [("model.text.max_length x train.micro_batch", model.text.max_length * b)]
         if model.audio.enabled:
-            audio = model.audio
-            tokens = (audio.frames // audio.patch_size) * (audio.mel_bins // audio.patch_size)
-            out.append(("the audio tokens x train.micro_batch", tokens * b))
+            out.append(("the audio tokens x train.micro_batch", model.audio.tokens * b))
         return out
     if config.stage == 3:
         return [("model.llm.max_length x train.micro_batch", model.llm.max_length * b),

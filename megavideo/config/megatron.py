@@ -23,7 +23,6 @@ from megavideo.config.schema import FUSIONS, Config, ParallelConfig, TrainConfig
 from megavideo.models.init import init_normal
 from parallel.layout import megatron_layout, split_layers
 
-INIT_STD = 0.02  # trunc_normal(std=0.02) in the official code: the truncation at +-2 never bites
 
 def transformer_settings(train: TrainConfig, fp8: bool = True) -> dict:
     """TransformerConfig fields every model here shares: no dropout, the fused kernels
@@ -32,10 +31,11 @@ def transformer_settings(train: TrainConfig, fp8: bool = True) -> dict:
     runs."""
     bf16 = train.bf16
     dtype = torch.bfloat16 if bf16 else torch.float32
+    fused = fusions(train)
     return dict(
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        **{field: name in fusions(train) for name, field in FUSIONS.items()},
+        **{field: name in fused for name, field in FUSIONS.items()},
         attention_backend=ATTENTION[train.attention],
         init_method=init_normal,
         output_layer_init_method=init_normal,

@@ -134,6 +134,11 @@ class AudioConfig(PostNormEncoderConfig):
         frames = int((self.seconds * 1000 - 25) // 10) + 1
         return frames // self.patch_size * self.patch_size
 
+    @property
+    def tokens(self) -> int:
+        """Patch tokens of a clip's filterbank: [frames, mel_bins] in patch_size squares."""
+        return (self.frames // self.patch_size) * (self.mel_bins // self.patch_size)
+
 
 @dataclass
 class LLMConfig:

@@ -428,7 +428,9 @@ def _validate_fusions(config: Config) -> None:
     if not torch.cuda.is_available():
         raise ConfigError(f"train.fusions ({', '.join(fusions)}) are CUDA kernels: this node has "
                           "no GPU torch can see; set train.fusions=[auto] to run here.")
-    if "masked_softmax" in fusions and not _importable("scaled_masked_softmax_cuda"):
+    from kernels.backends import importable
+
+    if "masked_softmax" in fusions and not importable("scaled_masked_softmax_cuda"):
         raise ConfigError("train.fusions: masked_softmax runs Megatron-LM's compiled "
                           "scaled_masked_softmax_cuda kernel, which is not importable here.")
     if "gradient_accumulation" in fusions and config.train.precision == "fp8":
@@ -478,7 +480,7 @@ def _validate_fp8_device(config: Config) -> None:
         raise ConfigError("train.fp8.backend=te needs Transformer Engine on a GPU, and this node "
                           f"has {found.summary()}: set train.fp8.backend=auto (torchao on the "
                           "local spec) or train.precision=bf16.")
-    if backend == "torchao" and not _importable("torchao.float8"):
+    if backend == "torchao" and not backends.importable("torchao.float8"):
         raise ConfigError("train.precision=fp8 on the local spec runs torchao's float8 training, "
                           "and torchao is not importable here: pip install torchao, or set "
                           "train.precision=bf16.")
@@ -489,16 +491,6 @@ def _validate_fp8_device(config: Config) -> None:
             raise ConfigError(f"train.fp8.recipe={config.train.fp8.recipe} needs a GPU of compute "
                               f"capability {need[0]}.{need[1]} or newer, and this one is "
                               f"{have[0]}.{have[1]}.")
-
-
-def _importable(module: str) -> bool:
-    import importlib
-
-    try:
-        importlib.import_module(module)
-    except Exception:  # ImportError, or a broken binary raising OSError/RuntimeError
-        return False
-    return True
 
 
 def validate_device(config: Config, env: Mapping[str, str] | None = None) -> None:

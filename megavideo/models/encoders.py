@@ -15,13 +15,12 @@ from collections.abc import Collection
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.fp8_utils import is_first_last_bf16_layer
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import nn
 
-from kernels.float8 import keep_bf16
+from kernels.float8 import keep_configured_bf16
 from megavideo.config import EncoderConfig
 from megavideo.models.layers import fp8_stack_context, run_layer
 from megavideo.models.specs import ViTTransformerConfig, cross_attention_mask, post_norm_layer_spec
@@ -71,9 +70,7 @@ class EncoderLayers(nn.Module):
         self.config = config
         self.tp_group = getattr(pg_collection, "tp", None) or \
             parallel_state.get_tensor_model_parallel_group(check_initialized=False)
-        for layer in self.layers:
-            if is_first_last_bf16_layer(config, layer.layer_number - 1):
-                keep_bf16(layer)
+        keep_configured_bf16(self.layers)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, start: int = 0,
                 stop: int | None = None, context: torch.Tensor | None = None,

@@ -15,14 +15,14 @@ import math
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.enums import Fp8Recipe
-from megatron.core.fp8_utils import get_fp8_context, is_first_last_bf16_layer
+from megatron.core.fp8_utils import get_fp8_context
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import get_pg_rank, make_viewless_tensor
 from torch import nn
 
-from kernels.float8 import keep_bf16
+from kernels.float8 import keep_configured_bf16
 from parallel.comm import all_reduce_sum, group_size
 from parallel.tensors import zero_padding_heads
 
@@ -105,8 +105,7 @@ class InternVideo2Block(TransformerLayer):
                 self.self_attention.linear_proj.weight.div_(scale)
                 self.mlp.linear_fc2.weight.div_(scale)
         self._mark_head_padding(config)
-        if is_first_last_bf16_layer(config, self.layer_number - 1):
-            keep_bf16(self)
+        keep_configured_bf16([self])
 
     def _mark_head_padding(self, config) -> None:
         """Tag the per-head parameters; zero the padding heads' slices (they then provably add

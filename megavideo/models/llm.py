@@ -14,7 +14,6 @@ normed input).
 from __future__ import annotations
 
 import torch.nn.functional as F
-from megatron.core.fp8_utils import is_first_last_bf16_layer
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
@@ -26,7 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from kernels.attention import core_attention
 from kernels.backends import layer_backend
-from kernels.float8 import keep_bf16, local_linears
+from kernels.float8 import keep_configured_bf16, local_linears
 from kernels.norms import RMSNorm
 from megavideo.config import LLMConfig, ParallelConfig, TrainConfig
 from megavideo.config.megatron import pipeline_settings, transformer_settings
@@ -104,6 +103,5 @@ def build_llm(llm: LLMConfig, config: TransformerConfig, pre_process: bool = Tru
                     scatter_embedding_sequence_parallel=scatter_embedding)
     for layer in model.decoder.layers:
         layer.mlp.linear_fc1.weight.glu = True  # [gate; up], split per half over TP
-        if is_first_last_bf16_layer(config, layer.layer_number - 1):
-            keep_bf16(layer)
+    keep_configured_bf16(model.decoder.layers)
     return model

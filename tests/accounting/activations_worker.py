@@ -8,7 +8,6 @@ layer on rank 0 go to a JSON file. tp 1 cases run as data parallelism over the t
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from megavideo.models.llm import build_llm, llm_config
 from megavideo.models.specs import transformer_config
 from megavideo.models.vit import block_stack
 from parallel.distributed import init_distributed, init_model_parallel
+from tests.distributed import clear_attention_backend_variables
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TOKENS, MICRO_BATCH, LAYERS = 128, 2, 2
@@ -47,10 +47,7 @@ def _vit(tp, sp, recompute, precision, extra) -> float:
 
 
 def _llm(tp, sp, recompute, precision, extra) -> float:
-    # megatron-core's GPTModel writes its attention backend into NVTE_* variables and refuses a
-    # process where they say another: cases with other kernels share this one
-    for name in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
-        os.environ.pop(name, None)
+    clear_attention_backend_variables()  # cases with other attention kernels share this process
     cfg = load_config(CONFIGS / "stage3_tiny.yaml", _overrides(tp, sp, recompute, precision, extra))
     llm = cfg.model.llm
     config = llm_config(llm, cfg.parallel, cfg.train)
