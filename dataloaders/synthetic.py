@@ -1,8 +1,9 @@
 """Deterministic synthetic videos and per-sample random streams.
 
 Every random choice tied to a sample (its pixels, its mask draw, its stochastic-depth draws) comes
-from a generator seeded by (run seed, step, global sample index, purpose), so any parallel layout
-and any resumed run sees exactly the same numbers.
+from a stream keyed by (run seed, step, global sample index, purpose), so any parallel layout
+and any resumed run sees exactly the same numbers: a host generator for what the data pipeline
+draws, a key (:func:`sample_keys`) for what the step draws on the device.
 """
 
 from __future__ import annotations
@@ -20,6 +21,13 @@ def sample_seed(seed: int, step: int, index: int, purpose: str) -> int:
 
 def generator(seed: int, step: int, index: int, purpose: str) -> torch.Generator:
     return torch.Generator().manual_seed(sample_seed(seed, step, index, purpose))
+
+
+def sample_keys(seed: int, step: int, indices: list[int], purpose: str,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """[B] int64 keys of the samples' device-side random streams (:mod:`kernels.keyed_random`)."""
+    return torch.tensor([sample_seed(seed, step, i, purpose) for i in indices], dtype=torch.long,
+                        device=device)
 
 
 def synthetic_video(seed: int, step: int, index: int, frames: int, size: int) -> torch.Tensor:

@@ -3,8 +3,8 @@
 All of them run on the last pipeline stage, per micro-batch, with negatives drawn from the whole
 data-parallel micro-batch: the contrast all-gathers the projections (gradients summed back to
 their owners), and matching fetches only the chosen negatives' tokens from the ranks that hold
-them. Every random draw comes from a generator of (run seed, step, global sample index, purpose),
-so any layout computes the same loss as one process holding the global batch.
+them. Every random draw is made on the device from a key of (run seed, step, global sample index,
+purpose), so any layout computes the same loss as one process holding the global batch.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.keyed_random import gumbel, uniform
 from parallel.comm import all_gather_rows, fetch_rows
 
 TEMPERATURE_RANGE = (0.001, 0.5)  # the official clamp of the learnable temperature
@@ -40,17 +41,14 @@ def contrastive_loss(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, idx_al
 
 
 def hard_negatives(sim: torch.Tensor, idx: torch.Tensor, idx_all: torch.Tensor,
-                   generators: list[torch.Generator]) -> torch.Tensor:
+                   keys: torch.Tensor) -> torch.Tensor:
     """One negative per local row, drawn with probability softmax(sim) over the gathered
-    micro-batch, never the same item; [b] global row indices. sim [b, G] (already / temperature)."""
-    weights = F.softmax(sim.detach().float().cpu(), dim=1)
-    weights[same_item(idx, idx_all).cpu()] = 0.0
-    out = []
-    for row, g in zip(weights, generators, strict=True):
-        if row.sum() <= 0:  # every sample is this item: any other row
-            row = torch.ones_like(row)
-        out.append(torch.multinomial(row, 1, generator=g))
-    return torch.cat(out).to(sim.device)
+    micro-batch, never the same item; [b] global row indices. sim [b, G] (already / temperature),
+    keys [b]: the samples' random streams; drawn on the device (Gumbel-max)."""
+    logits = sim.detach().double().masked_fill(same_item(idx, idx_all), float("-inf"))
+    alone = torch.isinf(logits).all(1, keepdim=True)  # every sample is this item: any other row
+    logits = torch.where(alone, torch.zeros_like(logits), logits)
+    return (logits + gumbel(keys, (sim.shape[1],))).argmax(1)
 
 
 def matching_loss(fuse, head, text: torch.Tensor, text_mask: torch.Tensor, memory: torch.Tensor,
@@ -78,18 +76,15 @@ def matching_loss(fuse, head, text: torch.Tensor, text_mask: torch.Tensor, memor
 
 
 def mlm_inputs(ids: torch.Tensor, special: dict[str, int], vocab_size: int, probability: float,
-               generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+               keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's masking of [b, L] token ids: each token but [PAD] and [CLS] is chosen with
     ``probability``; of the chosen, 80% become [MASK], 10% a random token, 10% stay. Returns
-    (masked ids, labels with -100 where not chosen)."""
-    masked, labels = ids.clone().cpu(), torch.full_like(ids, -100).cpu()
-    for row, label, g in zip(masked, labels, generators, strict=True):
-        draws = torch.rand(3, row.shape[0], generator=g)
-        random_ids = torch.randint(vocab_size, row.shape, generator=g)
-        chosen = (draws[0] < probability) & (row != special["pad"]) & (row != special["cls"])
-        label[chosen] = row[chosen]
-        to_mask = chosen & (draws[1] < 0.8)
-        to_random = chosen & ~to_mask & (draws[2] < 0.5)
-        row[to_random] = random_ids[to_random]
-        row[to_mask] = special["mask"]
-    return masked.to(ids.device), labels.to(ids.device)
+    (masked ids, labels with -100 where not chosen); keys [b]: the samples' random streams."""
+    draws = uniform(keys, (4, ids.shape[1]))  # [b, 4, L]: choose, mask, random, which token
+    chosen = (draws[:, 0] < probability) & (ids != special["pad"]) & (ids != special["cls"])
+    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    to_mask = chosen & (draws[:, 1] < 0.8)
+    to_random = chosen & ~to_mask & (draws[:, 2] < 0.5)
+    random_ids = (draws[:, 3] * vocab_size).long()
+    masked = torch.where(to_random, random_ids, ids)
+    return masked.masked_fill(to_mask, special["mask"]), labels

@@ -57,7 +57,7 @@ class Stage2Batch:
     text_ids: torch.Tensor | None = None  # [B, L], last chunk
     text_mask: torch.Tensor | None = None  # [B, L] 1 on real tokens
     item: torch.Tensor | None = None  # [B] item ids: samples of one item are positives
-    generators: dict[str, list[torch.Generator]] | None = None  # purpose -> one per sample
+    keys: dict[str, torch.Tensor] | None = None  # purpose -> [B] the samples' random streams
     fbank: torch.Tensor | None = None  # [B, frames, mel]
     has_audio: torch.Tensor | None = None  # [B] bool
     evaluate: bool = False  # return the normalised video and text embeddings, no loss
@@ -154,7 +154,7 @@ class Stage2Model(VideoChunk):
 
     def _losses(self, tokens: torch.Tensor, batch: Stage2Batch) -> dict[str, torch.Tensor]:
         """tokens [n, B, C]: the video encoder's whole output sequence."""
-        obj, gens = self.model_config.objectives, batch.generators
+        obj = self.model_config.objectives
         temperature = self.temperature.clamp(*TEMPERATURE_RANGE)
         item_all = all_gather_rows(batch.item, self.dp_group)
         v, text, t = self._encode(tokens, batch)
@@ -163,7 +163,7 @@ class Stage2Model(VideoChunk):
         mlm_text = None
         if "mlm" in self.weights or "avmlm" in self.weights:
             ids, labels = mlm_inputs(batch.text_ids, self.special, self.text.vocab_size,
-                                     obj.mlm_probability, gens["mlm"])
+                                     obj.mlm_probability, batch.keys["mlm"])
             mlm_text = self.text.encode(ids, batch.text_mask)
             normalizer = self._mlm_normalizer(labels)
         # (contrast, matching, MLM term names), the vector to contrast, the fusion memory, its mask
@@ -190,9 +190,9 @@ class Stage2Model(VideoChunk):
             v_n, t_n = F.normalize(vis.float(), dim=-1), F.normalize(t.float(), dim=-1)
             v_all, t_all = all_gather_rows(v_n, self.dp_group), all_gather_rows(t_n, self.dp_group)
             video_negatives = hard_negatives(t_n @ v_all.T / temperature, batch.item, item_all,
-                                             batch.generators[f"{term}_video"])
+                                             batch.keys[f"{term}_video"])
             text_negatives = hard_negatives(v_n @ t_all.T / temperature, batch.item, item_all,
-                                            batch.generators[f"{term}_text"])
+                                            batch.keys[f"{term}_text"])
         return matching_loss(self.text.fuse, head, text, batch.text_mask, memory, memory_mask,
                              video_negatives, text_negatives, self.dp_group)
 

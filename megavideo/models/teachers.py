@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels.keyed_random import gumbel
 from megavideo.config import Stage1ModelConfig
 from megavideo.models.embedding import num_visible
 from megavideo.models.heads import AttentionPool, l2_normalize
@@ -76,23 +77,21 @@ class MaeTeacher(nn.Module):
 
 
 def attention_guided_mask(
-    attention: torch.Tensor, frames: int, visible: int, generators: list[torch.Generator]
+    attention: torch.Tensor, frames: int, visible: int, keys: torch.Tensor
 ) -> torch.Tensor:
     """Visible token indices [B, 1 + frames*visible], sorted, 0 being the CLS token.
 
     In each frame ``visible`` patches are drawn without replacement with probability proportional
-    to the CLIP teacher's attention (torch.multinomial), one generator per sample so the draw does
-    not depend on the parallel layout.
+    to the CLIP teacher's attention, on the device (Gumbel-top-k: the distribution of
+    torch.multinomial without replacement); keys [B] are the samples' random streams, so the draw
+    does not depend on the parallel layout.
     """
-    patches = attention.shape[-1]
-    weights = attention.float().cpu().view(len(generators), frames, patches)
-    offsets = 1 + torch.arange(frames)[:, None] * patches
-    rows = []
-    for b, generator in enumerate(generators):
-        picked = torch.multinomial(weights[b], visible, replacement=False, generator=generator)
-        tokens = (offsets + picked).flatten().sort().values
-        rows.append(torch.cat([torch.zeros(1, dtype=torch.long), tokens]))
-    return torch.stack(rows).to(attention.device)
+    b, patches = keys.shape[0], attention.shape[-1]
+    scores = attention.double().view(b, frames, patches).log() + gumbel(keys, (frames, patches))
+    picked = scores.topk(visible, dim=-1).indices  # [B, frames, visible]
+    offsets = 1 + torch.arange(frames, device=attention.device)[:, None] * patches
+    tokens = (offsets + picked).flatten(1).sort(dim=1).values
+    return torch.cat([tokens.new_zeros(b, 1), tokens], dim=1)
 
 
 class Stage1Teachers(nn.Module):
@@ -116,28 +115,29 @@ class Stage1Teachers(nn.Module):
         return super().train(False)  # frozen: always in eval mode
 
     @torch.no_grad()
-    def forward(self, video: torch.Tensor, generators: list[torch.Generator]) -> dict:
+    def forward(self, video: torch.Tensor, keys: torch.Tensor) -> dict:
         """video [B, 3, 2T, H, W] (the MAE teacher's frames; the student and the CLIP teacher see
-        every other one) -> dict of visible indices and targets, batch-first. With teacher groups
+        every other one), keys [B] (the samples' mask streams) -> dict of visible indices and targets,
+        batch-first. With teacher groups
         smaller than the TP group, each computes its share of the clips and the replica group
         gathers the whole micro-batch's."""
         frames = video[:, :, :: self.model.mae_teacher.tubelet_size]
         if self.groups is None:
-            return {"student_frames": frames, **self._targets(video, generators)}
+            return {"student_frames": frames, **self._targets(video, keys)}
         g = self.groups
         share = video.shape[0] // g.replicas
         mine = slice(g.replica * share, (g.replica + 1) * share)
-        part = self._targets(video[mine], generators[mine])
+        part = self._targets(video[mine], keys[mine])
         return {"student_frames": frames,
                 **{k: gather_along(v, BATCH_DIM[k], g.replica_group) for k, v in part.items()}}
 
-    def _targets(self, video: torch.Tensor, generators: list[torch.Generator]) -> dict:
+    def _targets(self, video: torch.Tensor, keys: torch.Tensor) -> dict:
         model = self.model
         frames = video[:, :, :: model.mae_teacher.tubelet_size]
         clip_features, final, attention = self.clip(frames)
         per_frame = model.student.patches_per_frame
         visible = attention_guided_mask(attention, model.student.num_frames,
-                                        num_visible(per_frame, model.mask_ratio), generators)
+                                        num_visible(per_frame, model.mask_ratio), keys)
         index = visible[None, :, :, None].expand(clip_features.shape[0], -1, -1,
                                                  clip_features.shape[-1])
         clip_targets = torch.gather(clip_features, 2, index)  # [K, B, n, C]

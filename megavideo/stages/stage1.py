@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from dataloaders.synthetic import generator, global_indices, synthetic_video
+from dataloaders.synthetic import global_indices, sample_keys, synthetic_video
 from megavideo.config import Config
 from megavideo.models.specs import transformer_config
 from megavideo.models.student import Stage1Batch, Stage1Student, aligned_layers
@@ -113,8 +113,8 @@ class Stage1(PipelineStage):
     def _teacher_pass(self, step: int, indices: list[int]) -> dict:
         """First stage: clips, masks and all targets of one micro-batch, then the sends."""
         video = self._clips(step, indices)
-        masks = [generator(self.cfg.train.seed, step, i, "mask") for i in indices]
-        targets = self.teachers(video, masks)
+        keys = sample_keys(self.cfg.train.seed, step, indices, "mask", self.device)
+        targets = self.teachers(video, keys)
         for rank in range(1, self.cfg.parallel.pp):
             needs = self.needs[rank]
             if needs.any:

@@ -5,7 +5,7 @@ The video encoder keeps stage 1's pipeline layout; the text and audio encoders a
 on the last pipeline stage, tensor-parallel over its TP group, and need no pipeline of their own.
 Every stage builds its micro-batches itself: the first stage the clips and their visible tokens
 (80% of each frame's patches dropped at random), the last stage the captions, the audio
-filterbanks and the draws of the objectives, all from per-sample generators.
+filterbanks and the draws of the objectives, all from per-sample random streams.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from dataloaders.synthetic import (
     pattern_of,
     pattern_tone,
     pattern_video,
+    sample_keys,
 )
 from dataloaders.tokenizer import WordPiece
+from kernels.keyed_random import uniform
 from megavideo.config import Config
 from megavideo.models.audio import deep_norm_alpha
 from megavideo.models.embedding import num_visible
@@ -34,11 +36,13 @@ from parallel.comm import recv_from_stage, send_to_stage
 PURPOSES = ("mlm", "vtm_video", "vtm_text", "avtm_video", "avtm_text")
 
 
-def random_visible(g: torch.Generator, frames: int, per_frame: int, keep: int) -> torch.Tensor:
-    """[1 + frames * keep] token indices: the CLS token and ``keep`` random patches per frame."""
-    picks = [1 + t * per_frame + torch.randperm(per_frame, generator=g)[:keep].sort().values
-             for t in range(frames)]
-    return torch.cat([torch.zeros(1, dtype=torch.long), *picks])
+def random_visible(keys: torch.Tensor, frames: int, per_frame: int, keep: int) -> torch.Tensor:
+    """[B, 1 + frames * keep] sorted token indices: the CLS token and ``keep`` patches per frame
+    drawn uniformly without replacement from the samples' streams ``keys`` [B], on their device."""
+    picked = uniform(keys, (frames, per_frame)).topk(keep, dim=-1).indices  # [B, frames, keep]
+    offsets = 1 + torch.arange(frames, device=keys.device)[:, None] * per_frame
+    tokens = (offsets + picked).flatten(1).sort(dim=1).values
+    return torch.cat([tokens.new_zeros(keys.shape[0], 1), tokens], dim=1)
 
 
 class Stage2(PipelineStage):
@@ -75,9 +79,8 @@ class Stage2(PipelineStage):
     def _visible(self, step: int, indices: list[int]) -> torch.Tensor:
         student, seed = self.cfg.model.student, self.cfg.train.seed
         keep = num_visible(student.patches_per_frame, self.cfg.model.mask_ratio)
-        return torch.stack([random_visible(generator(seed, step, i, "mask"), student.num_frames,
-                                           student.patches_per_frame, keep)
-                            for i in indices]).to(self.device)
+        return random_visible(sample_keys(seed, step, indices, "mask", self.device),
+                              student.num_frames, student.patches_per_frame, keep)
 
     def _synthetic(self, step: int, indices: list[int], patterns: list[int], first: bool,
                    last: bool) -> dict:
@@ -135,8 +138,8 @@ class Stage2(PipelineStage):
                                                     self.cfg.model.text.max_length)
             batch.text_ids, batch.text_mask = ids.to(self.device), mask.to(self.device)
             batch.item = torch.tensor(source["item"], device=self.device)
-            batch.generators = {purpose: [generator(seed, step, i, purpose) for i in indices]
-                                for purpose in PURPOSES}
+            batch.keys = {purpose: sample_keys(seed, step, indices, purpose, self.device)
+                          for purpose in PURPOSES}
             batch.fbank, batch.has_audio = source.get("fbank"), source.get("has_audio")
         return batch
 

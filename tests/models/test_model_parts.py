@@ -66,8 +66,7 @@ def test_attention_guided_mask_follows_the_attention_and_the_seed():
     attention[:, ::2] = 0.0  # odd patches only can be drawn
 
     def draw(seed):
-        gens = [torch.Generator().manual_seed(seed + b) for b in range(2)]
-        return attention_guided_mask(attention, frames, visible, gens)
+        return attention_guided_mask(attention, frames, visible, torch.tensor([seed, seed + 1]))
 
     index = draw(0)
     assert index.shape == (2, 1 + frames * visible) and index.dtype == torch.long
@@ -79,8 +78,8 @@ def test_attention_guided_mask_follows_the_attention_and_the_seed():
         assert (row.div(patches, rounding_mode="floor").bincount(minlength=frames) == visible).all()
     assert torch.equal(draw(0), index)
     assert not torch.equal(draw(100), index)
-    # one generator per sample: sample 1's draw does not depend on what sample 0 drew
-    alone = attention_guided_mask(attention[frames:], frames, visible, [torch.Generator().manual_seed(1)])
+    # one stream per sample: sample 1's draw does not depend on what sample 0 drew
+    alone = attention_guided_mask(attention[frames:], frames, visible, torch.tensor([1]))
     assert torch.equal(alone[0], index[1])
 
 
