@@ -364,6 +364,9 @@ class CheckpointConfig:
     keep: int = 3  # keep the last K checkpoints
     save_at_end: bool = True
     load: str = ""  # start a new run from these weights (a checkpoint directory or its root)
+    # write each save in a forked process while training goes on (megatron-core's async
+    # torch_dist save); the checkpoint becomes `latest` once every rank has written its share
+    async_save: bool = False
 
 
 @dataclass

@@ -26,12 +26,14 @@ import logging
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing import ShardedObject
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from megavideo.config import Config, ConfigError
@@ -97,22 +99,39 @@ def _rank0_decides(value):
     return box[0]
 
 
-def save_atomically(root: Path, name: str, state: dict) -> Path:
+def save_atomically(root: Path, name: str, state: dict, then=None,
+                    queue: AsyncCallsQueue | None = None) -> Path:
     """dist_checkpointing.save into ``root/.tmp_<name>``, renamed to ``root/<name>`` by rank 0
-    once every rank has finished (collective)."""
+    once every rank has finished, then ``then()`` on rank 0 (collective).
+
+    With ``queue`` the files are written by a forked process while training goes on: each rank
+    copies its share to the host before this returns, and the rename happens when the queue
+    finds every rank done (:meth:`Checkpointer.poll`).
+    """
     tmp, final = root / f".tmp_{name}", root / name
+
+    def publish() -> None:
+        if dist.get_rank() == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(root)
+            if then is not None:
+                then()
+
     if dist.get_rank() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     dist.barrier()
+    if queue is not None:
+        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+        request.add_finalize_fn(publish)
+        queue.schedule_async_request(request)
+        return final
     dist_checkpointing.save(state, str(tmp))
     dist.barrier()
-    if dist.get_rank() == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
+    publish()
     dist.barrier()
     return final
 
@@ -158,6 +177,7 @@ class Checkpointer:
         self.params = canonical_params(trainer.chunks)
         self.layout = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "vpp": cfg.parallel.vpp,
                        "world": dist.get_world_size()}
+        self.queue = AsyncCallsQueue() if cfg.checkpoint.async_save else None
 
     # -- what goes in --------------------------------------------------------------------
 
@@ -177,7 +197,7 @@ class Checkpointer:
             copy = 1 if getattr(param, "shared", False) else 0
             if saving and copy:
                 continue
-            local = param.detach().cpu() if saving else None
+            local = param.detach() if saving else None  # the writer copies its own share
             shards = self._shards(checkpoint_key("student", name), param, local, index, copy,
                                   saving)
             if shards:  # empty containers would end up in the common state, differing by rank
@@ -211,7 +231,7 @@ class Checkpointer:
     def _teachers(self, saving: bool) -> dict:
         out = {}
         for index, (name, param) in enumerate(self._teachers_params().items()):
-            local = param.detach().cpu() if saving else None
+            local = param.detach() if saving else None
             shards = self._shards(name, param, local, index, 0, saving)
             if shards:
                 out[name] = shards
@@ -228,7 +248,9 @@ class Checkpointer:
 
     def save(self, step: int) -> Path:
         """Write checkpoint ``step_<step>`` (``step`` optimizer steps done) and point ``latest``
-        at it; the teachers go to ``teachers/`` once."""
+        at it; the teachers go to ``teachers/`` once. With ``checkpoint.async_save`` the step's
+        files are written in the background (a save still in flight completes first)."""
+        self.finish()
         name = f"step_{step:08d}"
         if dist.get_rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -242,13 +264,30 @@ class Checkpointer:
         parts = {"model": self._model(saving=True), "optimizer": self._optimizer(saving=True, names=names)}
         state = {key: value for key, value in parts.items() if value}
         state.update(rng=self._rng(), meta=self._meta(step))
-        save_atomically(self.root, name, state)
-        if dist.get_rank() == 0:
+        started = time.perf_counter()
+
+        def committed() -> None:
             point_latest(self.root, name)
             self._prune()
-        dist.barrier()
-        log.info("saved checkpoint %s", self.root / name)
+            log.info("saved checkpoint %s (%.1f s%s)", self.root / name,
+                     time.perf_counter() - started, ", written in the background" if self.queue
+                     else "")
+
+        save_atomically(self.root, name, state, committed, self.queue)
+        if self.queue is None:
+            dist.barrier()
         return self.root / name
+
+    def poll(self) -> None:
+        """Commit a background save that every rank has finished writing (collective: call it
+        on every rank once per step; one small all-reduce while a save is in flight)."""
+        if self.queue is not None and self.queue.get_num_unfinalized_calls():
+            self.queue.maybe_finalize_async_calls(blocking=False)
+
+    def finish(self) -> None:
+        """Wait for a background save and commit it (collective)."""
+        if self.queue is not None and self.queue.get_num_unfinalized_calls():
+            self.queue.maybe_finalize_async_calls(blocking=True)
 
     def _saved_states(self) -> tuple[str, ...]:
         if self.cfg.train.precision == "fp32":  # the master weights are the model's own

@@ -214,6 +214,7 @@ def _check_finite(step: int, metrics: dict[str, float], local_ok: bool,
     dist.all_gather_object(flags, local_ok)
     ranks = [r for r, ok in enumerate(flags) if not ok] or list(range(len(flags)))
     shown = ", ".join(f"{k} {v:.4g}" for k, v in checked.items())
+    checkpointer.finish()  # a background save of a good step still counts
     last = checkpointer.latest()
     where = f"the last good checkpoint is {last}" if last else "there is no checkpoint yet"
     raise NonFiniteError(f"step {step}: non-finite loss or gradient norm on rank(s) "
@@ -263,8 +264,12 @@ def run(cfg: Config) -> list[dict]:
             if stopping or at_end or (interval and done % interval == 0):
                 with trainer.gathered_params():
                     checkpointer.save(done)
+            else:
+                checkpointer.poll()
             if stopping:
+                checkpointer.finish()
                 raise SystemExit(EXIT_REQUEUE)
+        checkpointer.finish()
     finally:
         if writer is not None:
             writer.close()

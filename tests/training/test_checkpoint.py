@@ -199,3 +199,24 @@ def test_bf16_distributed_optimizer_resumes_bit_for_bit(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert "loaded checkpoint from" in proc.stderr
     assert _losses(split) == _losses(straight) and len(_losses(split)) == 4
+
+
+def test_an_async_save_writes_what_a_blocking_save_writes(tmp_path):
+    """Every step saved, in the background while the next steps run (dp 2, the distributed
+    optimizer): each checkpoint equals the blocking run's tensor for tensor, so the snapshot is
+    the weights of its step, and the last is committed before the run ends."""
+    layout = [*ONE_RANK, "parallel.distributed_optimizer=true", "train.steps=3", "train.warmup_steps=1",
+              "checkpoint.interval=1", "checkpoint.keep=3"]
+    blocking, background = tmp_path / "blocking", tmp_path / "background"
+    for run_dir, extra in ((blocking, []), (background, ["checkpoint.async_save=true"])):
+        proc = _train(2, [*layout, f"run.dir={run_dir}", *extra])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "written in the background" in proc.stderr
+    assert _losses(background) == _losses(blocking)
+    root = background / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_00000003"
+    assert not list(root.glob(".tmp_*"))
+    for step in (1, 2, 3):
+        name = f"step_{step:08d}"
+        gaps = differences(blocking / "checkpoints" / name, root / name)
+        assert all(gap == 0.0 for gap, _ in gaps.values()), name
