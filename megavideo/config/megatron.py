@@ -18,7 +18,7 @@ from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from kernels.attention import ATTENTION
-from kernels.backends import detect, layer_backend
+from kernels.backends import detect, importable, layer_backend
 from megavideo.config.schema import FUSIONS, Config, ParallelConfig, TrainConfig
 from megavideo.models.init import init_normal
 from parallel.layout import megatron_layout, split_layers
@@ -53,14 +53,16 @@ def transformer_settings(train: TrainConfig, fp8: bool = True) -> dict:
 
 
 AUTO_FUSIONS = ("bias_activation", "bias_dropout")  # megatron-core's own (jit-scripted) kernels
+COMPILED_FUSIONS = ("residual", "qk_norm")  # kernels.fused: torch.compile, Triton on a GPU
 
 
 def fusions(train: TrainConfig, gpu: bool | None = None) -> set[str]:
     """The fused kernels ``train.fusions`` switches on. ``auto`` stands for, on a GPU: bias+GELU
     (megatron-core's is the tanh form InternVideo2 trains with; encoders with the exact GELU keep
     theirs unfused) or bias+SwiGLU, and bias-dropout-add; with Transformer Engine, RoPE; with
-    TE or apex, the fused weight-gradient accumulation (not into torchao's FP8 linears). On the
-    CPU ``auto`` is none: every layout computes today's numbers. megatron-core's masked softmax
+    TE or apex, the fused weight-gradient accumulation (not into torchao's FP8 linears); with
+    Triton, InternVideo2's residual chain and q/k norm (:mod:`kernels.fused`). On the CPU
+    ``auto`` is none: every layout computes today's numbers. megatron-core's masked softmax
     needs Megatron-LM's compiled kernels and is only ever switched on by name."""
     names = set(train.fusions) - {"auto"}
     if gpu is None:
@@ -72,6 +74,8 @@ def fusions(train: TrainConfig, gpu: bool | None = None) -> set[str]:
             names.add("rope")
         if (found.transformer_engine or found.apex) and fp8_backend(train) != "torchao":
             names.add("gradient_accumulation")
+        if importable("triton"):
+            names |= set(COMPILED_FUSIONS)
     return names
 
 

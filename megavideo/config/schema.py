@@ -17,8 +17,9 @@ VOCAB_MULTIPLE = 128  # the text vocabulary is padded to a multiple of this, wha
 STAGE2_TERMS = ("vtc", "vtm", "mlm", "avtc", "avtm", "avmlm")
 
 
-# train.fusions: each name switches on one of megatron-core's fused kernels (TransformerConfig's
-# field). Off by default: with them off every layout computes the same numbers, on the CPU too
+# train.fusions: each name switches on one fused kernel (the TransformerConfig field): megatron-
+# core's, and InternVideo2's residual chain and full-width q/k norm (kernels.fused, compiled).
+# auto: the ones a GPU runs; none on the CPU, where every layout computes the same numbers
 FUSIONS = {
     "bias_activation": "bias_activation_fusion",
     "bias_dropout": "bias_dropout_fusion",
@@ -26,6 +27,8 @@ FUSIONS = {
     "rope": "apply_rope_fusion",
     "persist_layer_norm": "persist_layer_norm",
     "gradient_accumulation": "gradient_accumulation_fusion",
+    "residual": "fused_residual",
+    "qk_norm": "fused_qk_norm",
 }
 ATTENTION_KERNELS = ("auto", "sdpa", "flash", "unfused")  # train.attention (kernels.attention)
 OPTIMIZERS = ("adam", "sgd")  # what megatron-core 0.16.1's get_megatron_optimizer builds

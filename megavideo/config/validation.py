@@ -418,11 +418,14 @@ def validate_interleaving(micro_batches: int, pp: int, what: str) -> None:
 
 
 def _validate_fusions(config: Config) -> None:
-    """Fused kernels named in train.fusions (``auto`` picks only what runs) are CUDA kernels;
+    """Fused kernels named in train.fusions (``auto`` picks only what runs) are CUDA kernels,
+    but for the compiled ones (kernels.fused), which torch.compile builds for the CPU too;
     fusing the weight-gradient accumulation needs TE's or apex's (megatron-core refuses it
     otherwise, after the process group) and megatron-core's linears; the masked softmax needs
     Megatron-LM's compiled kernels."""
-    fusions = [name for name in config.train.fusions if name != "auto"]
+    from megavideo.config.megatron import COMPILED_FUSIONS
+
+    fusions = [name for name in config.train.fusions if name not in ("auto", *COMPILED_FUSIONS)]
     if not fusions:
         return
     if not torch.cuda.is_available():

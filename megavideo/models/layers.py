@@ -3,8 +3,11 @@
     x = x + drop_path(ls1(attn(norm1(x))))      attn: no qkv bias, q/k RMSNorm over the full width
     x = x + drop_path(ls2(mlp(norm2(x))))       ls: layer scale, applied in fp32
 
-Stochastic depth draws come with the batch (``drop_u``, one uniform number per sample, layer and
-branch), so every parallel layout, recomputation and tensor-parallel rank drops the same samples.
+The tail of each branch (bias, layer scale, stochastic depth, residual add) and the q/k norm are
+the element-wise chains of :mod:`kernels.fused`, one compiled kernel each with ``train.fusions``
+residual and qk_norm. Stochastic depth draws come with the batch (``drop_u``, one uniform number
+per sample, layer and branch), so every parallel layout, recomputation and tensor-parallel rank
+drops the same samples.
 """
 
 from __future__ import annotations
@@ -22,21 +25,20 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import get_pg_rank, make_viewless_tensor
 from torch import nn
 
+from kernels import fused
 from kernels.float8 import keep_configured_bf16
 from parallel.comm import all_reduce_sum, group_size
 from parallel.tensors import zero_padding_heads
 
 
 class LayerScale(nn.Module):
-    """Per-channel residual scale, stored and applied in fp32 whatever the model's dtype."""
+    """Per-channel residual scale ``gamma``, stored and applied in fp32 whatever the model's
+    dtype (the block's residual chain, :mod:`kernels.fused`, applies it)."""
 
     def __init__(self, dim: int, init: float, sequence_parallel: bool) -> None:
         super().__init__()
         self.gamma = nn.Parameter(torch.full((dim,), init, dtype=torch.float32))
         self.gamma.sequence_parallel = sequence_parallel
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() * self.gamma).to(x.dtype)
 
     def _apply(self, fn, recurse: bool = True):
         kept = self.gamma.data
@@ -46,13 +48,14 @@ class LayerScale(nn.Module):
         return self
 
 
-def drop_path(x: torch.Tensor, u: torch.Tensor | None, rate: float, training: bool) -> torch.Tensor:
-    """Stochastic depth on a [s, b, h] branch: sample i is kept when u[i] < 1 - rate."""
+def drop_path_keep(u: torch.Tensor | None, rate: float, training: bool,
+                   dtype: torch.dtype) -> torch.Tensor | None:
+    """Stochastic depth's per-sample factor [b] of a branch: 1 / (1 - rate) where u < 1 - rate,
+    0 elsewhere; None when nothing is dropped."""
     if not training or rate == 0.0 or u is None:
-        return x
+        return None
     keep = 1.0 - rate
-    scale = (u < keep).to(x.dtype) / keep  # [b]
-    return x * scale.view(1, -1, 1)
+    return (u < keep).to(dtype) / keep
 
 
 class FullWidthQKNorm(nn.Module):
@@ -75,14 +78,17 @@ class FullWidthQKNorm(nn.Module):
         self.head_dim = config.kv_channels
         self.width = config.real_attention_heads * config.kv_channels
         self.eps = eps
+        self.fused = config.fused_qk_norm  # train.fusions: qk_norm
         self.weight = nn.Parameter(torch.ones(self.heads * self.head_dim, dtype=config.params_dtype))
         set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [s, b, heads, head_dim]
-        xf = x.float()
-        sum_sq = all_reduce_sum(xf.pow(2).sum(dim=(-2, -1), keepdim=True), self.tp_group)
-        normed = xf * torch.rsqrt(sum_sq / self.width + self.eps)
-        return self.weight.view(self.heads, self.head_dim) * normed.to(x.dtype)
+        fuse = self.fused
+        sum_sq = (fused.sum_squares if fuse else fused.sum_squares_reference)(x)
+        sum_sq = all_reduce_sum(sum_sq, self.tp_group)
+        weight = self.weight.view(self.heads, self.head_dim)
+        scale = fused.rms_scale if fuse else fused.rms_scale_reference
+        return scale(x, sum_sq, weight, self.width, self.eps)
 
 
 class InternVideo2Block(TransformerLayer):
@@ -125,12 +131,11 @@ class InternVideo2Block(TransformerLayer):
                 zero_padding_heads(param, get_pg_rank(self.tp_group))
 
     def _residual(self, x, out_with_bias, ls, u) -> torch.Tensor:
+        """x + drop_path(ls(out + bias)): one kernel with train.fusions' residual."""
         out, bias = out_with_bias
-        if bias is not None:
-            out = out + bias
-        if ls is not None:
-            out = ls(out)
-        return x + drop_path(out, u, self.drop_path_rate, self.training)
+        keep = drop_path_keep(u, self.drop_path_rate, self.training, x.dtype)
+        chain = fused.residual if self.config.fused_residual else fused.residual_reference
+        return chain(x, out, bias, ls.gamma if ls is not None else None, keep)
 
     def forward(self, hidden_states, attention_mask=None, drop_u=None, **_unused):
         u1 = u2 = None

@@ -43,6 +43,8 @@ class LayerConfig(TransformerConfig):
     """megatron-core's TransformerConfig plus the choices of this codebase's local-spec layers."""
 
     float8: str = ""  # torchao's FP8 recipe for the local spec's linears ('' : none)
+    fused_residual: bool = False  # train.fusions: residual (kernels.fused)
+    fused_qk_norm: bool = False  # train.fusions: qk_norm
 
 
 @dataclass

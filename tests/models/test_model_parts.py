@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from kernels.fused import residual_reference
 from megavideo.models.embedding import interpolate_frames, num_visible, sincos_3d
-from megavideo.models.layers import FullWidthQKNorm, LayerScale, drop_path
+from megavideo.models.layers import FullWidthQKNorm, LayerScale, drop_path_keep
 from megavideo.models.teachers import attention_guided_mask
 from parallel.layout import chunks_of, megatron_layout, padded_heads, split_layers
 
@@ -88,13 +89,14 @@ def test_official_visible_count():
 
 
 def test_drop_path_drops_whole_samples_and_rescales():
-    x = torch.ones(3, 4, 2)  # [s, b, h]
     u = torch.tensor([0.1, 0.95, 0.5, 0.89])
-    out = drop_path(x, u, rate=0.1, training=True)
-    keep = torch.tensor([1.0, 0.0, 1.0, 1.0]) / 0.9
-    assert torch.allclose(out, keep.view(1, -1, 1).expand_as(x))
-    assert drop_path(x, u, rate=0.1, training=False) is x
-    assert drop_path(x, None, rate=0.1, training=True) is x
+    keep = drop_path_keep(u, rate=0.1, training=True, dtype=torch.float32)
+    assert torch.equal(keep, torch.tensor([1.0, 0.0, 1.0, 1.0]) / 0.9)
+    assert drop_path_keep(u, rate=0.1, training=False, dtype=torch.float32) is None
+    assert drop_path_keep(None, rate=0.1, training=True, dtype=torch.float32) is None
+    x, out = torch.ones(3, 4, 2), torch.full((3, 4, 2), 2.0)  # [s, b, h]
+    expected = 1.0 + 2.0 * keep.view(1, -1, 1).expand_as(x)
+    assert torch.equal(residual_reference(x, out, None, None, keep), expected)
 
 
 def test_layer_scale_stays_fp32_under_a_bf16_cast():
@@ -105,7 +107,7 @@ def test_layer_scale_stays_fp32_under_a_bf16_cast():
     ls = ls.bfloat16()
     assert ls.gamma.dtype == torch.float32 and torch.equal(ls.gamma.detach(), exact)
     x = torch.randn(2, 4).bfloat16()
-    out = ls(x)
+    out = residual_reference(torch.zeros_like(x), x, None, ls.gamma, None)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, (x.float() * exact).bfloat16())
 
@@ -113,7 +115,7 @@ def test_layer_scale_stays_fp32_under_a_bf16_cast():
 def test_qk_norm_spans_the_full_width_not_each_head():
     heads, head_dim = 5, 8
     config = SimpleNamespace(num_attention_heads=heads, real_attention_heads=heads, kv_channels=head_dim,
-                             params_dtype=torch.float32)
+                             params_dtype=torch.float32, fused_qk_norm=False)
     norm = FullWidthQKNorm(config, head_dim)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
@@ -128,12 +130,12 @@ def test_qk_norm_spans_the_full_width_not_each_head():
 def test_qk_norm_ignores_zero_padding_heads():
     real, padded, head_dim = 5, 8, 4
     config = SimpleNamespace(num_attention_heads=padded, real_attention_heads=real, kv_channels=head_dim,
-                             params_dtype=torch.float32)
+                             params_dtype=torch.float32, fused_qk_norm=False)
     x = torch.randn(3, 2, padded, head_dim)
     x[:, :, real:] = 0.0
     out = FullWidthQKNorm(config, head_dim)(x)
     unpadded = SimpleNamespace(num_attention_heads=real, real_attention_heads=real, kv_channels=head_dim,
-                               params_dtype=torch.float32)
+                               params_dtype=torch.float32, fused_qk_norm=False)
     assert torch.allclose(out[:, :, :real], FullWidthQKNorm(unpadded, head_dim)(x[:, :, :real]))
     assert (out[:, :, real:] == 0).all()
 
