@@ -3,12 +3,14 @@
 Every random choice tied to a sample (its pixels, its mask draw, its stochastic-depth draws) comes
 from a stream keyed by (run seed, step, global sample index, purpose), so any parallel layout
 and any resumed run sees exactly the same numbers: a host generator for what the data pipeline
-draws, a key (:func:`sample_keys`) for what the step draws on the device.
+draws, a key (:func:`sample_keys`) for what is drawn on the device: the synthetic clips (from the
+caller's keyed normal numbers, ``kernels.keyed_random.normal``) and the step's draws.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import torch
 
@@ -30,13 +32,21 @@ def sample_keys(seed: int, step: int, indices: list[int], purpose: str,
                         device=device)
 
 
-def synthetic_video(seed: int, step: int, index: int, frames: int, size: int) -> torch.Tensor:
-    """A random clip [3, frames, size, size]: upsampled coarse noise plus a little fine noise."""
-    g = generator(seed, step, index, "video")
-    coarse = torch.randn(3, frames, max(size // 8, 1), max(size // 8, 1), generator=g)
+Normal = Callable[[int], torch.Tensor]  # count -> [B, count] standard normal, one stream a sample
+
+
+def synthetic_video(normal: Normal, frames: int, size: int) -> torch.Tensor:
+    """Random clips [B, 3, frames, size, size] on ``normal``'s device: upsampled coarse noise plus
+    a little fine noise."""
+    c = max(size // 8, 1)
+    coarse_n, fine_n = 3 * frames * c * c, 3 * frames * size * size
+    noise = normal(coarse_n + fine_n)
+    b = noise.shape[0]
+    coarse = noise[:, :coarse_n].reshape(b * 3, frames, c, c)
     video = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear",
                                             align_corners=False)
-    return video + 0.1 * torch.randn(video.shape, generator=g)
+    return video.view(b, 3, frames, size, size) + 0.1 * noise[:, coarse_n:].view(b, 3, frames,
+                                                                                  size, size)
 
 
 def global_indices(step: int, global_batch: int, dp_rank: int, dp: int, micro: int,
@@ -66,14 +76,17 @@ def pattern_caption(pattern: int) -> str:
     return f"{names[pattern // len(names)]} then {names[pattern % len(names)]}"
 
 
-def pattern_video(seed: int, step: int, index: int, pattern: int, frames: int,
-                  size: int) -> torch.Tensor:
-    """[3, frames, size, size]: the pattern's two colours plus noise of this sample and step."""
+def pattern_video(normal: Normal, patterns: list[int], frames: int, size: int) -> torch.Tensor:
+    """[B, 3, frames, size, size] on ``normal``'s device: each pattern's two colours plus noise of
+    its sample and step."""
     names = list(COLOURS)
-    first, second = (torch.tensor(COLOURS[names[c]]) for c in divmod(pattern, len(names)))
-    colours = torch.stack([first if t < frames // 2 else second for t in range(frames)], dim=1)
-    noise = torch.randn(3, frames, size, size, generator=generator(seed, step, index, "video"))
-    return colours[:, :, None, None] + 0.5 * noise
+    rows = []
+    for pattern in patterns:
+        first, second = (COLOURS[names[c]] for c in divmod(pattern, len(names)))
+        rows.append([first if t < frames // 2 else second for t in range(frames)])
+    noise = normal(3 * frames * size * size).view(len(patterns), 3, frames, size, size)
+    colours = torch.tensor(rows, device=noise.device).permute(0, 2, 1)  # [B, 3, frames]
+    return colours[:, :, :, None, None] + 0.5 * noise
 
 
 def pattern_tone(pattern: int, seconds: float, rate: int = 16000) -> torch.Tensor | None:

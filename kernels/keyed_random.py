@@ -3,9 +3,10 @@
 A draw that depends on what the model computed (the attention-guided mask, stage 2's hard
 negatives) or that feeds the model directly (MLM masking) runs where the tensors live: no copy to
 the host, no sync, no Python loop over samples. Each number is a hash of (sample key, position),
-so it does not depend on the device, the parallel layout or which rank draws it, and a resumed run
-draws the same numbers. The hash is Chris Wellons' ``lowbias32`` on 32-bit words held in int64
-(every product stays below 2**63, so CUDA and CPU agree bit for bit).
+so it does not depend on the parallel layout or which rank draws it, and a resumed run draws the
+same numbers. The hash is Chris Wellons' ``lowbias32`` on 32-bit words held in int64 (every
+product stays below 2**63), so the integers and the uniforms are the same bits on every device;
+the normal numbers agree up to the float64 rounding of log and cos.
 """
 
 from __future__ import annotations
@@ -47,10 +48,18 @@ def uniform(keys: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return ((bits.double() + 0.5) / 2.0**32).view(keys.shape[0], *shape)
 
 
+def normal(keys: torch.Tensor, count: int) -> torch.Tensor:
+    """[B, count] float32 standard normal numbers (Box-Muller on two uniforms per number), one
+    stream per key, on the keys' device."""
+    u = uniform(keys, (2, count))
+    radius = torch.sqrt(-2.0 * torch.log(u[:, 0]))
+    return (radius * torch.cos(2.0 * torch.pi * u[:, 1])).float()
+
+
 def gumbel(keys: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """[B, *shape] standard Gumbel noise (float64): argmax(log p + noise) samples p, and the top k
     of it sample k without replacement (the Gumbel-top-k trick)."""
     return -torch.log(-torch.log(uniform(keys, shape)))
 
 
-__all__ = ["gumbel", "uniform"]
+__all__ = ["gumbel", "normal", "uniform"]

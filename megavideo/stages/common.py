@@ -5,6 +5,7 @@ its TP peers)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -14,7 +15,8 @@ from megatron.core import parallel_state
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from dataloaders.manifest import Manifest
-from dataloaders.synthetic import generator
+from dataloaders.synthetic import Normal, generator, sample_keys
+from kernels.keyed_random import normal
 from megavideo.config import Config
 from megavideo.models.specs import transformer_config
 from megavideo.models.video import Tokens
@@ -121,6 +123,11 @@ class PipelineStage:
         """This step's (skipped, attempts) on the device, and a fresh count for the next."""
         counts, self.data_counts = self.data_counts, torch.zeros_like(self.data_counts)
         return counts
+
+    def _noise(self, step: int, indices: list[int]) -> Normal:
+        """The samples' noise for synthetic clips, drawn on this rank's device."""
+        return functools.partial(normal, sample_keys(self.cfg.train.seed, step, indices, "video",
+                                                     self.device))
 
     def _drop_u(self, step: int, indices: list[int]) -> torch.Tensor:
         layers = self.cfg.model.student.num_layers

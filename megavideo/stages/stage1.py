@@ -73,11 +73,9 @@ class Stage1(PipelineStage):
 
     def _clips(self, step: int, indices: list[int]) -> torch.Tensor:
         """The micro-batch's clips [b, 3, frames, size, size] on this rank's device."""
-        seed, student = self.cfg.train.seed, self.cfg.model.student
-        frames = self.cfg.model.mae_teacher.num_frames
         if not self.from_files:
-            return torch.stack([synthetic_video(seed, step, i, frames, student.image_size)
-                                for i in indices]).to(self.device)
+            return synthetic_video(self._noise(step, indices), self.cfg.model.mae_teacher.num_frames,
+                                   self.cfg.model.student.image_size)
         return self._decoded(len(indices))["video"]
 
     def _needs(self, pp_rank: int) -> Needs:

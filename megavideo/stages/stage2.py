@@ -85,12 +85,11 @@ class Stage2(PipelineStage):
     def _synthetic(self, step: int, indices: list[int], patterns: list[int], first: bool,
                    last: bool) -> dict:
         """A micro-batch of synthetic captioned clips: what the first and the last chunk need."""
-        student, audio, seed = self.cfg.model.student, self.cfg.model.audio, self.cfg.train.seed
+        student, audio = self.cfg.model.student, self.cfg.model.audio
         out: dict = {"captions": [pattern_caption(p) for p in patterns], "item": patterns}
         if first:
-            out["video"] = torch.stack([
-                pattern_video(seed, step, i, p, student.num_frames, student.image_size)
-                for i, p in zip(indices, patterns, strict=True)]).to(self.device)
+            out["video"] = pattern_video(self._noise(step, indices), patterns,
+                                         student.num_frames, student.image_size)
         if last and audio.enabled:
             waves = [pattern_tone(p, audio.seconds) for p in patterns]
             out["fbank"] = torch.stack([

@@ -118,9 +118,9 @@ class Stage3(PipelineStage):
                 rows = recv_from_stage([shape], 0, self.pp_group, self.device)[0]
             rows = rows.tolist() if rows is not None else None
         elif first:
-            out["video"] = torch.stack([
-                pattern_video(seed, step, i, pattern_of(seed, i), student.num_frames,
-                              student.image_size) for i in indices]).to(self.device)
+            out["video"] = pattern_video(self._noise(step, indices),
+                                         [pattern_of(seed, i) for i in indices],
+                                         student.num_frames, student.image_size)
         if first or self.last:
             out["qa"] = self._questions(step, indices, rows)
         return out

@@ -247,5 +247,9 @@ def test_auto_fusions_are_megatrons_kernels_on_a_gpu(monkeypatch, fusions, gpu, 
 
     if detect().transformer_engine or detect().apex:
         pytest.skip("TE or apex adds their fusions to auto")
+    from kernels.backends import importable
+
+    if gpu and "auto" in fusions and importable("triton"):  # + kernels.fused's compiled chains
+        expected = expected | set(megatron.COMPILED_FUSIONS)
     cfg = load_config(TINY, [f"train.fusions={fusions}"] if fusions != "[auto]" else [])
     assert megatron.fusions(cfg.train, gpu=gpu) == expected

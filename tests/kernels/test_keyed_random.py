@@ -4,13 +4,14 @@ torch.multinomial on the host (the draws' former path)."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import pytest
 import torch
 
-from dataloaders.synthetic import sample_keys, sample_seed
-from kernels.keyed_random import uniform
+from dataloaders.synthetic import COLOURS, pattern_video, sample_keys, sample_seed, synthetic_video
+from kernels.keyed_random import normal, uniform
 from megavideo.models.objectives import hard_negatives, mlm_inputs
 from megavideo.models.teachers import attention_guided_mask
 
@@ -110,6 +111,23 @@ def test_mlm_masking_has_bert_rates():
     assert abs((masked[chosen] == 4).float().mean() - 0.8) < 0.015
     assert abs(swapped.sum() / chosen.sum() - 0.1) < 0.01
     assert masked.max() < 1000 and masked.min() >= 0
+
+
+def test_normal_numbers_and_the_synthetic_clips_drawn_from_them():
+    keys = sample_keys(0, 3, list(range(16)), "video")
+    z = normal(keys, 8192)
+    assert z.dtype == torch.float32 and z.shape == (16, 8192)
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1.0) < 0.01
+    assert abs((z.abs() < 1.0).float().mean() - 0.6827) < 0.005  # P(|z| < 1)
+    clips = synthetic_video(functools.partial(normal, keys), frames=4, size=16)
+    assert clips.shape == (16, 3, 4, 16, 16)
+    alone = synthetic_video(functools.partial(normal, keys[7:8]), frames=4, size=16)
+    assert torch.equal(alone[0], clips[7])  # a clip depends on its own sample only
+    patterns = pattern_video(functools.partial(normal, keys[:2]), [0, 7], frames=4, size=8)
+    noise = normal(keys[:2], 3 * 4 * 8 * 8).view(2, 3, 4, 8, 8)
+    red, green = torch.tensor(COLOURS["red"]), torch.tensor(COLOURS["green"])
+    assert torch.equal(patterns[1, :, 0], green[:, None, None] + 0.5 * noise[1, :, 0])
+    assert torch.equal(patterns[0, :, 3], red[:, None, None] + 0.5 * noise[0, :, 3])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -144,6 +144,13 @@ def test_the_cpu_is_fine_where_nothing_promises_a_gpu():
     validate_device(load_config(TINY, ["run.device=cpu"]), {"SLURM_JOB_GPUS": "0"})
 
 
+@no_cuda
+def test_the_compiled_fusions_run_on_the_cpu_and_megatrons_do_not():
+    validate_device(load_config(TINY, ["train.fusions=[residual,qk_norm]"]), {})
+    with pytest.raises(ConfigError, match=r"^train.fusions \(bias_activation\) are CUDA kernels"):
+        validate_device(load_config(TINY, ["train.fusions=[residual,bias_activation]"]), {})
+
+
 def test_run_device_must_be_known():
     with pytest.raises(ConfigError, match="run.device must be one of auto, cuda, cpu, got 'gpu'."):
         load_config(TINY, ["run.device=gpu"])

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
-from dataloaders.synthetic import pattern_video
+from dataloaders.synthetic import pattern_video, sample_keys
+from kernels.keyed_random import normal
 
 
 def logits(rank: int, world: int, config: str, overrides: list[str], out: str,
@@ -19,8 +22,9 @@ def logits(rank: int, world: int, config: str, overrides: list[str], out: str,
     stage = chat.stage
     copies = cfg.train.micro_batch
     qa = [("which colour comes first ?", "red")] * copies
-    video = torch.stack([pattern_video(0, 0, 0, 1, cfg.model.student.num_frames,
-                                       cfg.model.student.image_size)] * copies)
+    noise = functools.partial(normal, sample_keys(0, 0, [0] * copies, "video"))
+    video = pattern_video(noise, [1] * copies, cfg.model.student.num_frames,
+                          cfg.model.student.image_size)
     batches = [stage.make_batch(m, video, qa) for m in stage.models]
     for b in batches:
         b.labels = None  # logits, not the loss
