@@ -1,6 +1,6 @@
-"""NVIDIA DALI decoding: ``fn.decoders.video`` on the sampled frames, then crop, resize, flip and
-normalise in the same pipeline; 'mixed' (NVDEC, everything on the GPU) on GPU ranks, 'cpu' where
-the codec allows it (VP8, VP9, MJPEG).
+"""NVIDIA DALI decoding: ``fn.decoders.video`` on the sampled frames, then crop, resize and flip
+in the same pipeline, to 8-bit clips (the training step normalises them on its device); 'mixed'
+(NVDEC, everything on the GPU) on GPU ranks, 'cpu' where the codec allows it (VP8, VP9, MJPEG).
 
 Facts this is built on (../shared/FIELD_NOTES.md and measured with DALI 2.4): frame counts come
 from the manifest; ``pad_mode='none'`` so a frame past a truncated end is an error, not a black
@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from dataloaders.sampling import Draw
-from dataloaders.transform import MEAN_STD
 
 CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
 MIN_VERSION = "2.0"  # the first release whose fn.decoders.video takes frames= and pad_mode=
@@ -59,11 +58,8 @@ def summary() -> str:
     return f"DALI {nvidia.dali.__version__} (fn.{'.'.join(video_decoder()[0])})"
 
 
-def _pipeline(device: str, size: int, normalize: str, batch_size: int, threads: int,
-              device_id: int | None):
+def _pipeline(device: str, size: int, batch_size: int, threads: int, device_id: int | None):
     from nvidia.dali import fn, pipeline_def, types
-
-    mean, std = ([255 * v for v in values] for values in MEAN_STD[normalize])
 
     @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id,
                   exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
@@ -77,8 +73,8 @@ def _pipeline(device: str, size: int, normalize: str, batch_size: int, threads: 
         video = decode(encoded, device=device, frames=frames, pad_mode="none")
         video = fn.resize(video, size=[size, size], roi_start=roi_start, roi_end=roi_end,
                           interp_type=types.INTERP_LINEAR, antialias=True)
-        return fn.crop_mirror_normalize(video, mirror=mirror, mean=mean, std=std,
-                                        dtype=types.FLOAT, output_layout="CFHW")
+        return fn.crop_mirror_normalize(video, mirror=mirror, dtype=types.UINT8,
+                                        output_layout="CFHW")  # normalised on the device
 
     pipe = video_pipeline()
     pipe.build()
@@ -86,11 +82,12 @@ def _pipeline(device: str, size: int, normalize: str, batch_size: int, threads: 
 
 
 class DaliDecoder:
-    """Batches of (file bytes, draw) to clips [B, 3, T, size, size] on the pipeline's device."""
+    """Batches of (file bytes, draw) to uint8 clips [B, 3, T, size, size] on the pipeline's
+    device."""
 
-    def __init__(self, size: int, normalize: str, batch_size: int, threads: int = 2,
+    def __init__(self, size: int, batch_size: int, threads: int = 2,
                  device_id: int | None = None) -> None:
-        self.args = ("mixed" if device_id is not None else "cpu", size, normalize, batch_size,
+        self.args = ("mixed" if device_id is not None else "cpu", size, batch_size,
                      max(threads, 1), device_id)
         self.device_id = device_id
         self.pipe = _pipeline(*self.args)
@@ -120,7 +117,7 @@ class DaliDecoder:
             return torch.from_numpy(np.array(tensor))
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        result = torch.empty(tensor.shape(), dtype=torch.float32,
+        result = torch.empty(tensor.shape(), dtype=torch.uint8,
                              device=torch.device("cuda", self.device_id))
         feed_ndarray(tensor, result, cuda_stream=torch.cuda.current_stream(self.device_id))
         return result

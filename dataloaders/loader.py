@@ -10,6 +10,7 @@ good samples plus replacements.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -25,7 +26,7 @@ from dataloaders.manifest import Manifest
 from dataloaders.pyav_decode import DecodeError, read_frames
 from dataloaders.sampling import Draw, Sampling, position_row
 from dataloaders.synthetic import global_indices
-from dataloaders.transform import to_clip
+from dataloaders.transform import crop_resize
 
 log = logging.getLogger(__name__)
 
@@ -41,23 +42,31 @@ class Batch:
     """One micro-batch of clips and what it cost: files skipped (path, reason) and decodes tried;
     the manifest rows the clips came from; with audio, their filterbanks."""
 
-    video: torch.Tensor  # [B, 3, T, size, size]
+    video: torch.Tensor  # [B, 3, T, size, size] uint8 (normalised on the training device)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     attempts: int = 0
     rows: list[int] = field(default_factory=list)
     fbank: torch.Tensor | None = None  # [B, frames, bins], zeros where has_audio is False
     has_audio: torch.Tensor | None = None  # [B] bool
 
+    def pin_memory(self) -> Batch:
+        """The batch with its host tensors in page-locked memory (DataLoader's pinning thread
+        calls this), so that the copy to the GPU runs asynchronously."""
+        def pin(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t.pin_memory() if t is not None and t.device.type == "cpu" else t
+
+        return dataclasses.replace(self, video=pin(self.video), fbank=pin(self.fbank),
+                                   has_audio=pin(self.has_audio))
+
 
 class Clips:
     """Manifest rows to clips: the draws, the decode with either backend, the replacements."""
 
-    def __init__(self, manifest: Manifest, sampling: Sampling, size: int, normalize: str,
+    def __init__(self, manifest: Manifest, sampling: Sampling, size: int,
                  decode_threads: int = 1, audio: AudioSpec | None = None) -> None:
         self.manifest = manifest
         self.sampling = sampling
         self.size = size
-        self.normalize = normalize
         self.decode_threads = decode_threads
         self.audio = audio
 
@@ -108,7 +117,7 @@ class Clips:
                 except DecodeError as e:
                     skipped.append((path, str(e)))
                     continue
-                clips.append(to_clip(frames, draw.crop, self.size, self.normalize))
+                clips.append(crop_resize(frames, draw.crop, self.size))
                 rows.append(row)
                 draws.append(draw)
                 break
@@ -127,7 +136,7 @@ class Clips:
             except DecodeError as e:
                 raise DataError(f"evaluation clip {path} does not decode ({e}); remove it from "
                                 f"the manifest {self.manifest.file}.") from None
-            clips.append(to_clip(frames, draw.crop, self.size, self.normalize))
+            clips.append(crop_resize(frames, draw.crop, self.size))
             draws.append(draw)
         return self._with_audio(Batch(torch.stack(clips), rows=list(rows)), draws)
 
@@ -214,6 +223,7 @@ class Feed:
     workers: int = 2
     prefetch: int = 2
     dali_device_id: int | None = None
+    pin_memory: bool = False  # page-locked batches from the decode processes (for a GPU)
     offset: int = 0  # consumed samples minus step * global batch (non-zero if the batch changed)
 
     def positions(self, step: int, micro: int) -> list[int]:
@@ -227,7 +237,7 @@ class Feed:
         micro = self.global_batch // (self.micro_batch * self.dp)
         keys = [(s, m) for s in range(start_step, steps) for m in range(micro)]
         if self.backend == "dali":
-            decoder = DaliDecoder(self.clips.size, self.clips.normalize, self.micro_batch,
+            decoder = DaliDecoder(self.clips.size, self.micro_batch,
                                   self.workers, self.dali_device_id)
             log.info("video decode: %s, %d threads: %s", decoder.name, self.workers,
                      summary())
@@ -239,7 +249,7 @@ class Feed:
                 _Keyed(self.clips, self.positions), sampler=keys, batch_size=None,
                 num_workers=self.workers, prefetch_factor=self.prefetch,
                 multiprocessing_context="spawn", persistent_workers=False,
-                collate_fn=_as_is))
+                collate_fn=_as_is, pin_memory=self.pin_memory))
         else:
             log.info("video decode: PyAV on the CPU, in the training process")
             stream = ((key, self.clips.load_pyav(self.positions(*key))) for key in keys)

@@ -1,8 +1,9 @@
-"""Decoded frames to the model's input on the CPU: crop, resize, flip, normalise.
+"""Decoded frames to the model's input: crop, resize and flip on the CPU, normalise on the device.
 
 The same steps as the DALI pipeline (dataloaders/dali.py): the crop window of the source is
-resized to ``size``×``size`` with antialiased bilinear filtering, mirrored if drawn, scaled to
-[0, 1] and normalised with the chosen mean and standard deviation.
+resized to ``size``×``size`` with antialiased bilinear filtering and mirrored if drawn, in 8-bit
+levels; the training step's device then scales them to [0, 1] and normalises them with the chosen
+mean and standard deviation.
 """
 
 from __future__ import annotations
@@ -19,19 +20,30 @@ MEAN_STD = {
 }
 
 
-def to_clip(frames: np.ndarray, crop: Crop, size: int, normalize: str) -> torch.Tensor:
-    """uint8 RGB frames [T, H, W, 3] -> float clip [3, T, size, size]."""
+def crop_resize(frames: np.ndarray, crop: Crop, size: int) -> torch.Tensor:
+    """uint8 RGB frames [T, H, W, 3] -> uint8 clip [3, T, size, size]: what a decoding rank hands
+    on (a quarter of the float clip's bytes to pin, copy and broadcast)."""
     window = torch.from_numpy(frames[:, crop.top:crop.top + crop.height,
                                      crop.left:crop.left + crop.width])
     x = window.permute(0, 3, 1, 2)  # [T, 3, h, w], channels-last in memory
     if x.shape[-2:] != (size, size):  # on uint8: torch's fast path, 5x the float one
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                           antialias=True)
-    x = x.float()
     if crop.flip:
         x = x.flip(-1)
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) * 255 for v in MEAN_STD[normalize])
-    return ((x - mean) / std).transpose(0, 1).contiguous()
+    return x.transpose(0, 1).contiguous()
 
 
-__all__ = ["MEAN_STD", "to_clip"]
+def normalize(video: torch.Tensor, name: str) -> torch.Tensor:
+    """uint8 clips [..., 3, T, H, W] -> float32 ``(x - mean) / std`` on the clips' device."""
+    mean, std = (torch.tensor(v, device=video.device).view(3, 1, 1, 1) * 255
+                 for v in MEAN_STD[name])
+    return (video.float() - mean) / std
+
+
+def to_clip(frames: np.ndarray, crop: Crop, size: int, name: str) -> torch.Tensor:
+    """uint8 RGB frames [T, H, W, 3] -> the model's float clip [3, T, size, size]."""
+    return normalize(crop_resize(frames, crop, size), name)
+
+
+__all__ = ["MEAN_STD", "crop_resize", "normalize", "to_clip"]

@@ -1,7 +1,8 @@
 """Video decode benchmark: ``python -m launch.bench_data [--manifest M] [--out bench_data.json]``.
 
 A benchmark, not a test: per backend, clips/s and frames/s of the whole sample path (decode the
-sampled frames, crop, resize, flip, normalise to 3 x frames x size x size float) on one core
+sampled frames, crop, resize, flip to 3 x frames x size x size 8-bit levels, as a decoding rank
+hands them on; the training device normalises them) on one core
 (one process, one decode thread, torch on one thread), and per CPU-second used. Backends: PyAV +
 torch (MegaVideo's CPU path), decord + torch (the official InternVideo2 code's decoder; needs
 ``pip install decord``), DALI's CPU pipeline (VP8/VP9/MJPEG clips only) and DALI's mixed NVDEC
@@ -27,29 +28,29 @@ from dataloaders.clips import write_clip
 from dataloaders.manifest import Manifest, build_manifest
 from dataloaders.pyav_decode import read_frames
 from dataloaders.sampling import Draw, Sampling
-from dataloaders.transform import to_clip
+from dataloaders.transform import crop_resize
 
 
-def _pyav(size: int, normalize: str):
+def _pyav(size: int):
     def run(paths: list[str], draws: list[Draw]) -> None:
         for path, draw in zip(paths, draws, strict=True):
-            to_clip(read_frames(path, draw.frames), draw.crop, size, normalize)
+            crop_resize(read_frames(path, draw.frames), draw.crop, size)
     return run
 
 
-def _decord(size: int, normalize: str):
+def _decord(size: int):
     import decord
 
     def run(paths: list[str], draws: list[Draw]) -> None:
         for path, draw in zip(paths, draws, strict=True):
             reader = decord.VideoReader(path, num_threads=1)  # 0 crashes on VP9
             frames = reader.get_batch(draw.frames).asnumpy()
-            to_clip(frames, draw.crop, size, normalize)
+            crop_resize(frames, draw.crop, size)
     return run
 
 
-def _dali(size: int, normalize: str, batch: int, device_id: int | None):
-    decoder = dali.DaliDecoder(size, normalize, batch, threads=1, device_id=device_id)
+def _dali(size: int, batch: int, device_id: int | None):
+    decoder = dali.DaliDecoder(size, batch, threads=1, device_id=device_id)
 
     def run(paths: list[str], draws: list[Draw]) -> None:
         for i in range(0, len(paths), batch):
@@ -100,18 +101,18 @@ def main(argv: list[str] | None = None) -> None:
             paths = [manifest.path(r) for r in picks]
             draws = [sampling.draw(i, r, int(manifest.num_frames[r]), int(manifest.heights[r]),
                                    int(manifest.widths[r])) for i, r in enumerate(picks)]
-            backends: dict[str, Callable | str] = {"pyav+torch": _pyav(args.size, "imagenet")}
+            backends: dict[str, Callable | str] = {"pyav+torch": _pyav(args.size)}
             try:
-                backends["decord+torch"] = _decord(args.size, "imagenet")
+                backends["decord+torch"] = _decord(args.size)
             except ImportError:
                 backends["decord+torch"] = "decord not installed (pip install decord)"
             if dali.missing():
                 backends["dali cpu"] = backends["dali mixed"] = dali.missing()
             else:
-                backends["dali cpu"] = (_dali(args.size, "imagenet", args.batch, None)
+                backends["dali cpu"] = (_dali(args.size, args.batch, None)
                                         if codec in dali.CPU_CODECS else
                                         f"DALI's CPU decoder cannot decode {codec}")
-                backends["dali mixed"] = (_dali(args.size, "imagenet", args.batch, 0)
+                backends["dali mixed"] = (_dali(args.size, args.batch, 0)
                                           if torch.cuda.is_available() else "no GPU")
             for name, run in backends.items():
                 row = {"codec": codec, "backend": name}

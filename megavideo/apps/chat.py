@@ -62,7 +62,8 @@ def read_video(cfg: Config, path: str) -> torch.Tensor:
     with tempfile.TemporaryDirectory() as tmp:
         manifest = Path(tmp) / "manifest.jsonl"
         manifest.write_text(json.dumps(row) + "\n")
-        return data.clips(cfg, Manifest(manifest), train=False).load_rows([0]).video[0]
+        return data.normalized(cfg, data.clips(cfg, Manifest(manifest), train=False)
+                               .load_rows([0]).video[0])
 
 
 class Chat:

@@ -412,7 +412,7 @@ def check_dali_mixed(ctx: Context) -> str:
     from dataloaders.manifest import Manifest
     from dataloaders.pyav_decode import read_frames
     from dataloaders.sampling import Sampling
-    from dataloaders.transform import to_clip
+    from dataloaders.transform import crop_resize
 
     why = dali.missing()
     if why:
@@ -423,17 +423,18 @@ def check_dali_mixed(ctx: Context) -> str:
     sampling = Sampling(8, seed=0)
     draws = [sampling.draw(0, r, int(manifest.num_frames[r]), int(manifest.heights[r]),
                            int(manifest.widths[r])) for r in rows]
-    decoder = dali.DaliDecoder(64, "imagenet", len(rows), threads=2,
+    decoder = dali.DaliDecoder(64, len(rows), threads=2,
                                device_id=0 if ctx.device == "cuda" else None)
     video, failed = decoder.decode([np.fromfile(manifest.path(r), np.uint8) for r in rows], draws)
     if failed:
         raise AssertionError(f"DALI failed on {failed}")
-    pyav = torch.stack([to_clip(read_frames(manifest.path(r), d.frames), d.crop, 64, "imagenet")
+    pyav = torch.stack([crop_resize(read_frames(manifest.path(r), d.frames), d.crop, 64)
                         for r, d in zip(rows, draws, strict=True)])
-    diff = (video.float().cpu() - pyav).abs().mean().item()
-    if diff > 0.1:  # PyAV's and DALI's colour conversions differ by ~2/255 (FIELD_NOTES)
-        raise AssertionError(f"DALI's frames differ from PyAV's by {diff:.3f} on average")
-    return f"{decoder.name}: {len(rows)} clips on {video.device}, mean difference to PyAV {diff:.4f}"
+    diff = (video.cpu().float() - pyav.float()).abs().mean().item()
+    if diff > 2.5:  # PyAV's and DALI's colour conversions differ by ~2 levels (FIELD_NOTES)
+        raise AssertionError(f"DALI's frames differ from PyAV's by {diff:.2f} levels on average")
+    return (f"{decoder.name}: {len(rows)} clips on {video.device}, mean difference to PyAV "
+            f"{diff:.2f} levels of 255")
 
 
 # what launch.describe counts for configs/stage1_vit6b.yaml on the CPU (the local spec)

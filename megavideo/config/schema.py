@@ -351,7 +351,9 @@ class DataConfig:
     crop: str = "random_resized"  # random_resized | center
     crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])  # area fraction range
     flip: bool = True
-    workers: int = 2  # PyAV decode processes, or DALI threads
+    # PyAV decode processes, or DALI threads, per decoding rank; null: the CPUs the task has
+    # (SLURM's --cpus-per-task, or this process's CPUs shared by the node's ranks) less one
+    workers: int | None = None
     prefetch: int = 2  # micro-batches decoded ahead
     decode_threads: int = 1  # FFmpeg threads per PyAV decode
     max_skip_rate: float = 0.05  # stop when more of the decodes fail (after a global batch)

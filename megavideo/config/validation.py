@@ -376,8 +376,10 @@ def _validate_data(data: DataConfig) -> None:
     if len(data.crop_scale) != 2 or not 0 < low <= high <= 1:
         raise ConfigError(f"data.crop_scale must be two numbers 0 < low <= high <= 1, got "
                           f"{data.crop_scale}.")
-    if data.workers < 0 or data.prefetch < 1 or data.decode_threads < 1:
-        raise ConfigError("data.workers must be >= 0, data.prefetch and data.decode_threads >= 1.")
+    if (data.workers is not None and data.workers < 0) or data.prefetch < 1 \
+            or data.decode_threads < 1:
+        raise ConfigError("data.workers must be >= 0 (or null), data.prefetch and "
+                          "data.decode_threads >= 1.")
     if not data.captions:
         raise ConfigError("data.captions must name at least one caption key.")
     if not 0 <= data.max_skip_rate <= 1:

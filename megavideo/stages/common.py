@@ -91,7 +91,8 @@ class PipelineStage:
 
     def _decoded(self, b: int) -> dict[str, torch.Tensor]:
         """The next decoded micro-batch of ``b`` clips on every TP rank of the first stage:
-        ``video`` [b, 3, frames, size, size], ``rows`` [b] (the manifest rows, replacements
+        ``video`` [b, 3, frames, size, size] (copied and broadcast in 8-bit levels, normalised
+        on the device), ``rows`` [b] (the manifest rows, replacements
         included) and, with audio, ``fbank`` [b, frames, bins] and ``has_audio`` [b]."""
         counts = torch.zeros(2, dtype=torch.float64, device=self.device)
         if self.decodes:
@@ -117,6 +118,7 @@ class PipelineStage:
                 dist.broadcast(tensor, src, group=self.tp_group)
         self.data_counts += counts
         out["has_audio"] = out["has_audio"].bool() if "has_audio" in out else None
+        out["video"] = data.normalized(self.cfg, out["video"])  # broadcast as uint8
         return out
 
     def take_data_counts(self) -> torch.Tensor:

@@ -167,7 +167,7 @@ class Stage2(PipelineStage):
         if self.manifest is None:
             return self._synthetic(-1, items, items, True, True)
         batch = data.clips(self.cfg, self.manifest, train=False).load_rows(items)
-        out = {"video": batch.video.to(self.device), "item": items,
+        out = {"video": data.normalized(self.cfg, batch.video.to(self.device)), "item": items,
                "captions": [self.manifest.captions(row, self.cfg.data.captions)[0]
                             for row in items]}
         if batch.fbank is not None:

@@ -9,6 +9,8 @@ to the last stage, which reads their captions.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
 
 import torch
 
@@ -17,9 +19,12 @@ from dataloaders.audio import AudioSpec
 from dataloaders.loader import Clips, DataError, Feed
 from dataloaders.manifest import QA_KEYS, Manifest
 from dataloaders.sampling import Sampling
+from dataloaders.transform import normalize
 from megavideo.config import Config, ConfigError, DataConfig
 
 log = logging.getLogger(__name__)
+
+MAX_WORKERS = 16  # decode processes per decoding rank when data.workers is null
 
 
 def backend(data: DataConfig, cuda: bool) -> str:
@@ -94,7 +99,7 @@ def audio_spec(cfg: Config) -> AudioSpec | None:
 def decoded_shapes(cfg: Config, b: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Shapes and dtypes of what a decoding rank broadcasts for a micro-batch of ``b`` clips."""
     size = cfg.model.student.image_size
-    out = {"video": ((b, 3, frames(cfg), size, size), torch.float32), "rows": ((b,), torch.long)}
+    out = {"video": ((b, 3, frames(cfg), size, size), torch.uint8), "rows": ((b,), torch.long)}
     spec = audio_spec(cfg)
     if spec is not None:
         out |= {"fbank": ((b, spec.frames, spec.bins), torch.float32), "has_audio": ((b,), torch.long)}
@@ -108,17 +113,36 @@ def clips(cfg: Config, manifest: Manifest, train: bool = True) -> Clips:
     sampling = Sampling(num_frames=frames(cfg), seed=cfg.train.seed,
                         train=train and data.frame_sampling == "random", crop=data.crop,
                         scale=(data.crop_scale[0], data.crop_scale[1]), flip=data.flip)
-    return Clips(manifest, sampling, cfg.model.student.image_size, data.normalize,
-                 data.decode_threads, audio_spec(cfg))
+    return Clips(manifest, sampling, cfg.model.student.image_size, data.decode_threads,
+                 audio_spec(cfg))
+
+
+def decode_workers(data: DataConfig, env: Mapping[str, str] | None = None) -> int:
+    """``data.workers``, or (null) the CPUs this task has less one for the training process, at
+    most :data:`MAX_WORKERS`: SLURM's ``--cpus-per-task`` under srun (one task per GPU), else the
+    CPUs this process may run on shared by torchrun's ranks on the node."""
+    if data.workers is not None:
+        return data.workers
+    env = os.environ if env is None else env
+    if env.get("SLURM_CPUS_PER_TASK") and "LOCAL_WORLD_SIZE" not in env:
+        cpus = int(env["SLURM_CPUS_PER_TASK"])
+    else:
+        cpus = len(os.sched_getaffinity(0)) // max(int(env.get("LOCAL_WORLD_SIZE", 1)), 1)
+    return max(min(cpus - 1, MAX_WORKERS), 0)
 
 
 def feed(cfg: Config, manifest: Manifest, dp_rank: int, dp: int, device: torch.device) -> Feed:
-    """This data-parallel rank's feed of clips."""
+    """This data-parallel rank's feed of clips (pinned for the copy to a GPU)."""
     data = cfg.data
     cuda = device.type == "cuda"
     return Feed(clips(cfg, manifest), cfg.train.global_batch, cfg.train.micro_batch, dp_rank, dp,
-                backend(data, cuda), data.workers, data.prefetch,
-                dali_device_id=device.index if cuda else None)
+                backend(data, cuda), decode_workers(data), data.prefetch,
+                dali_device_id=device.index if cuda else None, pin_memory=cuda)
+
+
+def normalized(cfg: Config, video: torch.Tensor) -> torch.Tensor:
+    """uint8 clips -> the model's float input (``data.normalize``), on the clips' device."""
+    return normalize(video, cfg.data.normalize)
 
 
 class SkipBudget:
@@ -149,5 +173,5 @@ class SkipBudget:
         return {"skipped": self.skipped, "attempts": self.attempts}
 
 
-__all__ = ["SkipBudget", "audio_spec", "backend", "caption", "check", "clips",
-           "decoded_shapes", "feed", "frames"]
+__all__ = ["MAX_WORKERS", "SkipBudget", "audio_spec", "backend", "caption", "check", "clips",
+           "decode_workers", "decoded_shapes", "feed", "frames", "normalized"]
