@@ -272,6 +272,10 @@ class ParallelConfig:
     # with the distributed optimizer: all-gather the updated parameters during the next forward;
     # null: on a GPU run with the distributed optimizer and the overlapped reduce, else off
     overlap_param_gather: bool | None = None
+    # Transformer Engine's TP communication overlap (userbuffers: the SP all-gathers and
+    # reduce-scatters of the video encoder's linears split and pipelined with their GEMMs);
+    # null: on with TE's spec on GPUs at tp > 1 with SP in stages 1 and 2, else off
+    tp_comm_overlap: bool | None = None
 
     @property
     def encoder_tp_size(self) -> int:

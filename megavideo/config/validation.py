@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from packaging.version import Version
 
 from megavideo.accounting.devices import DEVICES
 from megavideo.config.fp8_rules import check_recipe, validate_fp8
@@ -306,6 +307,10 @@ def validate(config: Config, world_size: int | None = None) -> None:
                                          is not False):
         raise ConfigError("parallel.overlap_param_gather needs parallel.distributed_optimizer and "
                           "parallel.overlap_grad_reduce.")
+    if par.tp_comm_overlap and not (par.tp > 1 and par.sp and config.stage in (1, 2)):
+        raise ConfigError("parallel.tp_comm_overlap overlaps the video encoder's sequence-"
+                          "parallel communication in stages 1 and 2: it needs parallel.tp >= 2 "
+                          "and parallel.sp.")
     if config.run.timeout_minutes < 1:
         raise ConfigError(f"run.timeout_minutes must be at least 1, got "
                           f"{config.run.timeout_minutes}.")
@@ -498,12 +503,28 @@ def _validate_fp8_device(config: Config) -> None:
                               f"{have[0]}.{have[1]}.")
 
 
+def _validate_tp_comm_overlap(config: Config) -> None:
+    """parallel.tp_comm_overlap=true runs Transformer Engine's userbuffers (1.9+, whose
+    bootstrap needs no MPI group) on its layer spec."""
+    if not config.parallel.tp_comm_overlap:
+        return
+    from kernels import backends
+
+    found = backends.detect()
+    version = found.version("transformer_engine")
+    if backends.layer_backend() != "te" or (version and Version(version) < Version("1.9")):
+        raise ConfigError("parallel.tp_comm_overlap runs Transformer Engine 1.9+'s userbuffers "
+                          f"on its layer spec, and this node has {found.summary()}: set "
+                          "parallel.tp_comm_overlap=null (on where it runs).")
+
+
 def validate_device(config: Config, env: Mapping[str, str] | None = None) -> None:
     """Check ``run.device`` against this node before any process group: a node where the job
     was given GPUs (or the config asks for them) but torch sees none is an error, not a quiet
     run on the CPU."""
     device = config.run.device
     _validate_fusions(config)
+    _validate_tp_comm_overlap(config)
     _validate_attention(config.train.attention)
     _validate_fp8_device(config)
     if torch.cuda.is_available():

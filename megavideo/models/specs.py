@@ -103,9 +103,11 @@ def _activation(activation: str, settings: dict) -> dict:
 
 
 def without_sequence_parallel(config: TransformerConfig) -> TransformerConfig:
-    """The same config for modules that see the whole sequence (heads, aligners)."""
+    """The same config for modules that see the whole sequence (heads, aligners): no SP, so
+    no TP communication overlap either."""
     out = copy.copy(config)
     out.sequence_parallel = False
+    out.tp_comm_overlap = False
     return out
 
 

@@ -17,11 +17,12 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from dataloaders.manifest import Manifest
 from dataloaders.synthetic import Normal, generator, sample_keys
 from kernels.keyed_random import normal
-from megavideo.config import Config
+from megavideo.config import Config, megatron
 from megavideo.models.specs import transformer_config
 from megavideo.models.video import Tokens
 from megavideo.training import data
 from parallel.layout import chunks_of, split_layers
+from parallel.tp_overlap import initialize_userbuffers
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,14 @@ class PipelineStage:
         counts = split_layers(model.student.num_layers, par.pp, par.vpp, par.pipeline_layout)
         config = transformer_config(model.student, par, self.cfg.train, pipelined=True,
                                     sequence_parallel=par.sp)
-        return counts, Tokens.of(model, par.tp, par.sp, self.cfg.train.precision == "fp8"), config
+        tokens = Tokens.of(model, par.tp, par.sp, self.cfg.train.precision == "fp8")
+        if megatron.tp_comm_overlap(self.cfg):
+            config.tp_comm_overlap = True
+            initialize_userbuffers(tokens.length * self.cfg.train.micro_batch,
+                                   model.student.hidden_size, par.tp,
+                                   megatron.fp8_backend(self.cfg.train) == "te",
+                                   config.params_dtype)
+        return counts, tokens, config
 
     @property
     def seq_length(self) -> int:

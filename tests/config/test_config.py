@@ -235,6 +235,42 @@ def test_communication_overlaps_by_default_on_a_gpu(monkeypatch, overrides, gpu,
     assert (ddp.overlap_grad_reduce, ddp.overlap_param_gather) == expected
 
 
+@pytest.mark.parametrize(("config", "overrides", "te", "expected"), [
+    (TINY, [], True, True),  # TE's spec on GPUs, tp 2 + SP: the userbuffers overlap
+    (TINY, [], False, False),  # the local spec: megatron-core's collectives
+    (TINY, ["parallel.sp=false"], True, False),
+    (TINY, ["run.device=cpu"], True, False),
+    (ROOT / "configs" / "stage3_tiny.yaml", [], True, False),  # two SP-split transformers
+    (TINY, ["parallel.tp_comm_overlap=false"], True, False),
+])
+def test_te_tp_communication_overlap_is_on_where_it_runs(monkeypatch, config, overrides, te,
+                                                          expected):
+    import torch
+
+    from megavideo.config import megatron
+
+    cfg = load_config(config, overrides)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(megatron, "layer_backend", lambda: "te" if te else "local")
+    assert megatron.tp_comm_overlap(cfg) == expected
+
+
+def test_te_tp_communication_overlap_asked_for_is_checked():
+    from megavideo.config import validate_device
+
+    with pytest.raises(ConfigError, match="tp_comm_overlap overlaps the video encoder's sequence-"
+                                          "parallel communication in stages 1 and 2"):
+        load_config(TINY, ["parallel.tp_comm_overlap=true", "parallel.sp=false"])
+    cfg = load_config(TINY, ["parallel.tp_comm_overlap=true"])
+    from kernels.backends import detect
+
+    if detect().transformer_engine:
+        pytest.skip("Transformer Engine is installed: the overlap runs")
+    with pytest.raises(ConfigError, match=r"^parallel.tp_comm_overlap runs Transformer Engine "
+                                          r"1.9\+'s userbuffers on its layer spec, and this node"):
+        validate_device(cfg, env={})
+
+
 @pytest.mark.parametrize(("fusions", "gpu", "expected"), [
     ("[auto]", False, set()),  # the CPU: today's numbers
     ("[auto]", True, {"bias_activation", "bias_dropout"}),  # + rope, gradient_accumulation with TE
