@@ -37,10 +37,12 @@ def sum_squares_reference(x: torch.Tensor) -> torch.Tensor:
 
 
 def rms_scale_reference(x: torch.Tensor, sum_sq: torch.Tensor, weight: torch.Tensor, width: int,
-                        eps: float) -> torch.Tensor:
-    """weight [heads, head_dim] * x / rms, rms over the full width from the all-reduced sum."""
+                        eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """weight [heads, head_dim] * x / rms in ``dtype``, rms over the full width from the
+    all-reduced sum. The eager caller passes x already in fp32 to both halves, so that one fp32
+    copy is made and saved for the backward, not two."""
     normed = x.float() * torch.rsqrt(sum_sq / width + eps)
-    return weight * normed.to(x.dtype)
+    return weight * normed.to(dtype)
 
 
 @functools.cache
@@ -48,16 +50,25 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=True, fullgraph=True)
 
 
-def residual(*args) -> torch.Tensor:
-    return _compiled(residual_reference)(*args)
+def residual(x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None,
+             gamma: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor:
+    """:func:`residual_reference` in one kernel. An absent bias, layer scale or drop path is
+    passed as its identity (zeros, ones: the same numbers), so that one compiled graph per dtype
+    serves every block, not one per combination (torch.compile's recompile limit is 8)."""
+    h, b = out.shape[-1], out.shape[-2]
+    bias = out.new_zeros(h) if bias is None else bias
+    gamma = torch.ones(h, dtype=torch.float32, device=out.device) if gamma is None else gamma
+    keep = x.new_ones(b) if keep is None else keep
+    return _compiled(residual_reference)(x, out, bias, gamma, keep)
 
 
 def sum_squares(x: torch.Tensor) -> torch.Tensor:
     return _compiled(sum_squares_reference)(x)
 
 
-def rms_scale(*args) -> torch.Tensor:
-    return _compiled(rms_scale_reference)(*args)
+def rms_scale(x: torch.Tensor, sum_sq: torch.Tensor, weight: torch.Tensor, width: int,
+              eps: float, dtype: torch.dtype) -> torch.Tensor:
+    return _compiled(rms_scale_reference)(x, sum_sq, weight, width, eps, dtype)
 
 
 __all__ = ["residual", "residual_reference", "rms_scale", "rms_scale_reference", "sum_squares",

@@ -6,7 +6,8 @@ micro-batch) forward and backward in bf16 and in FP8 where the device runs it, a
 teachers' forward, each timed after warm-up (:mod:`megavideo.accounting.bench`). Prints a table
 (TFLOP/s, MFU, attention kernel, peak memory), writes ``bench_gpu.json`` and, on a GPU, the
 ``calibration.json`` that ``launch.plan --calibration`` reads (its matmul efficiency: the bf16
-student's MFU). Runs on the CPU too (no MFU there), as the tests run it on the tiny config.
+student's, its element-wise work taken out). Runs on the CPU too (no MFU there), as the tests
+run it on the tiny config.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         exit_with(err)
     import torch
 
-    from megavideo.accounting.bench import bench
-    from megavideo.accounting.planner import Calibration
+    from megavideo.accounting.bench import bench, calibration
+    from megavideo.accounting.devices import local_device
     from parallel.distributed import single_rank_world
 
     with single_rank_world():
@@ -71,10 +72,10 @@ def main(argv: list[str] | None = None) -> None:
         {"device": name, "torch": torch.__version__, "config": args.config,
          "overrides": args.overrides, "fp8_not_measured": no_fp8,
          "cases": [c.to_dict() for c in cases]}, indent=1) + "\n")
-    student = next(c for c in cases if c.precision == "bf16" and c.name.startswith("student"))
-    if student.mfu is not None:
-        Calibration(matmul_efficiency=round(student.mfu, 4),
-                    source=f"launch.bench_gpu on {name}").save(args.out / "calibration.json")
+    device = local_device()
+    fitted = calibration(cfg, cases, device) if device is not None else None
+    if fitted is not None:
+        fitted.save(args.out / "calibration.json")
     log.info("wrote %s", args.out)
 
 

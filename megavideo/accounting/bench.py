@@ -7,7 +7,8 @@ frozen teachers' block stacks, forward only, on what they see (the CLIP teacher 
 image, the MAE teacher the whole clip). Each case runs ``warmup`` untimed steps, then ``steps``
 timed ones (CUDA events on a GPU, the wall clock on the CPU), and reports model TFLOP/s (the
 matmuls of the real tokens and heads, :mod:`megavideo.accounting.flops`), MFU against the device's
-peak for the precision, the attention kernel and the peak memory.
+peak for the precision, the attention kernel and the peak memory; :func:`calibration` turns the
+bf16 student's case into the planner's constants.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import torch
 
 from kernels.attention import attention_kernel
 from kernels.backends import layer_backend
-from megavideo.accounting.devices import peak_tflops
+from megavideo.accounting.devices import DeviceSpec, peak_tflops
+from megavideo.accounting.elementwise import vit_layer_elementwise_bytes
 from megavideo.accounting.flops import vit_layer_flops
+from megavideo.accounting.planner import Calibration
 from megavideo.config import Config, ConfigError, ViTConfig, validate_device
-from megavideo.config.megatron import fp8_backend
+from megavideo.config.megatron import fp8_backend, fusions
 from megavideo.models.embedding import Tokens
 from megavideo.models.specs import transformer_config
 from megavideo.models.vit import block_stack
@@ -142,3 +145,27 @@ def bench(cfg: Config, layers: int, warmup: int, steps: int) -> tuple[list[Case]
     cases.append(_stack_case(cfg, "MAE teacher fwd", mae, "bf16", Tokens(mae_tokens, mae_tokens),
                              b, min(layers, mae.num_layers), False, warmup, steps))
     return cases, no_fp8
+
+
+def calibration(cfg: Config, cases: list[Case], device: DeviceSpec) -> Calibration | None:
+    """The planner's constants from the bf16 student case on ``device``: its matmul efficiency
+    is the case's model FLOP/s over the peak once the block stack's element-wise work (at the
+    planner's HBM efficiency, :mod:`megavideo.accounting.elementwise`) is taken out of its time;
+    None without a peak (the CPU)."""
+    student = next(c for c in cases if c.precision == "bf16" and c.name.startswith("student"))
+    if student.mfu is None:
+        return None
+    vit, fused = cfg.model.student, fusions(cfg.train)
+    elementwise = student.layers * vit_layer_elementwise_bytes(
+        vit.hidden_size, vit.num_heads, vit.mlp_hidden_size, student.length, student.batch, 1,
+        False, "none", 2, attention=student.attention, qk_norm=vit.qk_norm,
+        layer_scale=bool(vit.layer_scale_init), drop_path=False,
+        fused_residual="residual" in fused, fused_qk_norm="qk_norm" in fused)
+    defaults = Calibration()
+    seconds = elementwise / (device.hbm_gbps * 1e9 * defaults.hbm_efficiency)
+    matmul = student.seconds - seconds if seconds < student.seconds else student.seconds
+    return dataclasses.replace(defaults, matmul_efficiency=round(
+        student.mfu * student.seconds / matmul, 4), source=f"launch.bench_gpu on {device.name}")
+
+
+__all__ = ["Case", "bench", "calibration", "fp8_runs_here"]

@@ -273,7 +273,8 @@ def ring_wire_bytes(volume: dict[str, float], n: int) -> float:
 
 
 def tp_layer_volume(tokens: int, micro_batch: int, hidden: int, bytes_per_value: int, tp: int,
-                    sp: bool, qk_norm: bool, recompute: str = "none") -> dict[str, float]:
+                    sp: bool, qk_norm: bool, recompute: str = "none",
+                    backward: bool = True) -> dict[str, float]:
     """Payload bytes one InternVideo2 block moves on its TP group per micro-batch, forward and
     backward, by kind (zeros at tp = 1, where megatron-core skips the collectives).
 
@@ -289,7 +290,8 @@ def tp_layer_volume(tokens: int, micro_batch: int, hidden: int, bytes_per_value:
       forward and backward: 4 x tokens x micro_batch x 4;
     - ``recompute="full"`` runs the forward collectives again in the backward (row outputs, column
       inputs under SP, the q/k statistics); ``"selective"`` recomputes core attention, which has
-      none.
+      none;
+    - ``backward=False`` (a frozen teacher under no_grad): the forward's collectives only.
     """
     if recompute not in ("none", "selective", "full"):
         raise ValueError(f"recompute is none, selective or full, not {recompute!r}")
@@ -299,13 +301,14 @@ def tp_layer_volume(tokens: int, micro_batch: int, hidden: int, bytes_per_value:
     act = float(tokens * micro_batch * hidden * bytes_per_value)  # [s, b, h]
     stats = float(tokens * micro_batch * 4)  # [s, b, 1, 1] fp32
     forwards = 2 if recompute == "full" else 1
+    gathers, others = (4, 2) if backward else (0, 0)
     if sp:
-        out["all_gather"] = (2 * forwards + 4) * act
-        out["reduce_scatter"] = (2 * forwards + 2) * act
+        out["all_gather"] = (2 * forwards + gathers) * act
+        out["reduce_scatter"] = (2 * forwards + others) * act
     else:
-        out["all_reduce"] = (2 * forwards + 2) * act
+        out["all_reduce"] = (2 * forwards + others) * act
     if qk_norm:
-        out["all_reduce"] += (2 * forwards + 2) * stats
+        out["all_reduce"] += (2 * forwards + others) * stats
     return out
 
 

@@ -28,6 +28,7 @@ class DeviceSpec:
     memory_gib: float
     nvlink_gbps: float  # GB/s per GPU and direction inside a node
     network_gbps: float  # GB/s per GPU and direction between nodes (InfiniBand/RoCE)
+    hbm_gbps: float  # GB/s of device memory bandwidth
     gpus_per_node: int = 8
 
     def peak_tflops(self, precision: str) -> float:
@@ -36,12 +37,14 @@ class DeviceSpec:
 
 
 DEVICES = {
-    # H100 SXM5 80GB: 989.4 bf16 / 1978.9 fp8 dense, NVLink 4 900 GB/s (450 each way), 400 Gb/s NIC
-    "h100": DeviceSpec("H100 SXM", 989.4, 1978.9, 66.9, 80.0, 450.0, 50.0),
-    # H200 SXM 141GB: the H100's compute with HBM3e
-    "h200": DeviceSpec("H200 SXM", 989.4, 1978.9, 66.9, 141.0, 450.0, 50.0),
-    # A100 SXM4 80GB: 312 bf16, no fp8; NVLink 3 600 GB/s (300 each way), 200 Gb/s NIC
-    "a100": DeviceSpec("A100 SXM", 312.0, 312.0, 19.5, 80.0, 300.0, 25.0),
+    # H100 SXM5 80GB: 989.4 bf16 / 1978.9 fp8 dense, NVLink 4 900 GB/s (450 each way), 400 Gb/s
+    # NIC, HBM3 3.35 TB/s
+    "h100": DeviceSpec("H100 SXM", 989.4, 1978.9, 66.9, 80.0, 450.0, 50.0, 3350.0),
+    # H200 SXM 141GB: the H100's compute with HBM3e, 4.8 TB/s
+    "h200": DeviceSpec("H200 SXM", 989.4, 1978.9, 66.9, 141.0, 450.0, 50.0, 4800.0),
+    # A100 SXM4 80GB: 312 bf16, no fp8; NVLink 3 600 GB/s (300 each way), 200 Gb/s NIC, HBM2e
+    # 2.04 TB/s
+    "a100": DeviceSpec("A100 SXM", 312.0, 312.0, 19.5, 80.0, 300.0, 25.0, 2039.0),
 }
 
 
@@ -88,6 +91,23 @@ def measure_matmul_tflops(size: int = 2048, repeats: int = 10) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def measure_copy_gbps(nbytes: int = 1 << 26, repeats: int = 10) -> float:
+    """This process's achieved memory bandwidth in GB/s (read + write of a ``nbytes`` copy), the
+    rate element-wise work runs at, where no table value exists."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)  # warm-up
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        b.copy_(a)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return 2 * nbytes * repeats / (time.perf_counter() - start) / 1e9
 
 
 def bus_bandwidth(group=None, nbytes: int = 1 << 24, repeats: int = 5) -> float:

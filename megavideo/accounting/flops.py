@@ -15,6 +15,9 @@ A matmul of [M, K] x [K, N] costs 2 M K N (a convolution counts as the matmul it
   autograd graph (the video encoder's, and the text, audio and QFormer layers'); ``selective``
   re-runs megatron-core's core attention (q k^T and p v) of those layers. The stage-3 LLM's
   config sets no recomputation, so it has none;
+- fp8: of the hardware FLOPs, the transformer layers' linears (real heads and tokens) that run as
+  FP8 GEMMs under ``train.precision=fp8``, but for the ``fp8.bf16_first_layers`` and
+  ``bf16_last_layers`` of each transformer and the frozen teachers without ``fp8.teachers``;
 - padding: what the padding heads (``parallel.layout.padded_heads``: heads padded to a multiple
   of the TP degree, in the video encoder and the stage-1 teachers) and the sequence-parallel
   padding tokens of the video encoder add, forward, backward and recomputation together.
@@ -26,7 +29,7 @@ it for hundreds of layouts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -54,6 +57,9 @@ class StepFlops:
     backward: dict[str, float] = field(default_factory=dict)
     recompute: dict[str, float] = field(default_factory=dict)
     padding: float = 0.0
+    # of the hardware FLOPs, what runs as FP8 GEMMs under train.precision=fp8 (the transformer
+    # layers' linears, real heads and tokens; the rest, padding included, runs in bf16)
+    fp8: dict[str, float] = field(default_factory=dict)
 
     @property
     def model(self) -> float:
@@ -68,7 +74,7 @@ class StepFlops:
     def to_dict(self) -> dict:
         return {"forward": dict(self.forward), "backward": dict(self.backward),
                 "recompute": dict(self.recompute), "padding": self.padding,
-                "model": self.model, "hardware": self.hardware}
+                "fp8": dict(self.fp8), "model": self.model, "hardware": self.hardware}
 
 
 def _video_tokens(cfg: Config) -> Tokens:
@@ -82,18 +88,21 @@ def _video_tokens(cfg: Config) -> Tokens:
 
 @dataclass(frozen=True)
 class _Cost:
-    """Per-sample FLOPs of some matmuls: forward, backward, and the forward of the core
-    attention among them (what selective recomputation re-runs)."""
+    """Per-sample FLOPs of some matmuls: forward, backward, the forward of the core attention
+    among them (what selective recomputation re-runs), and the forward and backward of the
+    transformer layers' linears among them (what FP8 runs)."""
 
     fwd: float = 0.0
     bwd: float = 0.0
     attn: float = 0.0
+    gemm: float = 0.0
+    gemm_bwd: float = 0.0
 
     def __add__(self, other: _Cost) -> _Cost:
-        return _Cost(self.fwd + other.fwd, self.bwd + other.bwd, self.attn + other.attn)
+        return _Cost(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
     def __mul__(self, k: float) -> _Cost:
-        return _Cost(self.fwd * k, self.bwd * k, self.attn * k)
+        return _Cost(*(a * k for a in astuple(self)))
 
     __rmul__ = __mul__
 
@@ -105,6 +114,12 @@ def _linear(rows: float, n_in: int, n_out: int, grad_in: bool, trainable: bool,
     f = 2.0 * rows * n_in * n_out
     passes = (2 if trainable else int(grad_in)) if megatron else int(grad_in) + int(trainable)
     return _Cost(f, passes * f)
+
+
+def _layer_linear(rows: float, n_in: int, n_out: int, grad_in: bool, trainable: bool) -> _Cost:
+    """A transformer layer's parallel linear: FP8 under ``train.precision=fp8``."""
+    cost = _linear(rows, n_in, n_out, grad_in, trainable)
+    return _Cost(cost.fwd, cost.bwd, gemm=cost.fwd, gemm_bwd=cost.bwd)
 
 
 def _mm(rows: float, inner: int, cols: float, grad_a: bool, grad_b: bool) -> _Cost:
@@ -128,9 +143,10 @@ def _vit_layer(tokens: float, vit: EncoderConfig, heads: int, grad: bool, train:
     ``heads`` heads of the layer's head dim (padding heads included when ``heads`` counts them)."""
     d, width = vit.hidden_size, heads * vit.head_dim
     g = grad or train
-    return (_linear(tokens, d, 3 * width, grad, train) + _attention(tokens, tokens, width, g, g)
-            + _linear(tokens, width, d, g, train) + _linear(tokens, d, vit.mlp_hidden_size, g, train)
-            + _linear(tokens, vit.mlp_hidden_size, d, g, train))
+    return (_layer_linear(tokens, d, 3 * width, grad, train)
+            + _attention(tokens, tokens, width, g, g) + _layer_linear(tokens, width, d, g, train)
+            + _layer_linear(tokens, d, vit.mlp_hidden_size, g, train)
+            + _layer_linear(tokens, vit.mlp_hidden_size, d, g, train))
 
 
 def vit_layer_flops(vit: EncoderConfig, tokens: int, trained: bool = True) -> tuple[float, float]:
@@ -146,14 +162,15 @@ def _post_norm_layer(tokens: float, enc: EncoderConfig, grad: bool, train: bool,
     tokens ``memory_width`` wide when ``memory`` is set."""
     h, mlp = enc.hidden_size, enc.mlp_hidden_size
     g = grad or train
-    cost = (_linear(tokens, h, 3 * h, grad, train) + _attention(tokens, tokens, h, g, g)
-            + _linear(tokens, h, h, g, train))
+    cost = (_layer_linear(tokens, h, 3 * h, grad, train) + _attention(tokens, tokens, h, g, g)
+            + _layer_linear(tokens, h, h, g, train))
     if memory:
         mg = memory_grad or train
-        cost += (_linear(tokens, h, h, g, train) + _linear(memory, memory_width, 2 * h, memory_grad, train)
-                 + _attention(tokens, memory, h, g, mg) + _linear(tokens, h, h, g or mg, train))
+        cost += (_layer_linear(tokens, h, h, g, train)
+                 + _layer_linear(memory, memory_width, 2 * h, memory_grad, train)
+                 + _attention(tokens, memory, h, g, mg) + _layer_linear(tokens, h, h, g or mg, train))
         g = g or mg
-    return cost + _linear(tokens, h, mlp, g, train) + _linear(tokens, mlp, h, g, train)
+    return cost + _layer_linear(tokens, h, mlp, g, train) + _layer_linear(tokens, mlp, h, g, train)
 
 
 def _pool(tokens: float, dim: int, out_dim: int, grad: bool, train: bool) -> _Cost:
@@ -171,11 +188,13 @@ def _patch_embed(vit: ViTConfig, frames: int, train: bool) -> _Cost:
 
 
 class _Tally:
-    """Adds up the parts of one step; ``recompute`` is ``train.recompute``."""
+    """Adds up the parts of one step; ``recompute`` is ``train.recompute``, ``fp8`` the share of
+    each part's layers that runs FP8 GEMMs (absent: none)."""
 
-    def __init__(self, recompute: str) -> None:
+    def __init__(self, recompute: str, fp8: dict[str, float] | None = None) -> None:
         self.flops = StepFlops()
         self.recompute = recompute
+        self.fp8 = fp8 or {}
 
     def add(self, part: str, cost: _Cost, samples: float, recompute: float = 0.0) -> None:
         f = self.flops
@@ -192,6 +211,10 @@ class _Tally:
         """Encoder layers (recomputed per ``train.recompute``); ``padded``: the same layers with
         their padding heads and tokens, whose excess goes to ``padding``."""
         self.add(part, real, samples, self._recomputed(real))
+        if self.fp8.get(part):
+            again = real.gemm if self.recompute == "full" and real.bwd else 0.0
+            self.flops.fp8[part] = self.flops.fp8.get(part, 0.0) + self.fp8[part] * samples * (
+                real.gemm + real.gemm_bwd + again)
         if padded is not None:
             excess = (padded.fwd + padded.bwd + self._recomputed(padded)
                       - real.fwd - real.bwd - self._recomputed(real))
@@ -335,19 +358,20 @@ def _llm(llm: LLMConfig, grad: bool) -> tuple[_Cost, _Cost]:
     head_dim = h // llm.num_heads
     width, qkv = llm.num_heads * head_dim, (llm.num_heads + 2 * llm.num_kv_heads) * head_dim
     train, lora, r = llm.tuning == "full", llm.tuning == "lora", llm.lora_rank
+    base = _linear if lora else _layer_linear  # LoRA's frozen base linears stay bf16
     total = _Cost()
     for _ in range(llm.num_layers):
-        cost = _linear(s, h, qkv, grad, train)
+        cost = base(s, h, qkv, grad, train)
         g = grad or train
         if lora:
             cost += _linear(s, h, r, grad, True) + _linear(s, r, qkv, True, True)
             g = True
         cost += _attention(s, s, width, g, g)  # keys and values repeated to every query head
-        cost += _linear(s, width, h, g, train)
+        cost += base(s, width, h, g, train)
         if lora:
             cost += _linear(s, width, r, g, True) + _linear(s, r, h, True, True, megatron=False)
-        cost += _linear(s, h, 2 * llm.mlp_hidden_size, g, train)
-        cost += _linear(s, llm.mlp_hidden_size, h, g, train)
+        cost += base(s, h, 2 * llm.mlp_hidden_size, g, train)
+        cost += base(s, llm.mlp_hidden_size, h, g, train)
         total += cost
         grad = g
     return total, _linear(s, h, llm.vocab_size, grad, train)
@@ -362,10 +386,29 @@ def _stage3(cfg: Config, t: _Tally) -> None:
     _qformer_and_llm(t, model, train_v, tokens.real, b)
 
 
+def _fp8_shares(cfg: Config) -> dict[str, float]:
+    """Per part, the share of its layers whose GEMMs run in FP8 (``train.precision=fp8``: every
+    transformer's layers but its ``fp8.bf16_first_layers`` and ``bf16_last_layers``; the frozen
+    teachers' only with ``fp8.teachers``)."""
+    train, model = cfg.train, cfg.model
+    if train.precision != "fp8":
+        return {}
+    kept = train.fp8.bf16_first_layers + train.fp8.bf16_last_layers
+    encoders = {"student": model.student, "video": model.student}
+    if cfg.stage == 1 and train.fp8.teachers:
+        encoders |= {"clip_teacher": model.clip_teacher, "mae_teacher": model.mae_teacher}
+    if cfg.stage == 2:
+        encoders |= {"text": model.text, "audio": model.audio}
+    if cfg.stage == 3:
+        encoders |= {"qformer": model.qformer, "llm": model.llm}
+    return {part: max(enc.num_layers - kept, 0) / enc.num_layers
+            for part, enc in encoders.items()}
+
+
 def step_flops(cfg: Config, dp: int = 1) -> StepFlops:
     """The matmul FLOPs of one training step of ``cfg`` (all devices, the whole global batch).
     ``dp`` only sizes stage 2's similarity matrices (micro-batch x dp gathered rows)."""
-    t = _Tally(cfg.train.recompute)
+    t = _Tally(cfg.train.recompute, _fp8_shares(cfg))
     if cfg.stage == 1:
         _stage1(cfg, t)
     elif cfg.stage == 2:

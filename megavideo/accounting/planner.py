@@ -43,6 +43,7 @@ from megavideo.accounting.activations import vit_layer_bytes
 from megavideo.accounting.comm_volume import dp_volume, ring_wire_bytes, tp_layer_volume
 from megavideo.accounting.describe import bytes_per_param, local_numel, meta_models
 from megavideo.accounting.devices import DEVICES, DeviceSpec
+from megavideo.accounting.elementwise import vit_layer_elementwise_bytes
 from megavideo.accounting.flops import step_flops
 from megavideo.accounting.pipeline_timing import warmup_forwards
 from megavideo.config import Config, ConfigError, validate
@@ -60,11 +61,12 @@ PIPELINED_PARTS = ("student", "video")
 class Calibration:
     """The performance model's constants (a JSON file: ``launch.profile`` writes one)."""
 
-    matmul_efficiency: float = 0.5  # achieved / peak FLOP/s of a whole step's compute
+    matmul_efficiency: float = 0.6  # achieved / peak FLOP/s of the step's matmuls
     nvlink_efficiency: float = 0.7  # achieved / nominal bandwidth inside a node
     network_efficiency: float = 0.7  # achieved / nominal bandwidth between nodes
     reserve_gib: float = 6.0  # CUDA context, NCCL buffers, allocator fragmentation
     latency_s: float = 2e-5  # fixed cost of one TP collective or pipeline transfer
+    hbm_efficiency: float = 0.7  # achieved / nominal memory bandwidth of element-wise kernels
     source: str = "defaults"
 
     @classmethod
@@ -90,13 +92,19 @@ class Layout:
     micro_batch: int
     recompute: str
     distributed_optimizer: bool
+    teacher_tp: int = 0  # stage 1: the frozen teachers' TP degree (0: tp)
+
+    @property
+    def teacher_tp_size(self) -> int:
+        return self.teacher_tp or self.tp
 
     def overrides(self) -> list[str]:
         """The dotted overrides that put a run config on this layout."""
         return [f"parallel.tp={self.tp}", f"parallel.pp={self.pp}", f"parallel.vpp={self.vpp}",
                 f"parallel.sp={str(self.sp).lower()}", f"train.micro_batch={self.micro_batch}",
                 f"train.recompute={self.recompute}",
-                f"parallel.distributed_optimizer={str(self.distributed_optimizer).lower()}"]
+                f"parallel.distributed_optimizer={str(self.distributed_optimizer).lower()}",
+                *([f"parallel.teacher_tp={self.teacher_tp}"] if self.teacher_tp else [])]
 
     @classmethod
     def of(cls, cfg: Config, gpus: int) -> Layout:
@@ -104,11 +112,13 @@ class Layout:
         par, train = cfg.parallel, cfg.train
         model_parallel = par.tp * par.pp
         return cls(par.tp, par.pp, par.vpp, gpus // model_parallel if gpus % model_parallel == 0
-                   else 0, par.sp, train.micro_batch, train.recompute, par.distributed_optimizer)
+                   else 0, par.sp, train.micro_batch, train.recompute, par.distributed_optimizer,
+                   par.teacher_tp)
 
     def apply(self, cfg: Config) -> Config:
         par = replace(cfg.parallel, tp=self.tp, pp=self.pp, vpp=self.vpp, sp=self.sp,
-                      distributed_optimizer=self.distributed_optimizer, pipeline_layout=[])
+                      distributed_optimizer=self.distributed_optimizer, pipeline_layout=[],
+                      teacher_tp=self.teacher_tp)
         train = replace(cfg.train, micro_batch=self.micro_batch, recompute=self.recompute)
         return replace(cfg, parallel=par, train=train)
 
@@ -158,13 +168,15 @@ class Inventory:
             self._counts[part, tp] = sum(local_numel(p, tp) for p in getattr(self, part))
         return self._counts[part, tp]
 
-    def rank(self, tp: int, layers: int, first: bool, last: bool) -> tuple[int, int]:
-        """(trained, frozen) parameters of a pipeline rank holding ``layers`` layers."""
+    def rank(self, tp: int, layers: int, first: bool, last: bool,
+             teacher_tp: int = 0) -> tuple[int, int]:
+        """(trained, frozen) parameters of a pipeline rank holding ``layers`` layers (the first
+        stage's frozen teachers at ``teacher_tp``, 0: ``tp``)."""
         trained = layers * self._count("layer", tp)
         frozen = 0
         if first:
             trained += self._count("first", tp)
-            frozen += self._count("frozen_first", tp)
+            frozen += self._count("frozen_first", teacher_tp or tp)
         if last:
             trained += self._count("last", tp)
             frozen += self._count("frozen_last", tp)
@@ -206,11 +218,19 @@ def layouts(cfg: Config, gpus: int, global_batch: int, device: DeviceSpec) -> li
                 m = global_batch // (dp * mb)
                 if vpp > 1 and m % pp:
                     continue
-                for sp, recompute, dist_opt in itertools.product(
+                for sp, recompute, dist_opt, teacher_tp in itertools.product(
                         (False, True) if tp > 1 else (False,), ("none", "selective", "full"),
-                        (False, True) if dp > 1 else (False,)):
-                    out.append(Layout(tp, pp, vpp, dp, sp, mb, recompute, dist_opt))
+                        (False, True) if dp > 1 else (False,), teacher_tps(cfg, tp)):
+                    out.append(Layout(tp, pp, vpp, dp, sp, mb, recompute, dist_opt, teacher_tp))
     return out
+
+
+def teacher_tps(cfg: Config, tp: int) -> list[int]:
+    """The teachers' TP degrees worth predicting at ``tp``: stage 1's divisors of tp below it
+    (each TP group then splits the clips over whole-teacher groups) and 0 (the student's)."""
+    if cfg.stage != 1:
+        return [0]
+    return [t for t in _divisors(tp, tp) if t < tp] + [0]
 
 
 class Planner:
@@ -239,6 +259,15 @@ class Planner:
         other = copy.copy(self)
         other.calibration = calibration
         return other
+
+    @property
+    def rates(self) -> tuple[float, float]:
+        """FLOP/s of (the precision's matmuls, the FP8 GEMMs) at the calibrated efficiency: under
+        fp8 the rest runs in bf16, at the device's bf16 : fp8 ratio of the (overridable) peak."""
+        d, efficiency = self.device, self.calibration.matmul_efficiency
+        fp8 = self.cfg.train.precision == "fp8"
+        base = self.peak * (d.bf16_tflops / d.fp8_tflops if fp8 else 1.0)
+        return base * 1e12 * efficiency, self.peak * 1e12 * efficiency
 
     def candidates(self) -> list[Layout]:
         return layouts(self.cfg, self.gpus, self.global_batch, self.device)
@@ -276,12 +305,25 @@ class Planner:
         layers = student.num_layers
         parts = {k: flops.forward.get(k, 0.0) + flops.backward.get(k, 0.0)
                  + flops.recompute.get(k, 0.0) for k in set(flops.forward) | set(flops.recompute)}
-        piped = sum(v for k, v in parts.items() if k in PIPELINED_PARTS) + flops.padding
-        first = sum(v for k, v in parts.items() if k in FIRST_STAGE_PARTS)
-        last = sum(v for k, v in parts.items()
-                   if k not in PIPELINED_PARTS and k not in FIRST_STAGE_PARTS)
-        rate = self.peak * 1e12 * self.calibration.matmul_efficiency
+        piped_parts = [k for k in parts if k in PIPELINED_PARTS]
+        first_parts = [k for k in parts if k in FIRST_STAGE_PARTS]
+        last_parts = [k for k in parts if k not in PIPELINED_PARTS and k not in FIRST_STAGE_PARTS]
         replicas = layout.dp * m  # micro-batches of the whole step over all replicas
+
+        def matmul_s(names: list[str], extra: float = 0.0) -> float:
+            """Seconds per micro-batch and rank of these parts' matmuls: the FP8 GEMMs at the
+            FP8 rate, the rest at the precision's."""
+            total = sum(parts[k] for k in names) + extra
+            eight = sum(flops.fp8.get(k, 0.0) for k in names)
+            return ((total - eight) / self.rates[0] + eight / self.rates[1]) / replicas / layout.tp
+
+        hbm = self.device.hbm_gbps * 1e9 * self.calibration.hbm_efficiency
+        elementwise_s = self._student_elementwise(cfg, layout) / hbm
+        teachers_elementwise_s = self._teachers_elementwise(cfg, layout) / hbm
+        teachers_comm_s = self._teachers_comm_s(cfg, layout)
+        piped_s = matmul_s(piped_parts, flops.padding) / layers
+        first_s = matmul_s(first_parts) + teachers_elementwise_s + teachers_comm_s
+        last_s = matmul_s(last_parts)
         tokens = Tokens.of(cfg.model, layout.tp, layout.sp, cfg.train.precision == "fp8").length
         tp_bw = self._bandwidth(layout.tp)
         tp_calls = tp_layer_calls(layout.tp, layout.sp, student.qk_norm, layout.recompute)
@@ -294,12 +336,12 @@ class Planner:
         latency = self.calibration.latency_s
         stage_s, tp_s = [], 0.0
         for r, n in enumerate(per_rank):
-            work = piped * n / layers
-            work += first if r == 0 else 0.0
-            work += last if r == len(per_rank) - 1 else 0.0
+            work = n * (piped_s + elementwise_s)
+            work += first_s if r == 0 else 0.0
+            work += last_s if r == len(per_rank) - 1 else 0.0
             comm = n * (tp_wire / tp_bw + tp_calls * latency) if layout.tp > 1 else 0.0
             p2p = 2 * layout.vpp * (pp_bytes / pp_bw + latency) if layout.pp > 1 else 0.0
-            stage_s.append(work / replicas / layout.tp / rate + comm + p2p)
+            stage_s.append(work + comm + p2p)
             tp_s = max(tp_s, comm * m)
         pipeline = pipeline_time(stage_s, m, layout.vpp)
         trained, _ = self.inventory.rank(layout.tp, max(per_rank), True, False)
@@ -320,7 +362,70 @@ class Planner:
         out.padding = flops.padding / flops.hardware if flops.hardware else 0.0
         out.bubble = 1.0 - m * sum(stage_s) / len(stage_s) / pipeline
         out.time_s = {"compute_and_tp": pipeline, "tp": tp_s, "dp": dp_exposed,
-                      "dp_overlapped": dp_s - dp_exposed}
+                      "dp_overlapped": dp_s - dp_exposed,
+                      "elementwise": (elementwise_s * max(per_rank) + teachers_elementwise_s) * m,
+                      "teachers_comm": teachers_comm_s * m}
+
+    def _fused(self, cfg: Config) -> tuple[bool, bool]:
+        """(residual chain, q/k norm) fused on the planned GPUs: named in train.fusions, or auto
+        (a GPU's torch has Triton)."""
+        names = set(cfg.train.fusions)
+        auto = "auto" in names
+        return auto or "residual" in names, auto or "qk_norm" in names
+
+    def _block_elementwise(self, cfg: Config, vit, tokens: int, batch: int, tp: int, sp: bool,
+                           recompute: str, trained: bool) -> float:
+        residual, qk = self._fused(cfg)
+        return vit_layer_elementwise_bytes(
+            vit.hidden_size, vit.num_heads, vit.mlp_hidden_size, tokens, batch, tp, sp, recompute,
+            self.bytes, trained=trained,
+            attention="unfused" if cfg.train.attention == "unfused" else "flash",
+            qk_norm=vit.qk_norm, layer_scale=bool(vit.layer_scale_init),
+            drop_path=trained and vit.drop_path > 0, fused_residual=residual, fused_qk_norm=qk)
+
+    def _student_elementwise(self, cfg: Config, layout: Layout) -> float:
+        """HBM bytes of one student block's element-wise work per micro-batch and rank."""
+        tokens = Tokens.of(cfg.model, layout.tp, layout.sp, cfg.train.precision == "fp8").length
+        return self._block_elementwise(cfg, cfg.model.student, tokens, layout.micro_batch,
+                                       layout.tp, layout.sp, layout.recompute, True)
+
+    def _teacher_shapes(self, cfg: Config, layout: Layout) -> list[tuple]:
+        """Stage 1's teachers as (config, tokens, images per teacher group) per micro-batch."""
+        if cfg.stage != 1:
+            return []
+        share = layout.micro_batch / (layout.tp // layout.teacher_tp_size)
+        shapes = []
+        for vit in (cfg.model.clip_teacher, cfg.model.mae_teacher):
+            frames = 1 if vit.per_frame else vit.num_frames
+            images = vit.num_frames if vit.per_frame else 1
+            n = int(vit.cls_token) + vit.patches_per_frame * (frames // vit.tubelet_size)
+            shapes.append((vit, n, share * images))
+        return shapes
+
+    def _teachers_comm_s(self, cfg: Config, layout: Layout) -> float:
+        """Seconds per micro-batch of the teachers' TP all-reduces (forward only, no SP) and of
+        the replica group's gather of the targets."""
+        t = layout.teacher_tp_size
+        seconds = 0.0
+        for vit, n, images in self._teacher_shapes(cfg, layout):
+            if t > 1:
+                volume = tp_layer_volume(n, images, vit.hidden_size, self.bytes, t, False,
+                                         vit.qk_norm, backward=False)
+                calls = 2 + (2 if vit.qk_norm else 0)
+                seconds += vit.num_layers * (ring_wire_bytes(volume, t) / self._bandwidth(t)
+                                             + calls * self.calibration.latency_s)
+        replicas = layout.tp // t
+        if replicas > 1:
+            gathered = self._targets(cfg, 1, layout)  # one micro-batch's targets
+            seconds += (ring_wire_bytes({"all_gather": gathered}, replicas)
+                        / self._bandwidth(layout.tp) + self.calibration.latency_s)
+        return seconds
+
+    def _teachers_elementwise(self, cfg: Config, layout: Layout) -> float:
+        """HBM bytes of the teachers' element-wise work per micro-batch and rank (forward)."""
+        return sum(vit.num_layers * self._block_elementwise(
+            cfg, vit, n, images, layout.teacher_tp_size, False, "none", False)
+            for vit, n, images in self._teacher_shapes(cfg, layout))
 
     # -- memory -------------------------------------------------------------------------------
 
@@ -346,7 +451,7 @@ class Planner:
         worst, worst_total = {}, -1.0
         for r, n in enumerate(per_rank):
             first, last = r == 0, r == layout.pp - 1
-            trained, frozen = self.inventory.rank(layout.tp, n, first, last)
+            trained, frozen = self.inventory.rank(layout.tp, n, first, last, layout.teacher_tp)
             parts = {
                 **{part: trained * n_bytes for part, n_bytes in per_param.items()},
                 "frozen": frozen * per_param["weights"],
@@ -389,7 +494,7 @@ class Planner:
 
 def format_table(predictions: list[Prediction]) -> str:
     head = (f"{'#':>3} {'tp':>3} {'pp':>3} {'vpp':>3} {'dp':>4} {'sp':>3} {'mb':>3} "
-            f"{'recompute':>9} {'dist-opt':>8} {'pad%':>5} {'step s':>8} {'samples/s':>9} "
+            f"{'recompute':>9} {'dist-opt':>8} {'t-tp':>4} {'pad%':>5} {'step s':>8} {'samples/s':>9} "
             f"{'TFLOP/s':>8} {'MFU':>6} {'bubble':>6} {'GiB/rank':>8}")
     lines = [head]
     for i, p in enumerate(predictions, 1):
@@ -397,7 +502,8 @@ def format_table(predictions: list[Prediction]) -> str:
         lines.append(
             f"{i:>3} {lay.tp:>3} {lay.pp:>3} {lay.vpp:>3} {lay.dp:>4} {'y' if lay.sp else 'n':>3} "
             f"{lay.micro_batch:>3} {lay.recompute:>9} {'y' if lay.distributed_optimizer else 'n':>8} "
-            f"{100 * p.padding:>5.1f} {p.step_s:>8.3f} {p.samples_per_s:>9.1f} {p.tflops:>8.1f} "
+            f"{lay.teacher_tp_size:>4} {100 * p.padding:>5.1f} {p.step_s:>8.3f} "
+            f"{p.samples_per_s:>9.1f} {p.tflops:>8.1f} "
             f"{100 * p.mfu:>5.1f}% {100 * p.bubble:>5.1f}% {p.memory_gib['total']:>8.1f}")
     return "\n".join(lines)
 

@@ -21,7 +21,13 @@ import psutil
 import torch.distributed as dist
 
 from megavideo.accounting.activations import student_layer_bytes
-from megavideo.accounting.devices import DeviceSpec, bus_bandwidth, local_device, measure_matmul_tflops
+from megavideo.accounting.devices import (
+    DeviceSpec,
+    bus_bandwidth,
+    local_device,
+    measure_copy_gbps,
+    measure_matmul_tflops,
+)
 from megavideo.accounting.planner import Calibration, Layout, Planner
 from megavideo.config import Config, ConfigError, load_config, validate_world
 from megavideo.training.loop import Trainer
@@ -64,7 +70,7 @@ def machine(world: int) -> DeviceSpec:
     bandwidth = bus_bandwidth() / 1e9
     memory = psutil.virtual_memory().total / 2**30 / world
     return DeviceSpec("this CPU", flops, flops, flops, memory, bandwidth, bandwidth,
-                      gpus_per_node=world)
+                      measure_copy_gbps(), gpus_per_node=world)
 
 
 def run_layout(config: str, base: list[str], layout: list[str], steps: int) -> Measured | None:
@@ -87,20 +93,22 @@ def run_layout(config: str, base: list[str], layout: list[str], steps: int) -> M
 
 def fit(measured: list[Measured], planner: Planner) -> Calibration:
     """The planner's constants from the measured steps of the first micro-batch size:
-    ``matmul_efficiency`` from the layouts without TP or PP (compute alone), then ``latency_s``
-    (the fixed cost of a collective or transfer) from the others; the measured machine's
-    bandwidths are taken as they are (efficiency 1)."""
+    ``matmul_efficiency`` from the layouts without TP or PP (compute alone, less the element-wise
+    work at the measured copy bandwidth), then ``latency_s`` (the fixed cost of a collective or
+    transfer) from the others; the measured machine's bandwidths are taken as they are
+    (efficiency 1)."""
     first = [m for m in measured if m.layout.micro_batch == measured[0].layout.micro_batch]
     alone = [m for m in first if m.layout.tp == m.layout.pp == 1] or first
-    ideal = Calibration(1.0, 1.0, 1.0, 0.0, 0.0)
+    ideal = Calibration(1.0, 1.0, 1.0, 0.0, 0.0, hbm_efficiency=1.0)
     ratios = []
     for m in alone:
         predicted = planner.with_calibration(ideal).predict(m.layout)
-        compute = predicted.time_s["compute_and_tp"] - predicted.time_s["tp"]
-        rest = predicted.step_s - compute  # the data-parallel reduction
+        elementwise = predicted.time_s["elementwise"]  # at the measured copy bandwidth
+        compute = predicted.time_s["compute_and_tp"] - predicted.time_s["tp"] - elementwise
+        rest = predicted.step_s - compute  # the element-wise work, the data-parallel reduction
         ratios.append(compute / max(m.metrics["perf/step_s"] - rest, 1e-9))
     efficiency = statistics.median(ratios)
-    base = Calibration(efficiency, 1.0, 1.0, 0.0, 0.0)
+    base = Calibration(efficiency, 1.0, 1.0, 0.0, 0.0, hbm_efficiency=1.0)
     latencies = []
     for m in (m for m in first if m not in alone):
         zero = planner.with_calibration(base).predict(m.layout).step_s

@@ -83,12 +83,13 @@ class FullWidthQKNorm(nn.Module):
         set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [s, b, heads, head_dim]
-        fuse = self.fused
-        sum_sq = (fused.sum_squares if fuse else fused.sum_squares_reference)(x)
-        sum_sq = all_reduce_sum(sum_sq, self.tp_group)
         weight = self.weight.view(self.heads, self.head_dim)
-        scale = fused.rms_scale if fuse else fused.rms_scale_reference
-        return scale(x, sum_sq, weight, self.width, self.eps)
+        if self.fused:  # the compiled kernels cast inside
+            sum_sq = all_reduce_sum(fused.sum_squares(x), self.tp_group)
+            return fused.rms_scale(x, sum_sq, weight, self.width, self.eps, x.dtype)
+        xf = x.float()
+        sum_sq = all_reduce_sum(fused.sum_squares_reference(xf), self.tp_group)
+        return fused.rms_scale_reference(xf, sum_sq, weight, self.width, self.eps, x.dtype)
 
 
 class InternVideo2Block(TransformerLayer):

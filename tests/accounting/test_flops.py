@@ -101,3 +101,26 @@ def test_breakdown_is_json_able():
     out = json.loads(json.dumps(step_flops(_config("stage2")).to_dict()))
     assert set(out["forward"]) == {"video", "text", "audio", "heads"}
     assert out["hardware"] == pytest.approx(out["model"]) and out["model"] > 0
+
+
+@pytest.mark.parametrize(("overrides", "layers_in_fp8", "recompute"), [
+    ([], 48, 0), (["train.fp8.bf16_first_layers=1", "train.fp8.bf16_last_layers=2"], 45, 0),
+    (["train.recompute=full"], 48, 1)])
+def test_fp8_counts_the_student_layers_linears(overrides, layers_in_fp8, recompute):
+    """Under train.precision=fp8, what runs as FP8 GEMMs: the student blocks' four linears
+    (qkv, proj, fc1, fc2: 2 n (3 d w + w d + 2 d m) forward, twice that backward, the forward
+    again under full recomputation), not the bf16 first/last layers, not the frozen teachers
+    (without fp8.teachers), not the attention, heads or embeddings."""
+    cfg = load_config(CONFIGS / "stage1_vit6b.yaml", ["train.precision=fp8", *overrides])
+    s = cfg.model.student
+    n, d, w, m = 417, s.hidden_size, s.num_heads * s.head_dim, s.mlp_hidden_size
+    forward = 2 * n * (3 * d * w + w * d + 2 * d * m)
+    expected = layers_in_fp8 * cfg.train.global_batch * forward * (3 + recompute)
+    flops = step_flops(cfg)
+    assert set(flops.fp8) == {"student"}
+    assert flops.fp8["student"] == pytest.approx(expected, rel=1e-12)
+    assert step_flops(load_config(CONFIGS / "stage1_vit6b.yaml", overrides)).fp8 == {}
+    with_teachers = step_flops(load_config(CONFIGS / "stage1_vit6b.yaml", [
+        "train.precision=fp8", "train.fp8.teachers=true", *overrides]))
+    assert set(with_teachers.fp8) == {"student", "clip_teacher", "mae_teacher"}
+    assert with_teachers.fp8["clip_teacher"] < with_teachers.forward["clip_teacher"]

@@ -59,7 +59,8 @@ def test_layouts_that_do_not_fit_are_refused_with_the_reason(planned):
 def test_the_configs_own_layout_gets_a_verdict(planned):
     text, data = planned
     own = data["config_layout"]
-    assert own["layout"]["tp"] == 4 and own["layout"]["dp"] == 64
+    assert own["layout"]["tp"] == 2 and own["layout"]["dp"] == 128
+    assert own == data["ranked"][0]  # the shipped config is the planner's fastest
     assert "the config's layout" in text
 
 
@@ -94,3 +95,65 @@ def test_unknown_gpu_and_unreadable_calibration_are_one_sentence(tmp_path):
         Planner(cfg, 256, "v100", 2048)
     with pytest.raises(ConfigError, match="calibration file"):
         Calibration.load(tmp_path / "missing.json")
+
+
+def test_elementwise_bytes_count_each_eager_op_and_the_fused_kernels():
+    """A block of hidden 4 (2 heads of 2), MLP 8, 3 tokens, one sample, bf16, by hand: each norm
+    (28 + 4 B) = 36 bytes per value, q and k the same, each branch tail 9 B + 16 = 34, the fused
+    tail and q/k norm 3 B = 6, bias + GELU 2 B over the MLP width; backward twice the forward."""
+    from megavideo.accounting.elementwise import vit_layer_elementwise_bytes
+
+    rows = 3 * 4
+    forward = 2 * 36 * rows + 2 * 36 * rows + 2 * 34 * rows + 2 * 2 * 3 * 8
+    args = (4, 2, 8, 3, 1, 1, False)
+    assert vit_layer_elementwise_bytes(*args, "none", 2, trained=False) == forward
+    assert vit_layer_elementwise_bytes(*args, "none", 2) == 3 * forward
+    assert vit_layer_elementwise_bytes(*args, "full", 2) == 4 * forward
+    fused = 2 * 36 * rows + 2 * 6 * rows + 2 * 6 * rows + 2 * 2 * 3 * 8
+    assert vit_layer_elementwise_bytes(*args, "none", 2, trained=False, fused_residual=True,
+                                       fused_qk_norm=True) == fused
+    scores = (4 * 2 + 24) * 1 * 2 * 3 * 3  # the unfused attention's [b, heads, s, s]
+    assert vit_layer_elementwise_bytes(*args, "none", 2, trained=False,
+                                       attention="unfused") == forward + scores
+
+
+def test_the_planner_models_the_speed_levers():
+    """Against the same layout: FP8 GEMMs, the fused chains and flash attention each shorten the
+    predicted step; unfused attention also costs its score matrix in memory."""
+    base = load_config(VIT6B)
+    layout = Layout.of(base, 256)
+    planner = Planner(base, 256, "h100", 2048)
+    reference = planner.predict(layout)
+
+    def step(overrides: list[str]) -> float:
+        other = Planner(load_config(VIT6B, overrides), 256, "h100", 2048,
+                        inventory=planner.inventory)
+        return other.predict(layout)
+
+    fp8 = step(["train.precision=fp8"])
+    assert fp8.step_s < reference.step_s and fp8.samples_per_s > reference.samples_per_s
+    assert step(["train.precision=fp8", "train.fp8.teachers=true"]).step_s < fp8.step_s
+    unfused = step(["train.fusions=[]"])  # measured: 0.432 s of element-wise work against 0.234
+    assert unfused.time_s["elementwise"] > 1.5 * reference.time_s["elementwise"]
+    # one micro-batch per step on one pipeline stage: the step grows by exactly that difference
+    assert unfused.step_s - reference.step_s == pytest.approx(
+        unfused.time_s["elementwise"] - reference.time_s["elementwise"], rel=1e-9)
+    plain = step(["train.attention=unfused"])
+    assert plain.step_s > reference.step_s
+    assert plain.memory_gib["activations"] > reference.memory_gib["activations"]
+
+
+def test_whole_teachers_trade_tp_traffic_for_memory():
+    """At tp 4 the teachers' all-reduces (forward only, 2 per layer) cost more than gathering
+    the targets of whole-teacher replicas; each GPU then holds a whole copy of them."""
+    planner = Planner(load_config(VIT6B), 256, "h100", 2048)
+    split = planner.predict(Layout(4, 1, 1, 64, True, 8, "none", True, teacher_tp=0))
+    whole = planner.predict(Layout(4, 1, 1, 64, True, 8, "none", True, teacher_tp=1))
+    assert split.fits and whole.fits
+    assert whole.time_s["teachers_comm"] < split.time_s["teachers_comm"] / 10
+    assert whole.step_s < split.step_s
+    # the teachers' 25 heads pad to 28 at tp 4: a quarter of the padded teacher, a bit more
+    assert 3.5 < whole.memory_gib["frozen"] / split.memory_gib["frozen"] < 4.0
+    cfg = load_config(VIT6B)
+    first = Layout.of(cfg, 256)
+    assert first.teacher_tp == 1 and "parallel.teacher_tp=1" in first.overrides()

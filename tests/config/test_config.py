@@ -174,7 +174,8 @@ def test_the_papers_recipe(name, gpus, drop_path):
     train = cfg.train
     assert (train.betas, train.eps, train.weight_decay, train.clip_grad) == ([0.9, 0.98], 1e-6, 0.05, 3.0)
     assert train.lr == pytest.approx(1.5e-4 * train.global_batch / 256)
-    assert train.precision == "bf16" and train.recompute == "full"
+    assert train.precision == "bf16"
+    assert train.recompute == "none"  # launch.plan's fastest that fits (docs/performance.md)
     assert train.warmup_steps * 301 == pytest.approx(train.steps * 40, rel=1e-3)
     assert cfg.model.student.drop_path == drop_path and cfg.model.student.layer_scale_init == 1e-5
     validate_world(cfg, gpus)  # the layout fits the paper's GPU count
