@@ -22,7 +22,7 @@ import torch
 from kernels.attention import attention_kernel
 from kernels.backends import layer_backend
 from megavideo.accounting.devices import DeviceSpec, peak_tflops
-from megavideo.accounting.elementwise import vit_layer_elementwise_bytes
+from megavideo.accounting.elementwise import BlockShape, vit_layer_elementwise_bytes
 from megavideo.accounting.flops import vit_layer_flops
 from megavideo.accounting.planner import Calibration
 from megavideo.config import Config, ConfigError, ViTConfig, validate_device
@@ -156,9 +156,10 @@ def calibration(cfg: Config, cases: list[Case], device: DeviceSpec) -> Calibrati
     if student.mfu is None:
         return None
     vit, fused = cfg.model.student, fusions(cfg.train)
+    shape = BlockShape(vit.hidden_size, vit.num_heads, vit.mlp_hidden_size, student.length,
+                       student.batch)
     elementwise = student.layers * vit_layer_elementwise_bytes(
-        vit.hidden_size, vit.num_heads, vit.mlp_hidden_size, student.length, student.batch, 1,
-        False, "none", 2, attention=student.attention, qk_norm=vit.qk_norm,
+        shape, attention=student.attention, qk_norm=vit.qk_norm,
         layer_scale=bool(vit.layer_scale_init), drop_path=False,
         fused_residual="residual" in fused, fused_qk_norm="qk_norm" in fused)
     defaults = Calibration()

@@ -27,35 +27,40 @@ measures the whole block, and the planner's HBM efficiency can be calibrated aga
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 BACKWARD_FACTOR = 2.0  # backward bytes / forward bytes of an element-wise op
 
 
-def vit_layer_elementwise_bytes(
-    hidden: int,
-    heads: int,
-    mlp: int,
-    tokens: int,
-    micro_batch: int,
-    tp: int,
-    sp: bool,
-    recompute: str,
-    bytes_per_value: int,
-    trained: bool = True,
-    attention: str = "flash",
-    qk_norm: bool = True,
-    layer_scale: bool = True,
-    drop_path: bool = True,
-    fused_residual: bool = False,
-    fused_qk_norm: bool = False,
-) -> float:
+@dataclass(frozen=True)
+class BlockShape:
+    """One InternVideo2 block's work on one TP rank per micro-batch: its widths (``heads`` before
+    padding to a multiple of ``tp``), its tokens, the layout and the value size."""
+
+    hidden: int
+    heads: int
+    mlp: int
+    tokens: int
+    micro_batch: int
+    tp: int = 1
+    sp: bool = False
+    recompute: str = "none"
+    bytes_per_value: int = 2
+
+
+def vit_layer_elementwise_bytes(shape: BlockShape, *, trained: bool = True,
+                                attention: str = "flash", qk_norm: bool = True,
+                                layer_scale: bool = True, drop_path: bool = True,
+                                fused_residual: bool = False, fused_qk_norm: bool = False) -> float:
     """HBM bytes of one block's element-wise work per micro-batch on one TP rank (forward, and
-    with ``trained`` backward and recomputation). ``heads`` before padding to a multiple of
-    ``tp``; ``attention`` "unfused" writes the score matrix, anything else keeps it on chip."""
-    big_b = bytes_per_value
+    with ``trained`` backward and recomputation). ``attention`` "unfused" writes the score
+    matrix, anything else keeps it on chip."""
+    big_b, hidden, heads, tp = shape.bytes_per_value, shape.hidden, shape.heads, shape.tp
     padded = -(-heads // tp) * tp
-    s, b = tokens, micro_batch
-    r = s // tp if sp else s
+    s, b = shape.tokens, shape.micro_batch
+    r = s // tp if shape.sp else s
     q = padded // tp * (hidden // heads)
+    mlp, recompute = shape.mlp, shape.recompute
     rows = r * b * hidden
     norms = 2 * (28 + 4 * big_b) * rows
     qk = 0.0
@@ -77,4 +82,4 @@ def vit_layer_elementwise_bytes(
     return float(forward * (1 + BACKWARD_FACTOR) + again)
 
 
-__all__ = ["BACKWARD_FACTOR", "vit_layer_elementwise_bytes"]
+__all__ = ["BACKWARD_FACTOR", "BlockShape", "vit_layer_elementwise_bytes"]

@@ -43,7 +43,7 @@ from megavideo.accounting.activations import vit_layer_bytes
 from megavideo.accounting.comm_volume import dp_volume, ring_wire_bytes, tp_layer_volume
 from megavideo.accounting.describe import bytes_per_param, local_numel, meta_models
 from megavideo.accounting.devices import DEVICES, DeviceSpec
-from megavideo.accounting.elementwise import vit_layer_elementwise_bytes
+from megavideo.accounting.elementwise import BlockShape, vit_layer_elementwise_bytes
 from megavideo.accounting.flops import step_flops
 from megavideo.accounting.pipeline_timing import warmup_forwards
 from megavideo.config import Config, ConfigError, validate
@@ -376,9 +376,10 @@ class Planner:
     def _block_elementwise(self, cfg: Config, vit, tokens: int, batch: int, tp: int, sp: bool,
                            recompute: str, trained: bool) -> float:
         residual, qk = self._fused(cfg)
+        shape = BlockShape(vit.hidden_size, vit.num_heads, vit.mlp_hidden_size, tokens, batch,
+                           tp, sp, recompute, self.bytes)
         return vit_layer_elementwise_bytes(
-            vit.hidden_size, vit.num_heads, vit.mlp_hidden_size, tokens, batch, tp, sp, recompute,
-            self.bytes, trained=trained,
+            shape, trained=trained,
             attention="unfused" if cfg.train.attention == "unfused" else "flash",
             qk_norm=vit.qk_norm, layer_scale=bool(vit.layer_scale_init),
             drop_path=trained and vit.drop_path > 0, fused_residual=residual, fused_qk_norm=qk)

@@ -63,14 +63,14 @@ def test_the_calibration_takes_the_elementwise_work_out_of_the_students_time():
     planner's HBM efficiency on the device's bandwidth."""
     from megavideo.accounting.bench import Case, calibration
     from megavideo.accounting.devices import DEVICES
-    from megavideo.accounting.elementwise import vit_layer_elementwise_bytes
+    from megavideo.accounting.elementwise import BlockShape, vit_layer_elementwise_bytes
     from megavideo.accounting.planner import Calibration
 
     cfg = load_config(ROOT / "configs" / "stage1_vit6b.yaml", ["train.fusions=[]"])  # unfused
     vit = cfg.model.student
     case = Case("student fwd+bwd", "bf16", 417, 417, 8, 4, 0.1, 400.0, 0.4, "sdpa", "", 10.0)
     fitted = calibration(cfg, [case], DEVICES["h200"])
-    elementwise = 4 * vit_layer_elementwise_bytes(3200, 25, 12800, 417, 8, 1, False, "none", 2,
+    elementwise = 4 * vit_layer_elementwise_bytes(BlockShape(3200, 25, 12800, 417, 8),
                                                   attention="sdpa", drop_path=False)
     seconds = elementwise / (4800e9 * Calibration().hbm_efficiency)
     assert fitted.matmul_efficiency == round(0.4 * 0.1 / (0.1 - seconds), 4)

@@ -101,19 +101,20 @@ def test_elementwise_bytes_count_each_eager_op_and_the_fused_kernels():
     """A block of hidden 4 (2 heads of 2), MLP 8, 3 tokens, one sample, bf16, by hand: each norm
     (28 + 4 B) = 36 bytes per value, q and k the same, each branch tail 9 B + 16 = 34, the fused
     tail and q/k norm 3 B = 6, bias + GELU 2 B over the MLP width; backward twice the forward."""
-    from megavideo.accounting.elementwise import vit_layer_elementwise_bytes
+    from megavideo.accounting.elementwise import BlockShape, vit_layer_elementwise_bytes
 
     rows = 3 * 4
     forward = 2 * 36 * rows + 2 * 36 * rows + 2 * 34 * rows + 2 * 2 * 3 * 8
-    args = (4, 2, 8, 3, 1, 1, False)
-    assert vit_layer_elementwise_bytes(*args, "none", 2, trained=False) == forward
-    assert vit_layer_elementwise_bytes(*args, "none", 2) == 3 * forward
-    assert vit_layer_elementwise_bytes(*args, "full", 2) == 4 * forward
+    block = BlockShape(4, 2, 8, 3, 1)
+    full = BlockShape(4, 2, 8, 3, 1, recompute="full")
+    assert vit_layer_elementwise_bytes(block, trained=False) == forward
+    assert vit_layer_elementwise_bytes(block) == 3 * forward
+    assert vit_layer_elementwise_bytes(full) == 4 * forward
     fused = 2 * 36 * rows + 2 * 6 * rows + 2 * 6 * rows + 2 * 2 * 3 * 8
-    assert vit_layer_elementwise_bytes(*args, "none", 2, trained=False, fused_residual=True,
+    assert vit_layer_elementwise_bytes(block, trained=False, fused_residual=True,
                                        fused_qk_norm=True) == fused
     scores = (4 * 2 + 24) * 1 * 2 * 3 * 3  # the unfused attention's [b, heads, s, s]
-    assert vit_layer_elementwise_bytes(*args, "none", 2, trained=False,
+    assert vit_layer_elementwise_bytes(block, trained=False,
                                        attention="unfused") == forward + scores
 
 
