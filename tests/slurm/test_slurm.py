@@ -255,7 +255,7 @@ def test_chain_refuses_a_layout_that_does_not_fit_its_job_before_submitting(tmp_
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         "error: stage 1 (slurm/stage1_vit6b.sbatch): train.global_batch (2048) must be a multiple "
-        "of train.micro_batch x data-parallel size (8 x 6).")
+        "of train.micro_batch x data-parallel size (16 x 12).")
 
 
 def test_mpirun_starts_the_same_training(jobs, reference):
