@@ -113,7 +113,8 @@ class Clips:
                 draw = self._draw(epoch, row)
                 path = self.manifest.path(row)
                 try:
-                    frames = read_frames(path, draw.frames, self.decode_threads)
+                    frames = read_frames(path, draw.frames, self.decode_threads,
+                                         bool(self.manifest.seekable[row]))
                 except DecodeError as e:
                     skipped.append((path, str(e)))
                     continue
@@ -132,7 +133,8 @@ class Clips:
             draw = self._draw(0, row)
             path = self.manifest.path(row)
             try:
-                frames = read_frames(path, draw.frames, self.decode_threads)
+                frames = read_frames(path, draw.frames, self.decode_threads,
+                                     bool(self.manifest.seekable[row]))
             except DecodeError as e:
                 raise DataError(f"evaluation clip {path} does not decode ({e}); remove it from "
                                 f"the manifest {self.manifest.file}.") from None

@@ -26,9 +26,19 @@ from pathlib import Path
 import av
 import numpy as np
 
-from dataloaders.pyav_decode import timestamps
+from dataloaders.pyav_decode import (
+    DecodeError,
+    frame_index,
+    open_video,
+    picture,
+    read_frames,
+    rotation_of,
+    stream_size,
+)
 
-VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".ts"}
+# names a directory is rejected for rather than searched under (files are probed whatever their name)
+VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".ts",
+                  ".mts", ".m2ts", ".3gp", ".wmv", ".asf", ".ogv", ".gif", ".vob"}
 PATH_KEYS = ("video", "path", "filename", "file")
 CARRIED_KEYS = ("label", "text")  # plus every key naming a caption or speech (see _carried)
 QA_KEYS = ("QA", "qa")  # stage 3's instruction data: [{"i": ..., "q": ..., "a": ...}, ...]
@@ -84,25 +94,30 @@ def _entries_of_table(path: Path, root: Path) -> Iterator[Entry]:
     first = [c.strip() for c in (lines[0].split(delimiter))]
     if first[0].lower() in PATH_KEYS:  # a header
         reader = csv.DictReader(lines, delimiter=delimiter or " ", skipinitialspace=True)
-        yield from _entries_of_rows(({k.strip().lower(): v for k, v in r.items() if k}
-                                     for r in reader), root)
+        rows = ({k.strip().lower(): v for k, v in r.items() if k} for r in reader)
+        yield from _entries_of_rows(({k: _label(v) if k == "label" else v for k, v in r.items()}
+                                     for r in rows), root)
         return
     for line in lines:
         cells = line.split(delimiter, 1) if delimiter else line.split(None, 1)
-        label = cells[1].strip() if len(cells) > 1 else None
-        extra = {}
-        if label is not None:
-            extra["label"] = int(label) if label.lstrip("-").isdigit() else label
+        extra = {"label": _label(cells[1])} if len(cells) > 1 else {}
         yield Entry(str(root / cells[0].strip()), extra)
+
+
+def _label(text: str):
+    """A table's label: an integer class when it reads as one, else the text (with or without a
+    header line alike)."""
+    text = text.strip()
+    return int(text) if text.lstrip("-").isdigit() else text
 
 
 def read_entries(source: str | Path, root: str | Path = "") -> list[Entry]:
     """The files named by a directory or an annotation file (paths relative to ``root``, or to
     the annotation's own directory when ``root`` is empty)."""
     source = Path(source)
-    if source.is_dir():
+    if source.is_dir():  # every file, link or video-named directory: videos are known by content
         return [Entry(str(p)) for p in sorted(source.rglob("*"))
-                if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()]
+                if not p.is_dir() or p.suffix.lower() in VIDEO_SUFFIXES]
     if not source.is_file():
         raise FileNotFoundError(f"{source} is neither a directory nor a file")
     base = Path(root) if root else source.parent
@@ -115,47 +130,151 @@ def read_entries(source: str | Path, root: str | Path = "") -> list[Entry]:
     return list(_entries_of_table(source, base))
 
 
-def probe(path: str) -> dict:
-    """The manifest fields of one file, or ProbeError with the reason it cannot be used."""
+VERIFY_LEVELS = ("quick", "frames", "seeks")  # launch.manifest --verify, cheapest first
+SEEK_CHECKS = 8  # frames read by timestamp and compared at --verify seeks
+
+
+def _file_problem(path: str) -> str | None:
+    """Why ``path`` is not a file to open, or None."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"a broken symbolic link (to {os.readlink(path)})"
+    if os.path.isdir(path):
+        return "a directory"
     if not os.path.isfile(path):
-        raise ProbeError("no such file")
+        return "no such file"
     if os.path.getsize(path) == 0:
-        raise ProbeError("empty file")
+        return "empty file"
+    return None
+
+
+def _frame_rate(stream, index, frames: int) -> tuple[float, float]:
+    """(fps, duration): from the frames' timestamps when they are ordered (the same for the same
+    content in any container, VFR too), else from the stream's header."""
+    base = float(stream.time_base) if stream.time_base else 0.0
+    if index.ordered and frames > 1 and base and index.pts[-1] > index.pts[0]:
+        fps = (frames - 1) / ((index.pts[-1] - index.pts[0]) * base)
+        return fps, frames / fps
+    rate = stream.average_rate or stream.guessed_rate
+    fps = float(rate) if rate else 0.0
+    return fps, frames / fps if fps else 0.0
+
+
+def _decode_all(container, stream, hashes: bool) -> tuple[list, set, list[str], int]:
+    """One sequential decode: the frames' timestamps, their sizes, their pixels' digests (with
+    ``hashes``) and the first frame's rotation."""
+    size = stream_size(stream)
+    stamps, sizes, digests, rotation = [], set(), [], None
+    for frame in container.decode(stream):
+        stamps.append(frame.pts)
+        sizes.add((frame.width, frame.height))
+        if rotation is None:
+            rotation = rotation_of(frame)
+        if hashes:
+            digests.append(hashlib.blake2b(picture(frame, size).tobytes(),
+                                           digest_size=8).hexdigest())
+    return stamps, sizes, digests, rotation or 0
+
+
+def _seeks_agree(path: str, frames: int, digests: list[str]) -> bool:
+    """Frames spread over the clip read by timestamp equal the sequential decode's."""
+    wanted = sorted({int(i) for i in np.linspace(0, frames - 1, min(SEEK_CHECKS, frames))})
+    got = read_frames(path, wanted, seek=True)
+    return all(hashlib.blake2b(rgb.tobytes(), digest_size=8).hexdigest() == digests[i]
+               for rgb, i in zip(got, wanted, strict=True))
+
+
+def probe(path: str, verify: str = "frames") -> dict:
+    """The manifest fields of one file, or ProbeError with the reason it cannot be used.
+
+    ``verify``: ``quick`` demuxes the packets and decodes the first frame; ``frames`` decodes
+    every frame once (the frame count is what the decoder outputs; the timestamps, sizes and
+    rotation are checked; ``seek`` says whether frames can be read by timestamp); ``seeks`` also
+    reads frames spread over the clip by timestamp and compares their pixels with that decode.
+    """
+    problem = _file_problem(path)
+    if problem:
+        raise ProbeError(problem)
+    stat = os.stat(path)
     try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise ProbeError("no video stream")
-            stream = container.streams.video[0]
-            codec = stream.codec_context.name if stream.codec_context else ""
-            if not codec or codec not in av.codecs_available:
-                raise ProbeError(f"unsupported codec {codec or 'unknown'}")
-            frames = len(timestamps(container, stream)[0])
-            if frames == 0:
+        container, stream = open_video(path)
+    except DecodeError as e:
+        raise ProbeError(str(e)) from None
+    except av.InvalidDataError as e:
+        raise ProbeError(f"not a video FFmpeg reads ({e})") from None
+    except (av.FFmpegError, OSError) as e:
+        raise ProbeError(f"unreadable ({type(e).__name__}: {e})") from e
+    try:
+        with container:
+            codec_context = stream.codec_context
+            if codec_context is None or codec_context.codec is None:
+                raise ProbeError("unsupported codec unknown")
+            codec = codec_context.codec.canonical_name
+            width, height = stream_size(stream)  # before decoding, which may change it
+            index = frame_index(container, stream)
+            if not index.pts:
                 raise ProbeError("zero frames")
             container.seek(0)
-            first = next(container.decode(stream), None)
-            if first is None:
-                raise ProbeError("no frame decodes")
-            rate = stream.average_rate or stream.guessed_rate
-            duration = (float(stream.duration * stream.time_base) if stream.duration else
-                        container.duration / 1e6 if container.duration else
-                        frames / float(rate) if rate else 0.0)
-            fps = float(rate) if rate else (frames / duration if duration else 0.0)
-            return {"path": path, "num_frames": frames, "fps": round(fps, 4),
-                    "duration": round(duration, 4), "codec": codec, "width": first.width,
-                    "height": first.height, "audio": bool(container.streams.audio)}
+            if verify == "quick":
+                first = next(container.decode(stream), None)
+                if first is None:
+                    raise ProbeError("no frame decodes")
+                stamps, sizes, rotation = None, {(first.width, first.height)}, rotation_of(first)
+                digests: list[str] = []
+            else:
+                stamps, sizes, digests, rotation = _decode_all(container, stream,
+                                                               verify == "seeks")
+                if not stamps:
+                    raise ProbeError("no frame decodes")
+            audio = bool(container.streams.audio)
     except ProbeError:
         raise
     except (av.FFmpegError, OSError, StopIteration, ValueError) as e:
         raise ProbeError(f"unreadable ({type(e).__name__}: {e})") from e
+    if rotation % 90:
+        raise ProbeError(f"a display matrix rotating by {rotation}°, not a multiple of 90°")
+    frames = len(stamps) if stamps is not None else len(index.pts)
+    seek = index.ordered and (stamps is None or None not in stamps and sorted(stamps) == index.pts)
+    if seek and verify == "seeks":
+        try:
+            seek = _seeks_agree(path, frames, digests)
+        except DecodeError:
+            seek = False
+    if stamps is None and not index.ordered:
+        raise ProbeError("timestamps that are not monotonic (e.g. joined MPEG-TS segments): "
+                         "probe it with --verify frames, which counts the decoded frames")
+    fps, duration = _frame_rate(stream, index, frames)
+    if not (width and height):
+        width, height = next(iter(sizes))
+    if rotation in (90, 270):
+        width, height = height, width
+    return {"path": path, "num_frames": frames, "fps": round(fps, 4),
+            "duration": round(duration, 4), "codec": codec, "width": width, "height": height,
+            "audio": audio, "rotation": rotation, "seek": seek,
+            "size_changes": len(sizes) > 1, "edit_list": index.discarded > 0,
+            "verify": verify, "size": stat.st_size, "mtime": stat.st_mtime}
 
 
-def _probe_entry(item: tuple[int, Entry]) -> tuple[int, dict, str | None]:
-    index, entry = item
+DALI_UNSUPPORTED = {"rotation": "rotated by its display matrix", "seek": "not seekable by "
+                    "timestamp", "size_changes": "changing resolution", "edit_list": "cut by an "
+                    "edit list"}  # what DALI's decoder cannot give exactly, by manifest field
+
+
+def dali_blocker(row: dict) -> str | None:
+    """Why DALI's decoder would not give a row's frames exactly (the PyAV path does), or None."""
+    for key, why in DALI_UNSUPPORTED.items():
+        if (not row.get(key, True)) if key == "seek" else row.get(key):
+            return why
+    return None
+
+
+def _probe_entry(item: tuple[int, Entry, str, bool]) -> tuple[int, dict, str | None]:
+    index, entry, verify, dali = item
     try:
-        return index, probe(entry.path) | entry.extra, None
+        row = probe(entry.path, verify) | entry.extra
     except ProbeError as e:
         return index, {"path": entry.path} | entry.extra, str(e)
+    why = dali_blocker(row) if dali else None
+    return index, row, f"DALI cannot decode it exactly: {why}" if why else None
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -206,24 +325,86 @@ class Progress:
             print(file=sys.stderr)
 
 
-def build_manifest(source: str | Path, out: str | Path, rejected: str | Path | None = None,
-                   root: str | Path = "", workers: int = 0, progress: bool = True
-                   ) -> tuple[int, int]:
-    """Probe every file of ``source`` into ``out`` (and ``rejected``); returns (kept, rejected).
+@dataclass(frozen=True)
+class Built:
+    """What :func:`build_manifest` did: rows in each file, and of the rows an earlier run wrote,
+    how many were probed again (their file changed, or a stricter ``verify``), how many files had
+    vanished and how many rows the source no longer lists."""
 
-    Resumable: rows already in either file are kept and their files not probed again. Rows are
-    appended as they come, then both files are rewritten atomically in input order.
+    kept: int
+    rejected: int
+    probed: int = 0
+    reprobed: int = 0
+    vanished: int = 0
+    dropped: int = 0
+
+
+def _stamp(path: str) -> dict:
+    """The size and modification time a row records of its file (none for a missing file)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return {}
+    return {"size": stat.st_size, "mtime": stat.st_mtime}
+
+
+def _still_good(row: dict, verify: str, rejected: bool) -> bool:
+    """An earlier run's row holds: its file is as it was then (size, modification time) and, if
+    it was kept, it was verified at least as strictly as now asked."""
+    if _stamp(row["path"]) != {k: row[k] for k in ("size", "mtime") if k in row}:
+        return False
+    level = row.get("verify", "quick")
+    return rejected or (level in VERIFY_LEVELS
+                        and VERIFY_LEVELS.index(level) >= VERIFY_LEVELS.index(verify))
+
+
+def build_manifest(source: str | Path, out: str | Path, rejected: str | Path | None = None,
+                   root: str | Path = "", workers: int = 0, progress: bool = True,
+                   verify: str = "frames", dali: bool = False) -> Built:
+    """Probe every file of ``source`` into ``out`` (and ``rejected``).
+
+    Every file ``source`` names or a directory holds ends in one of the two, whatever its
+    suffix (videos are recognised by content). ``verify``: see :func:`probe`; ``dali``: also
+    reject what DALI's decoder would not give exactly (:func:`dali_blocker`). Resumable and
+    incremental: the rows an earlier run wrote are kept while their file is unchanged (size,
+    modification time) and was verified as strictly; changed files are probed again, vanished
+    ones rejected, rows the source no longer lists dropped. Rows are appended as they come, then
+    both files are rewritten atomically in input order.
     """
+    if verify not in VERIFY_LEVELS:
+        raise ValueError(f"verify must be one of {', '.join(VERIFY_LEVELS)}, got {verify!r}")
     out = Path(out)
     rejected = Path(rejected) if rejected else out.with_name("rejected.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
-    entries = read_entries(source, root)
+    own = {str(p.resolve()) for p in (out, rejected)}
+    entries = [e for e in read_entries(source, root) if str(Path(e.path).resolve()) not in own]
     order = {e.path: i for i, e in enumerate(entries)}
-    kept, bad = _read_jsonl(out), _read_jsonl(rejected)
-    done = {r["path"] for r in kept + bad}
-    todo = [(i, e) for i, e in enumerate(entries) if e.path not in done]
+    extras = {e.path: e.extra for e in entries}
+    kept, bad, done = [], [], set()
+    reprobed = vanished = dropped = 0
+    for rows, is_bad in ((_read_jsonl(out), False), (_read_jsonl(rejected), True)):
+        for row in rows:
+            path = row["path"]
+            if path in done:
+                continue
+            if path not in order:
+                if os.path.lexists(path):
+                    dropped += 1
+                else:
+                    vanished += 1
+                continue
+            if not _still_good(row, verify, is_bad) or (dali and not is_bad and dali_blocker(row)):
+                reprobed += 1
+                vanished += not os.path.lexists(path)
+                continue
+            done.add(path)
+            fresh = {k: v for k, v in row.items() if k not in _carried(row)} | extras[path]
+            (bad if is_bad else kept).append(fresh)
+    todo = [(i, e, verify, dali) for i, e in enumerate(entries) if e.path not in done]
     bar = Progress(len(entries), len(entries) - len(todo)) if progress else None
     workers = workers or os.cpu_count() or 1
+    _write_sorted(out, kept, order)
+    _write_sorted(rejected, bad, order)
     with open(out, "a") as good_file, open(rejected, "a") as bad_file:
         if workers > 1 and len(todo) > 1:
             pool = get_context("spawn").Pool(workers)
@@ -237,7 +418,7 @@ def build_manifest(source: str | Path, out: str | Path, rejected: str | Path | N
                     good_file.write(json.dumps(row) + "\n")
                     good_file.flush()
                 else:
-                    bad.append(row | {"reason": reason})
+                    bad.append(row | _stamp(row["path"]) | {"reason": reason})
                     bad_file.write(json.dumps(bad[-1]) + "\n")
                     bad_file.flush()
                 if bar:
@@ -249,7 +430,7 @@ def build_manifest(source: str | Path, out: str | Path, rejected: str | Path | N
         bar.close()
     _write_sorted(out, kept, order)
     _write_sorted(rejected, bad, order)
-    return len(kept), len(bad)
+    return Built(len(kept), len(bad), len(todo), reprobed, vanished, dropped)
 
 
 class Manifest:
@@ -263,6 +444,7 @@ class Manifest:
         self.file = Path(path)
         paths, frames, heights, widths, codes = bytearray(), [], [], [], []
         ends, fps, audio, texts, text_ends = [], [], [], bytearray(), []
+        seekable, blocked = [], {}  # by timestamp; rows DALI cannot decode exactly -> why
         with_text: dict[str, list[int]] = {}  # key -> rows holding a usable text under it
         index: dict[str, int] = {}
         digest = hashlib.blake2b(digest_size=8)
@@ -285,6 +467,10 @@ class Manifest:
                 codes.append(index.setdefault(codec, len(index)))
                 fps.append(float(row.get("fps") or 0.0))
                 audio.append(bool(row.get("audio")))
+                seekable.append(bool(row.get("seek", True)))
+                why = dali_blocker(row)
+                if why:
+                    blocked[len(ends) - 1] = why
                 carried = _carried(row)
                 for key, value in carried.items():
                     if _texts_of(value) or key in QA_KEYS and usable_qa(value):
@@ -301,6 +487,8 @@ class Manifest:
         self.codec_ids = np.array(codes, np.uint8 if len(index) < 256 else np.int32)
         self.fps = np.array(fps, np.float32)
         self.has_audio = np.array(audio, np.bool_)
+        self.seekable = np.array(seekable, np.bool_)
+        self.dali_blocked: dict[int, str] = blocked  # rows DALI cannot decode exactly -> why
         self._texts = bytes(texts)
         self._text_ends = np.array(text_ends, np.int64)
         self._with_text = {k: np.array(rows, np.int64) for k, rows in with_text.items()}
@@ -339,4 +527,5 @@ class Manifest:
         return {name: int(c) for name, c in zip(self.codec_names, counts, strict=True)}
 
 
-__all__ = ["Entry", "Manifest", "ProbeError", "build_manifest", "probe", "read_entries"]
+__all__ = ["DALI_UNSUPPORTED", "VERIFY_LEVELS", "Built", "Entry", "Manifest", "ProbeError",
+           "build_manifest", "dali_blocker", "probe", "read_entries"]

@@ -383,10 +383,10 @@ def check_clips(ctx: Context) -> str:
     out = ctx.fresh_dir("clips")
     for i, (codec, frames) in enumerate(CLIPS):
         write_clip(out / f"clip{i}", codec, frames=frames, width=128, height=96)
-    kept, rejected = build_manifest(out, out / "manifest.jsonl", workers=1, progress=False)
-    if kept != len(CLIPS) or rejected:
-        raise AssertionError(f"the manifest kept {kept} of {len(CLIPS)} clips")
-    return f"{kept} clips (H.264, VP9) in {out / 'manifest.jsonl'}"
+    built = build_manifest(out, out / "manifest.jsonl", workers=1, progress=False)
+    if built.kept != len(CLIPS) or built.rejected:
+        raise AssertionError(f"the manifest kept {built.kept} of {len(CLIPS)} clips")
+    return f"{built.kept} clips (H.264, VP9) in {out / 'manifest.jsonl'}"
 
 
 def check_manifest_pyav(ctx: Context) -> str:

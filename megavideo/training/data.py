@@ -27,12 +27,22 @@ log = logging.getLogger(__name__)
 MAX_WORKERS = 16  # decode processes per decoding rank when data.workers is null
 
 
-def backend(data: DataConfig, cuda: bool) -> str:
-    """'dali' or 'pyav': auto takes DALI's NVDEC decoder on GPU ranks when DALI is installed."""
+def _dali_blocked(manifest: Manifest | None) -> str:
+    """Which of the manifest's clips DALI's decoder would not give exactly, in words ('' none)."""
+    if manifest is None or not manifest.dali_blocked:
+        return ""
+    row, why = next(iter(manifest.dali_blocked.items()))
+    return (f"{len(manifest.dali_blocked)} of {len(manifest)} clips of {manifest.file} need PyAV "
+            f"(e.g. {manifest.path(row)}: {why})")
+
+
+def backend(data: DataConfig, cuda: bool, manifest: Manifest | None = None) -> str:
+    """'dali' or 'pyav': auto takes DALI's NVDEC decoder on GPU ranks when DALI is installed and
+    decodes every clip of the manifest exactly."""
     if data.backend != "auto":
         return data.backend
-    reason = dali.missing()
-    if cuda and reason is None:
+    reason = dali.missing() or _dali_blocked(manifest)
+    if cuda and not reason:
         return "dali"
     if cuda:
         log.info("video decode: PyAV on the CPU (DALI's NVDEC decoder not used: %s)", reason)
@@ -66,6 +76,11 @@ def check(cfg: Config) -> Manifest | None:
     reason = dali.missing()
     if reason:
         raise ConfigError(f"data.backend=dali: {reason}.")
+    blocked = _dali_blocked(manifest)
+    if blocked:
+        raise ConfigError(f"data.backend=dali: {blocked}; rebuild the manifest with "
+                          "python -m launch.manifest --dali (which rejects them) or set "
+                          "data.backend=pyav.")
     if not torch.cuda.is_available():
         counts = manifest.codec_counts()
         others = sorted(c for c in counts if c not in dali.CPU_CODECS)
@@ -136,7 +151,7 @@ def feed(cfg: Config, manifest: Manifest, dp_rank: int, dp: int, device: torch.d
     data = cfg.data
     cuda = device.type == "cuda"
     return Feed(clips(cfg, manifest), cfg.train.global_batch, cfg.train.micro_batch, dp_rank, dp,
-                backend(data, cuda), decode_workers(data), data.prefetch,
+                backend(data, cuda, manifest), decode_workers(data), data.prefetch,
                 dali_device_id=device.index if cuda else None, pin_memory=cuda)
 
 

@@ -262,20 +262,23 @@ def test_manifest_cli_probes_rejects_with_reasons_and_resumes(videos, tmp_path):
     rejected = [json.loads(line) for line in (out.parent / "rejected.jsonl").read_text().splitlines()]
     assert [Path(r["path"]).stem for r in rows] == names[:5]  # input order
     by = {Path(r["path"]).stem: r for r in rows}
-    assert by["h264"] | {"path": ""} == {"path": "", "num_frames": 40, "fps": 25.0, "duration": 1.6,
-                                          "codec": "h264", "width": 142, "height": 78,
-                                          "audio": False, "caption": "clip h264"}
+    stat = videos["h264"].stat()
+    assert by["h264"] | {"path": ""} == {
+        "path": "", "num_frames": 40, "fps": 25.0, "duration": 1.6, "codec": "h264",
+        "width": 142, "height": 78, "audio": False, "rotation": 0, "seek": True,
+        "size_changes": False, "edit_list": False, "verify": "frames", "size": stat.st_size,
+        "mtime": stat.st_mtime, "caption": "clip h264"}
     assert (by["vp9_odd"]["width"], by["vp9_odd"]["height"], by["vp9_odd"]["codec"]) == (97, 55,
                                                                                        "vp9")
     assert by["vp9_short"]["num_frames"] == 5 and by["h264_vfr"]["num_frames"] == 30
     assert by["vp9_audio"]["audio"] is True and by["vp9_audio"]["num_frames"] == 20
     assert {Path(r["path"]).name: r["reason"] for r in rejected} == {
         "empty.mp4": "empty file", "missing.mp4": "no such file"}
-    assert "5 clips" in proc.stderr and "2 rejected" in proc.stderr
+    assert "5 clips" in proc.stderr and "2 rejected; 7 files probed (--verify frames)" in proc.stderr
     # resumable: nothing is probed again, and a new input is probed and put in input order
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and out.read_text().count("\n") == 5
-    assert "probed" not in again.stderr  # no progress: nothing was left to probe
+    assert "/7 probed" not in again.stderr and "0 files probed" in again.stderr  # nothing left
     annotation.write_text(json.dumps([{"video": videos["vp9"].name, "caption": "new"}]
                                      + json.loads(annotation.read_text())))
     third = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -284,12 +287,11 @@ def test_manifest_cli_probes_rejects_with_reasons_and_resumes(videos, tmp_path):
         "vp9"] + names[:5]
     table = tmp_path / "labels.csv"
     table.write_text(f"{videos['vp9'].name} 7\ngarbage.mp4 3\n")
-    kept, bad = build_manifest(table, tmp_path / "k.jsonl", root=tmp_path, progress=False,
-                               workers=1)
-    assert (kept, bad) == (0, 2)  # vp9 is not under tmp_path; garbage is unreadable
+    built = build_manifest(table, tmp_path / "k.jsonl", root=tmp_path, progress=False, workers=1)
+    assert (built.kept, built.rejected) == (0, 2)  # vp9 is not under tmp_path; garbage unreadable
     reasons = [json.loads(line)["reason"] for line in (tmp_path / "rejected.jsonl").read_text()
                .splitlines()]
-    assert reasons[0] == "no such file" and reasons[1].startswith("unreadable")
+    assert reasons[0] == "no such file" and reasons[1].startswith("not a video FFmpeg reads")
 
 
 def test_annotation_formats(tmp_path):
