@@ -26,50 +26,66 @@ import torch
 from dataloaders import dali
 from dataloaders.clips import write_clip
 from dataloaders.manifest import Manifest, build_manifest
-from dataloaders.pyav_decode import read_frames
+from dataloaders.pyav_decode import DecodeError, read_frames
 from dataloaders.sampling import Draw, Sampling
 from dataloaders.transform import crop_resize
 
 
-def _pyav(size: int):
-    def run(paths: list[str], draws: list[Draw]) -> None:
+def _pyav(size: int, seekable: dict[str, bool]):
+    def run(paths: list[str], draws: list[Draw]) -> int:
+        failed = 0
         for path, draw in zip(paths, draws, strict=True):
-            crop_resize(read_frames(path, draw.frames), draw.crop, size)
+            try:
+                crop_resize(read_frames(path, draw.frames, seek=seekable[path]), draw.crop, size)
+            except DecodeError:
+                failed += 1
+        return failed
     return run
 
 
 def _decord(size: int):
     import decord
 
-    def run(paths: list[str], draws: list[Draw]) -> None:
+    def run(paths: list[str], draws: list[Draw]) -> int:
+        failed = 0
         for path, draw in zip(paths, draws, strict=True):
-            reader = decord.VideoReader(path, num_threads=1)  # 0 crashes on VP9
-            frames = reader.get_batch(draw.frames).asnumpy()
+            try:
+                reader = decord.VideoReader(path, num_threads=1)  # 0 crashes on VP9
+                frames = reader.get_batch(draw.frames).asnumpy()
+            except (decord.DECORDError, RuntimeError, IndexError):
+                failed += 1
+                continue
             crop_resize(frames, draw.crop, size)
+        return failed
     return run
 
 
 def _dali(size: int, batch: int, device_id: int | None):
     decoder = dali.DaliDecoder(size, batch, threads=1, device_id=device_id)
 
-    def run(paths: list[str], draws: list[Draw]) -> None:
+    def run(paths: list[str], draws: list[Draw]) -> int:
+        failed = 0
         for i in range(0, len(paths), batch):
             encoded = [np.fromfile(p, np.uint8) for p in paths[i:i + batch]]
-            video, failed = decoder.decode(encoded, draws[i:i + batch])
-            if failed:
-                raise RuntimeError(f"DALI failed on {failed}")
-            if video.is_cuda:
+            video, bad = decoder.decode(encoded, draws[i:i + batch])
+            failed += len(bad)
+            if video is not None and video.is_cuda:
                 torch.cuda.synchronize()
+        return failed
     return run
 
 
 def measure(run: Callable, paths: list[str], draws: list[Draw], frames: int) -> dict:
+    """Clips/s of ``run`` over the files that decode; the ones that fail are skipped and
+    counted, as training skips them."""
     run(paths[:1], draws[:1])  # warm-up: imports, pipeline build
     wall, cpu = time.perf_counter(), time.process_time()
-    run(paths, draws)
+    failed = run(paths, draws)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return {"clips": len(paths), "seconds": round(wall, 3), "clips_per_s": len(paths) / wall,
-            "frames_per_s": len(paths) * frames / wall, "clips_per_cpu_s": len(paths) / cpu}
+    done = len(paths) - failed
+    return {"clips": done, "failed": failed, "seconds": round(wall, 3),
+            "clips_per_s": done / wall, "frames_per_s": done * frames / wall,
+            "clips_per_cpu_s": done / cpu}
 
 
 def _clips(workdir: Path) -> Path:
@@ -101,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
             paths = [manifest.path(r) for r in picks]
             draws = [sampling.draw(i, r, int(manifest.num_frames[r]), int(manifest.heights[r]),
                                    int(manifest.widths[r])) for i, r in enumerate(picks)]
-            backends: dict[str, Callable | str] = {"pyav+torch": _pyav(args.size)}
+            seekable = {manifest.path(r): bool(manifest.seekable[r]) for r in rows}
+            backends: dict[str, Callable | str] = {"pyav+torch": _pyav(args.size, seekable)}
             try:
                 backends["decord+torch"] = _decord(args.size)
             except ImportError:
@@ -121,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     row |= measure(run, paths, draws, args.frames)
                 results.append(row)
-    header = f"{'codec':6} {'backend':14} {'clips/s':>8} {'frames/s':>9} {'clips/cpu-s':>12}"
+    header = (f"{'codec':6} {'backend':14} {'clips/s':>8} {'frames/s':>9} {'clips/cpu-s':>12} "
+              f"{'failed':>6}")
     print(header)
     print("-" * len(header))
     for r in results:
@@ -129,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{r['codec']:6} {r['backend']:14} {'-':>8} {'-':>9} {'-':>12}  ({r['skipped']})")
         else:
             print(f"{r['codec']:6} {r['backend']:14} {r['clips_per_s']:8.2f} "
-                  f"{r['frames_per_s']:9.1f} {r['clips_per_cpu_s']:12.2f}")
+                  f"{r['frames_per_s']:9.1f} {r['clips_per_cpu_s']:12.2f} {r['failed']:6d}")
     report = {"frames": args.frames, "size": args.size, "samples": args.samples,
               "manifest": args.manifest or "generated 640x360, 250 frames, gop 50",
               "machine": platform.platform(), "cores_used": 1, "results": results}

@@ -360,7 +360,10 @@ class DataConfig:
     workers: int | None = None
     prefetch: int = 2  # micro-batches decoded ahead
     decode_threads: int = 1  # FFmpeg threads per PyAV decode
-    max_skip_rate: float = 0.05  # stop when more of the decodes fail (after a global batch)
+    # stop when more than this share of the last skip_window decode attempts failed (early on,
+    # more than this share of skip_window attempts: one bad file cannot stop a run at step 0)
+    max_skip_rate: float = 0.05
+    skip_window: int = 2000
     # stage 2: manifest keys a clip's caption is drawn from, uniformly among every caption the
     # listed keys hold for it (e.g. caption, captions, asr_captions, avs_captions)
     captions: list[str] = field(default_factory=lambda: ["caption"])

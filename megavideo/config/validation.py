@@ -389,6 +389,8 @@ def _validate_data(data: DataConfig) -> None:
         raise ConfigError("data.captions must name at least one caption key.")
     if not 0 <= data.max_skip_rate <= 1:
         raise ConfigError(f"data.max_skip_rate must be in [0, 1], got {data.max_skip_rate}.")
+    if data.skip_window < 1:
+        raise ConfigError(f"data.skip_window must be at least 1 attempt, got {data.skip_window}.")
 
 
 def validate_world(config: Config, world_size: int) -> int:

@@ -57,7 +57,7 @@ class PipelineStage:
         self.from_files = cfg.data.source == "manifest" and self.pp_rank == 0
         self.decodes = self.from_files and parallel_state.get_tensor_model_parallel_rank() == 0
         self._batches = None
-        self._reported: set[str] = set()
+        self.skipped_files: set[str] = set()  # every file this rank skipped, logged once
 
     def pipelined(self) -> tuple[list[int], Tokens, TransformerConfig]:
         """The pipelined model's layers per virtual stage, the video encoder's token sequence
@@ -114,8 +114,8 @@ class PipelineStage:
             counts += torch.tensor([len(batch.skipped), batch.attempts], dtype=torch.float64,
                                    device=self.device)
             for path, reason in batch.skipped:
-                if path not in self._reported:
-                    self._reported.add(path)
+                if path not in self.skipped_files:
+                    self.skipped_files.add(path)
                     log.warning("skipped %s: %s", path, reason)
         else:
             out = {k: torch.empty(shape, dtype=dtype, device=self.device)

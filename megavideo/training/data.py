@@ -8,9 +8,10 @@ to the last stage, which reads their captions.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -161,31 +162,47 @@ def normalized(cfg: Config, video: torch.Tensor) -> torch.Tensor:
 
 
 class SkipBudget:
-    """Counts failed decodes over the run and stops it past ``data.max_skip_rate``."""
+    """Counts failed decodes and stops the run when more than ``max_rate`` of the last
+    ``window`` attempts failed; until that many were made, more than ``max_rate`` x ``window``
+    failures (so one bad file among the first decodes does not stop a run)."""
 
-    def __init__(self, max_rate: float, min_attempts: int) -> None:
-        self.max_rate, self.min_attempts = max_rate, min_attempts
+    def __init__(self, max_rate: float, window: int) -> None:
+        self.max_rate, self.window = max_rate, window
         self.skipped = self.attempts = 0
+        self.recent: collections.deque[tuple[int, int]] = collections.deque()  # per step
 
     def restore(self, state: dict) -> None:
         """Continue the counts of a checkpoint's ``data`` entry."""
         self.skipped, self.attempts = state.get("skipped", 0), state.get("attempts", 0)
+        self.recent = collections.deque(tuple(pair) for pair in state.get("recent", []))
 
-    def add(self, step: int, skipped: int, attempts: int) -> float:
-        """Count a step's decodes; returns the run's skip rate so far."""
+    def add(self, step: int, skipped: int, attempts: int,
+            names: Callable[[], list[str]] = list) -> float:
+        """Count a step's decodes; returns the run's skip rate so far. ``names()``: the files
+        that failed (asked only when the run stops; it may be collective)."""
         self.skipped += skipped
         self.attempts += attempts
-        if self.attempts >= self.min_attempts and self.skipped > self.max_rate * self.attempts:
+        self.recent.append((int(skipped), int(attempts)))
+        while len(self.recent) > 1 and sum(a for _, a in self.recent) - self.recent[0][1] \
+                >= self.window:
+            self.recent.popleft()
+        failed = sum(s for s, _ in self.recent)
+        tried = sum(a for _, a in self.recent)
+        if failed > self.max_rate * max(tried, self.window):
+            files = names()
+            shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5
+                                            else "")
             raise DataError(
-                f"step {step}: {self.skipped} of {self.attempts} clip decodes failed "
-                f"({self.skipped / self.attempts:.1%}), above data.max_skip_rate="
-                f"{self.max_rate:g}; the decoding ranks logged each file ('skipped ...'): fix "
-                "them or probe the manifest again (python -m launch.manifest), or raise "
-                "data.max_skip_rate.")
+                f"step {step}: {failed} of the last {tried} clip decodes failed, above "
+                f"data.max_skip_rate={self.max_rate:g} of data.skip_window={self.window} "
+                f"attempts ({self.skipped} of {self.attempts} in the run){': ' if files else ''}"
+                f"{shown}; fix them or probe the manifest again (python -m launch.manifest), "
+                "or raise data.max_skip_rate.")
         return self.skipped / max(self.attempts, 1)
 
     def state(self) -> dict:
-        return {"skipped": self.skipped, "attempts": self.attempts}
+        return {"skipped": self.skipped, "attempts": self.attempts,
+                "recent": [list(pair) for pair in self.recent]}
 
 
 __all__ = ["MAX_WORKERS", "SkipBudget", "audio_spec", "backend", "caption", "check", "clips",

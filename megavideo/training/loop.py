@@ -71,7 +71,7 @@ class Trainer:
             setattr(config, name, hook)
         self.pp_group = parallel_state.get_pipeline_model_parallel_group()
         self.dp_group = parallel_state.get_data_parallel_group()
-        self.skips = data.SkipBudget(cfg.data.max_skip_rate, train.global_batch)
+        self.skips = data.SkipBudget(cfg.data.max_skip_rate, cfg.data.skip_window)
         self.manifest: Manifest | None = None
         self.meter = StepMeter(cfg, dist.get_world_size(), self.stage)
 
@@ -161,6 +161,12 @@ class Trainer:
                 int(v) for v in totals[len(summed):])
         return terms
 
+    def skipped_files(self) -> list[str]:
+        """Every file a decoding rank has skipped in this run (collective: all ranks call it)."""
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, sorted(self.stage.skipped_files))
+        return sorted({path for paths in gathered for path in paths})
+
     def data_state(self) -> dict:
         """What a checkpoint keeps of the data: the skip counts and which manifest it was."""
         if self.manifest is None:
@@ -245,8 +251,8 @@ def run(cfg: Config) -> list[dict]:
             metrics = trainer.train_step(step)
             _check_finite(step, metrics, trainer.locally_finite, checkpointer)
             if "data/skipped" in metrics:
-                metrics["data/skip_rate"] = trainer.skips.add(step, metrics["data/skipped"],
-                                                              metrics["data/attempts"])
+                metrics["data/skip_rate"] = trainer.skips.add(
+                    step, metrics["data/skipped"], metrics["data/attempts"], trainer.skipped_files)
             history.append(metrics)
             if writer is not None:
                 writer.write(step, metrics)

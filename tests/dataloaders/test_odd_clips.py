@@ -178,3 +178,20 @@ def test_dali_gets_only_what_it_decodes_exactly(odd, tmp_path):
                (tmp_path / "dali_rejected.jsonl").read_text().splitlines()]
     assert all(r.startswith("DALI cannot decode it exactly: ") for r in reasons)
     assert os.path.exists(out)
+
+
+def test_the_frame_rate_of_the_same_vfr_content_does_not_depend_on_the_container(tmp_path):
+    """Frames 1 and 3 ticks of 1/75 s apart: the rate comes from the timestamps, (n - 1) / span."""
+    rows = [probe(str(write_clip(tmp_path / f"vfr_{codec}", codec, frames=30, vfr=True)))
+            for codec in ("h264", "vp9")]
+    expected = 29 / ((15 * 1 + 14 * 3) / 75)  # 30 frames over 15 short and 14 long gaps
+    assert [r["fps"] for r in rows] == [round(expected, 4)] * 2
+
+
+def test_a_csv_label_is_an_integer_with_or_without_a_header(tmp_path):
+    from dataloaders.manifest import read_entries
+
+    (tmp_path / "plain.csv").write_text("a.mp4,3\nb.mp4,cat\n")
+    (tmp_path / "header.csv").write_text("path,label\na.mp4,3\nb.mp4,cat\n")
+    for name in ("plain.csv", "header.csv"):
+        assert [e.extra["label"] for e in read_entries(tmp_path / name)] == [3, "cat"], name

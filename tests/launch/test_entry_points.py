@@ -100,11 +100,14 @@ def test_a_pipelined_run_past_the_skip_rate_stops_with_a_clear_message(tmp_path,
     """pp 2: only the first stage decodes; both stages see the counts and stop together."""
     proc = _train(tmp_path, 2, "parallel.tp=1", "parallel.pp=2", "parallel.sp=false",
                   "train.steps=3", "data.source=manifest", f"data.manifest={stale_manifest}",
-                  "data.max_skip_rate=0.01", "data.workers=0")
+                  "data.max_skip_rate=0.01", "data.skip_window=16", "data.workers=0")
     assert proc.returncode != 0
     skipped = [line for line in proc.stderr.splitlines() if ": skipped " in line]
     assert skipped and all("rank 0]" in line for line in skipped)
-    assert "clip decodes failed" in proc.stderr and "above data.max_skip_rate=0.01" in proc.stderr
+    assert "clip decodes failed, above data.max_skip_rate=0.01 of data.skip_window=16" \
+        in proc.stderr
+    stop = next(line for line in proc.stderr.splitlines() if "clip decodes failed" in line)
+    assert "broken_" in stop  # the message names the files
     assert re.search(r"exitcode\s*:\s*4\b", proc.stderr)  # launch.train's data exit code
     assert not (tmp_path / "checkpoints").exists()
 
