@@ -195,3 +195,23 @@ def test_a_csv_label_is_an_integer_with_or_without_a_header(tmp_path):
     (tmp_path / "header.csv").write_text("path,label\na.mp4,3\nb.mp4,cat\n")
     for name in ("plain.csv", "header.csv"):
         assert [e.extra["label"] for e in read_entries(tmp_path / name)] == [3, "cat"], name
+
+
+def test_the_codec_is_named_not_its_decoder(tmp_path):
+    """An AV1 clip decodes with libdav1d; the manifest says av1."""
+    from fractions import Fraction
+
+    path = tmp_path / "clip.mkv"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libsvtav1", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 160, 96, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 25)
+        for i in range(8):
+            frame = av.VideoFrame.from_ndarray(frame_pixels(i, 160, 96), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, 25)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].codec_context.name == "libdav1d"
+    row = probe(str(path))
+    assert (row["codec"], row["num_frames"]) == ("av1", 8)
