@@ -147,16 +147,13 @@ def _file_problem(path: str) -> str | None:
     return None
 
 
-def _frame_rate(stream, index, frames: int) -> tuple[float, float]:
-    """(fps, duration): from the frames' timestamps when they are ordered (the same for the same
-    content in any container, VFR too), else from the stream's header."""
-    base = float(stream.time_base) if stream.time_base else 0.0
-    if index.ordered and frames > 1 and base and index.pts[-1] > index.pts[0]:
-        fps = (frames - 1) / ((index.pts[-1] - index.pts[0]) * base)
+def _frame_rate(index, frames: int, time_base: float, header_fps: float) -> tuple[float, float]:
+    """(fps, duration): from the frames' timestamps (in ``time_base`` seconds) when they are
+    ordered (the same for the same content in any container, VFR too), else the header's."""
+    if index.ordered and frames > 1 and time_base and index.pts[-1] > index.pts[0]:
+        fps = (frames - 1) / ((index.pts[-1] - index.pts[0]) * time_base)
         return fps, frames / fps
-    rate = stream.average_rate or stream.guessed_rate
-    fps = float(rate) if rate else 0.0
-    return fps, frames / fps if fps else 0.0
+    return header_fps, frames / header_fps if header_fps else 0.0
 
 
 def _decode_all(container, stream, hashes: bool) -> tuple[list, set, list[str], int]:
@@ -226,6 +223,10 @@ def probe(path: str, verify: str = "frames") -> dict:
                 if not stamps:
                     raise ProbeError("no frame decodes")
             audio = bool(container.streams.audio)
+            # read while the container is open: its streams are freed with it
+            time_base = float(stream.time_base) if stream.time_base else 0.0
+            rate = stream.average_rate or stream.guessed_rate
+            header_fps = float(rate) if rate else 0.0
     except ProbeError:
         raise
     except (av.FFmpegError, OSError, StopIteration, ValueError) as e:
@@ -242,7 +243,7 @@ def probe(path: str, verify: str = "frames") -> dict:
     if stamps is None and not index.ordered:
         raise ProbeError("timestamps that are not monotonic (e.g. joined MPEG-TS segments): "
                          "probe it with --verify frames, which counts the decoded frames")
-    fps, duration = _frame_rate(stream, index, frames)
+    fps, duration = _frame_rate(index, frames, time_base, header_fps)
     if not (width and height):
         width, height = next(iter(sizes))
     if rotation in (90, 270):
