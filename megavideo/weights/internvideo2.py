@@ -72,7 +72,7 @@ def qkv_to_official(w: Tensor, heads: int) -> Tensor:
 
 
 class KeyMismatch(ValueError):
-    """Unknown or missing keys, all of them listed in one message."""
+    """Unknown or missing keys, or tensors of other shapes, all of them listed in one message."""
 
 
 def _mapping(kind: str, model: Stage1ModelConfig) -> dict[str, str]:
@@ -149,6 +149,11 @@ def from_official(kind: str, model: Stage1ModelConfig, state: dict[str, Tensor])
     _check_keys(set(state), set(names) | qkv | biases | set(pos), kind)
     prefix = "" if kind == "student" else "vit."
     out = {names[k]: v for k, v in state.items() if k in names}
+    embed = names["patch_embed.proj.weight"]
+    if out[embed].dim() == 4 and vit.tubelet_size == 1:
+        # InternVL-C's vision tower stores a Conv2d [C, 3, p, p]; the official loader inflates
+        # it to the Conv3d of one frame, [C, 3, 1, p, p]
+        out[embed] = out[embed].unsqueeze(2)
     for k in pos:
         out[pos[k]] = state[k].reshape(state[k].shape[-2:])
     heads = vit.num_heads
@@ -213,10 +218,25 @@ def _meta_params(cfg: Config) -> dict[str, dict[str, torch.nn.Parameter]]:
             "mae_teacher": dict(named_parameters(teachers.mae))}
 
 
+def check_shapes(states: dict[str, dict[str, Tensor]],
+                 params: dict[str, dict[str, torch.nn.Parameter]]) -> None:
+    """Raise KeyMismatch listing every tensor whose shape is not its parameter's (keys first)."""
+    wrong = []
+    for kind, state in states.items():
+        _check_keys(set(state), set(params[kind]), f"converted {kind}")
+        wrong += [f"{kind} {name} {list(t.shape)}, the model's {list(params[kind][name].shape)}"
+                  for name, t in state.items() if t.shape != params[kind][name].shape]
+    if wrong:
+        shown = "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+        what = "1 tensor has a shape" if len(wrong) == 1 else f"{len(wrong)} tensors have shapes"
+        raise KeyMismatch(f"{what} the config does not: {shown}.")
+
+
 def write_checkpoint(cfg: Config, states: dict[str, dict[str, Tensor]], out: Path) -> None:
     """Write MegaVideo-layout tensors as a checkpoint root ``out``: the student as
     ``step_00000000`` (weights only, ``latest`` points at it), the teachers as ``teachers/``.
-    ``checkpoint.load=<out>`` then starts a run from them."""
+    Every tensor's name and shape is checked against the model first, so a file of another
+    model writes nothing. ``checkpoint.load=<out>`` then starts a run from them."""
     from megavideo.training.checkpoint import FORMAT, checkpoint_key, point_latest, save_atomically
     from parallel.checkpointing import sharded_tensors
     from parallel.distributed import single_rank_world
@@ -225,12 +245,12 @@ def write_checkpoint(cfg: Config, states: dict[str, dict[str, Tensor]], out: Pat
         raise ValueError("give both teachers or neither: a run loads them together.")
     with single_rank_world():
         params = _meta_params(cfg)
+        check_shapes(states, params)  # every tensor, before anything is written
         tick = progress(sum(len(s) for s in states.values()), "writing")
         done = 0
 
         def shards(kind: str) -> dict:
             nonlocal done
-            _check_keys(set(states[kind]), set(params[kind]), f"converted {kind}")
             out_shards = {}
             for name, tensor in states[kind].items():
                 out_shards[name] = sharded_tensors(checkpoint_key(kind, name), params[kind][name],

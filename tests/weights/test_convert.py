@@ -280,3 +280,36 @@ def test_export_inverts_import_in_memory():
         back = to_official(kind, MODEL, from_official(kind, MODEL, state))
         assert sorted(back) == sorted(state)
         assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_internvl_cs_2d_patch_embedding_is_inflated_as_the_official_loader_does(tmp_path):
+    """The released InternVL-C vision tower stores its patch embedding as a Conv2d weight
+    [C, 3, p, p]; a frame's Conv3d is the same kernel with a time axis of 1."""
+    state = official_state("clip_teacher")
+    conv3d = state["patch_embed.proj.weight"]
+    state["patch_embed.proj.weight"] = conv3d[:, :, 0]  # as released
+    ours = from_official("clip_teacher", MODEL, state)
+    assert torch.equal(ours["vit.embed.patch_embed.proj.weight"], conv3d)
+
+
+def test_a_tensor_of_another_shape_writes_nothing(tmp_path):
+    """Names alone do not make a file of this model: every shape is checked before writing."""
+    files = {}
+    for seed, kind in enumerate(("clip_teacher", "mae_teacher")):
+        state = official_state(kind, seed)
+        if kind == "mae_teacher":
+            state["blocks.0.mlp.fc1.weight"] = state["blocks.0.mlp.fc1.weight"][:-1]
+        files[kind] = tmp_path / f"{kind}.pth"
+        torch.save(state, files[kind])
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "launch.convert", "import", TINY, "--out", str(out),
+                           "--clip-teacher", str(files["clip_teacher"]),
+                           "--mae-teacher", str(files["mae_teacher"])],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    fc1 = official_shapes("mae_teacher")["blocks.0.mlp.fc1.weight"]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: 1 tensor has a shape the config does not: mae_teacher "
+        f"vit.blocks.layers.0.mlp.linear_fc1.weight [{fc1[0] - 1}, {fc1[1]}], the model's "
+        f"{list(fc1)}.")
+    assert not out.exists()
