@@ -7,11 +7,14 @@ accents), its BERT pre-tokenizer (split on whitespace and punctuation) and its W
 (the longest vocabulary pieces from the left, ``##`` before the pieces after the first; a word it
 cannot split, or one over 100 characters, is one ``[UNK]``).
 
-``encode_batch`` adds ``[CLS] ... [SEP]``, truncates and pads to a fixed length.
+``encode_batch`` adds ``[CLS] ... [SEP]``, truncates and pads to a fixed length;
+:func:`clean_caption` is the official code's caption cleaning (its ``pre_text``), applied first
+where ``model.text.clean_captions`` asks for it.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -23,6 +26,19 @@ MAX_WORD_CHARS = 100
 _NORMALIZER = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                          strip_accents=True, lowercase=True)
 _PRE_TOKENIZER = pre_tokenizers.BertPreTokenizer()
+
+
+_DROPPED = re.compile(r"[,.'!?\"()*#:;~]")
+_SPACES = re.compile(r"\s{2,}")
+
+
+def clean_caption(text: str) -> str:
+    """The official InternVideo2 caption cleaning: lower-case; ``, . ' ! ? " ( ) * # : ; ~``
+    removed; ``-`` and ``/`` to spaces, ``<person>`` to ``person``; runs of spaces to one; the
+    ends stripped."""
+    text = _DROPPED.sub("", text.lower())
+    text = text.replace("-", " ").replace("/", " ").replace("<person>", "person")
+    return _SPACES.sub(" ", text).rstrip("\n").strip(" ")
 
 
 class VocabError(ValueError):

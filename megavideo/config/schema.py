@@ -112,6 +112,7 @@ class TextConfig(PostNormEncoderConfig):
     fusion_layers: int = 2
     vocab_file: str = ""  # BERT's vocab.txt (uncased WordPiece)
     max_length: int = 40  # tokens per caption, [CLS] and [SEP] included
+    clean_captions: bool = False  # the official caption cleaning first (tokenizer.clean_caption)
     max_positions: int = 512
     type_vocab_size: int = 2
 

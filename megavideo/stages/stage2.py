@@ -22,7 +22,7 @@ from dataloaders.synthetic import (
     pattern_video,
     sample_keys,
 )
-from dataloaders.tokenizer import WordPiece
+from dataloaders.tokenizer import WordPiece, clean_caption
 from kernels.keyed_random import uniform
 from megavideo.config import Config
 from megavideo.models.audio import deep_norm_alpha
@@ -133,8 +133,10 @@ class Stage2(PipelineStage):
             batch.video, batch.visible = source["video"], self._visible(step, indices)
         if model.post_process:
             seed = self.cfg.train.seed
-            ids, mask = self.tokenizer.encode_batch(source["captions"],
-                                                    self.cfg.model.text.max_length)
+            text = self.cfg.model.text
+            captions = ([clean_caption(c) for c in source["captions"]] if text.clean_captions
+                        else source["captions"])
+            ids, mask = self.tokenizer.encode_batch(captions, text.max_length)
             batch.text_ids, batch.text_mask = ids.to(self.device), mask.to(self.device)
             batch.item = torch.tensor(source["item"], device=self.device)
             batch.keys = {purpose: sample_keys(seed, step, indices, purpose, self.device)

@@ -65,3 +65,12 @@ def test_the_library_gives_the_pieces_and_ids_of_the_hand_written_wordpiece_it_r
         "5", "##0", ",", "the", "red", "[UNK]", "."]
     assert tokenizer.encode(text) == [5, 1, 1, 1, 21, 1, 26, 14, 23, 24, 17, 18, 19, 20, 15, 8, 9, 1,
                                       16]
+
+
+def test_captions_are_cleaned_as_the_official_pre_text_cleans_them():
+    from dataloaders.tokenizer import clean_caption
+
+    assert clean_caption("A man's <person> jumps -- over the Wall/Fence!  (slowly), \"twice\";~") \
+        == "a mans person jumps over the wall fence slowly twice"
+    assert clean_caption("  Hello:  World?  \n") == "hello world"
+    assert clean_caption("x-ray") == "x ray" and clean_caption("50% #1") == "50% 1"
