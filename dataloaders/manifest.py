@@ -156,6 +156,11 @@ def _frame_rate(index, frames: int, time_base: float, header_fps: float) -> tupl
     return header_fps, frames / header_fps if header_fps else 0.0
 
 
+def _digest(rgb: np.ndarray) -> str:
+    """A decoded picture's pixels, in 16 hex digits (to compare two decodes of a frame)."""
+    return hashlib.blake2b(rgb.tobytes(), digest_size=8).hexdigest()
+
+
 def _decode_all(container, stream, hashes: bool) -> tuple[list, set, list[str], int]:
     """One sequential decode: the frames' timestamps, their sizes, their pixels' digests (with
     ``hashes``) and the first frame's rotation."""
@@ -167,8 +172,7 @@ def _decode_all(container, stream, hashes: bool) -> tuple[list, set, list[str], 
         if rotation is None:
             rotation = rotation_of(frame)
         if hashes:
-            digests.append(hashlib.blake2b(picture(frame, size).tobytes(),
-                                           digest_size=8).hexdigest())
+            digests.append(_digest(picture(frame, size)))
     return stamps, sizes, digests, rotation or 0
 
 
@@ -176,8 +180,7 @@ def _seeks_agree(path: str, frames: int, digests: list[str]) -> bool:
     """Frames spread over the clip read by timestamp equal the sequential decode's."""
     wanted = sorted({int(i) for i in np.linspace(0, frames - 1, min(SEEK_CHECKS, frames))})
     got = read_frames(path, wanted, seek=True)
-    return all(hashlib.blake2b(rgb.tobytes(), digest_size=8).hexdigest() == digests[i]
-               for rgb, i in zip(got, wanted, strict=True))
+    return all(_digest(rgb) == digests[i] for rgb, i in zip(got, wanted, strict=True))
 
 
 def probe(path: str, verify: str = "frames") -> dict:

@@ -8,10 +8,10 @@ rescaled). Two ways to get there:
 - **by timestamp** (fast): the packets are demuxed once (no decoding) for every frame's timestamp
   and the key frames, packets an edit list discards left out; the decoder seeks to the key frame
   before a wanted frame when that skips work and decodes forward. Each seek is verified: the
-  first frame at or after the key frame must be that key frame, and a key frame to the decoder
-  (MPEG-TS, MPEG-PS and AVI files often flag or land on others); else the seek is retried from
-  an earlier key frame, and then the clip is decoded in order. Only files whose timestamps are
-  unique in a monotonic decode order take this way;
+  first frame out at or after the aimed key frame must be a key frame to the decoder and not
+  after the wanted frame (MPEG-TS, MPEG-PS and AVI files often flag or land on others); else the
+  seek is retried from an earlier key frame, and then the clip is decoded in order. Only files
+  whose timestamps are unique in a monotonic decode order take this way;
 - **in order**: decode from the start and count the frames that come out (concatenated
   MPEG-TS, whose timestamps restart; files the manifest found unseekable).
 """
@@ -108,19 +108,20 @@ def read_frames(path: str, indices: list[int], threads: int = 1, seek: bool = Tr
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise DecodeError("empty file")
     try:
-        container, stream = open_video(path, threads)
-        with container:
-            index = frame_index(container, stream)
-            if not index.pts:
-                raise DecodeError("the clip has no frames")
-            if seek and index.ordered:
-                if max(indices) >= len(index.pts):
-                    raise DecodeError(f"frame {max(indices)} asked of a clip with "
-                                      f"{len(index.pts)} frames")
-                try:
-                    return _by_timestamp(container, stream, index, indices)
-                except _SeekMiss:
-                    pass
+        if seek:
+            container, stream = open_video(path, threads)
+            with container:
+                index = frame_index(container, stream)
+                if not index.pts:
+                    raise DecodeError("the clip has no frames")
+                if index.ordered:
+                    if max(indices) >= len(index.pts):
+                        raise DecodeError(f"frame {max(indices)} asked of a clip with "
+                                          f"{len(index.pts)} frames")
+                    try:
+                        return _by_timestamp(container, stream, index, indices)
+                    except _SeekMiss:
+                        pass
         container, stream = open_video(path, threads)  # in order: a fresh demuxer at the start
         with container:
             return _in_order(container, stream, indices)

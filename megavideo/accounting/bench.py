@@ -23,7 +23,7 @@ from kernels.attention import attention_kernel
 from kernels.backends import layer_backend
 from megavideo.accounting.devices import DeviceSpec, peak_tflops
 from megavideo.accounting.elementwise import BlockShape, vit_layer_elementwise_bytes
-from megavideo.accounting.flops import vit_layer_flops
+from megavideo.accounting.flops import teacher_input, vit_layer_flops
 from megavideo.accounting.planner import Calibration
 from megavideo.config import Config, ConfigError, ViTConfig, validate_device
 from megavideo.config.megatron import fp8_backend, fusions
@@ -137,11 +137,11 @@ def bench(cfg: Config, layers: int, warmup: int, steps: int) -> tuple[list[Case]
         cases.append(_stack_case(cfg, "student fwd+bwd", model.student, precision, tokens, b,
                                  layers, True, warmup, steps))
     clip, mae = model.clip_teacher, model.mae_teacher
-    per_frame = 1 + clip.patches_per_frame if clip.cls_token else clip.patches_per_frame
+    images, per_frame = teacher_input(clip)
     cases.append(_stack_case(cfg, "CLIP teacher fwd", clip, "bf16",
-                             Tokens(per_frame, per_frame), b * clip.num_frames,
+                             Tokens(per_frame, per_frame), b * images,
                              min(layers, clip.num_layers), False, warmup, steps))
-    mae_tokens = mae.num_patches + int(mae.cls_token)
+    _, mae_tokens = teacher_input(mae)
     cases.append(_stack_case(cfg, "MAE teacher fwd", mae, "bf16", Tokens(mae_tokens, mae_tokens),
                              b, min(layers, mae.num_layers), False, warmup, steps))
     return cases, no_fp8

@@ -230,12 +230,19 @@ def _video_encoder(t: _Tally, part: str, vit: ViTConfig, layers: int, tokens: To
     t.layers(part, real * layers, samples, padded * layers)
 
 
+def teacher_input(vit: ViTConfig) -> tuple[int, int]:
+    """(images per clip, tokens per image) a frozen teacher sees: each frame as an image (CLIP)
+    or the whole clip (MAE), its CLS token included."""
+    images = vit.num_frames if vit.per_frame else 1
+    frames = 1 if vit.per_frame else vit.num_frames
+    return images, int(vit.cls_token) + vit.patches_per_frame * (frames // vit.tubelet_size)
+
+
 def _teacher(t: _Tally, part: str, vit: ViTConfig, tp: int, samples: float, pooled: bool) -> None:
     """A frozen teacher, forward only: per-frame images (CLIP, with its attention pool) or the
     whole clip (MAE)."""
-    images = vit.num_frames if vit.per_frame else 1
+    images, n = teacher_input(vit)
     frames = 1 if vit.per_frame else vit.num_frames
-    n = int(vit.cls_token) + vit.patches_per_frame * (frames // vit.tubelet_size)
     t.add(part, _patch_embed(vit, frames, False), samples * images)
     real = _vit_layer(n, vit, vit.num_heads, False, False) * vit.num_layers
     padded = _vit_layer(n, vit, padded_heads(vit.num_heads, tp), False, False) * vit.num_layers
@@ -423,4 +430,4 @@ def video_tokens(cfg: Config) -> int:
     return _video_tokens(cfg).real * cfg.train.global_batch
 
 
-__all__ = ["StepFlops", "step_flops", "video_tokens"]
+__all__ = ["StepFlops", "step_flops", "teacher_input", "video_tokens"]

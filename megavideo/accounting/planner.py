@@ -44,7 +44,7 @@ from megavideo.accounting.comm_volume import dp_volume, ring_wire_bytes, tp_laye
 from megavideo.accounting.describe import bytes_per_param, local_numel, meta_models
 from megavideo.accounting.devices import DEVICES, DeviceSpec
 from megavideo.accounting.elementwise import BlockShape, vit_layer_elementwise_bytes
-from megavideo.accounting.flops import step_flops
+from megavideo.accounting.flops import step_flops, teacher_input
 from megavideo.accounting.pipeline_timing import warmup_forwards
 from megavideo.config import Config, ConfigError, validate
 from megavideo.config.megatron import overlap
@@ -397,9 +397,7 @@ class Planner:
         share = layout.micro_batch / (layout.tp // layout.teacher_tp_size)
         shapes = []
         for vit in (cfg.model.clip_teacher, cfg.model.mae_teacher):
-            frames = 1 if vit.per_frame else vit.num_frames
-            images = vit.num_frames if vit.per_frame else 1
-            n = int(vit.cls_token) + vit.patches_per_frame * (frames // vit.tubelet_size)
+            images, n = teacher_input(vit)
             shapes.append((vit, n, share * images))
         return shapes
 
