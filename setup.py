@@ -43,6 +43,8 @@ setup(
         # FP8 GEMMs on the local spec (train.precision=fp8 without Transformer Engine); its float8
         # training also runs on the CPU (torch._scaled_mm), where CI tests it
         "fp8": [TORCHAO],
-        "dev": ["pytest", "ruff", DALI, "mpi4py", TORCHAO],
+        # transformers: the reference BERT the stage-2 weight import is tested against (tiny
+        # random configs built locally, nothing downloaded)
+        "dev": ["pytest", "ruff", DALI, "mpi4py", TORCHAO, "transformers>=4.40"],
     },
 )

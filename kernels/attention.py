@@ -20,7 +20,9 @@ unfused     AttnBackend.unfused              megatron-core's DotProductAttention
 Every kernel takes megatron-core's core-attention call: q [sq, b, heads, d], k and v
 [sk, b, groups, d], a boolean mask (True: masked out) broadcast to [b, heads, sq, sk] or None, and
 returns [sq, b, heads * d]. A causal mask type means the causal triangle whatever mask is given,
-as Transformer Engine reads it.
+as Transformer Engine reads it. SDPA (and flash-attn's fallback to it) also takes an additive
+float ``attention_bias`` broadcast to [b, heads, sq, sk], added to the scaled scores (BEATs'
+relative positions, :mod:`megavideo.models.audio`).
 """
 
 from __future__ import annotations
@@ -71,15 +73,15 @@ class SDPAttention(MegatronModule):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, attn_mask_type: AttnMaskType | None = None,
                 attention_bias=None, packed_seq_params=None) -> torch.Tensor:
-        if attention_bias is not None or packed_seq_params is not None:
-            raise ValueError("SDPAttention takes no attention bias and no packed sequences.")
+        if packed_seq_params is not None:
+            raise ValueError("SDPAttention takes no packed sequences.")
         causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
         mask = None if causal else attention_mask
-        if mask is None:
+        if mask is None and attention_bias is None:
             context = self._unmasked(query, key, value, causal)
             if context is not None:
                 return context
-        return self._sdpa(query, key, value, mask, causal)
+        return self._sdpa(query, key, value, mask, causal, attention_bias)
 
     def _unmasked(self, query, key, value, causal: bool) -> torch.Tensor | None:
         """A kernel for attention without a padding mask, or None for SDPA's."""
@@ -88,14 +90,18 @@ class SDPAttention(MegatronModule):
     def _dropout(self) -> float:
         return self.dropout if self.training else 0.0
 
-    def _sdpa(self, query, key, value, mask, causal: bool) -> torch.Tensor:
+    def _sdpa(self, query, key, value, mask, causal: bool, bias=None) -> torch.Tensor:
         sq, b = query.shape[:2]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
         if self.groups < self.heads:
             k, v = (t.repeat_interleave(self.heads // self.groups, dim=1) for t in (k, v))
+        attn_mask = None if mask is None else ~mask
+        if bias is not None:  # added to the scaled scores; -inf where masked out
+            attn_mask = bias.to(q.dtype) if mask is None else \
+                bias.to(q.dtype).masked_fill(mask, float("-inf"))
         with _dropout_rng(self._dropout(), self.config.sequence_parallel):
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=None if mask is None else ~mask, dropout_p=self._dropout(),
+                q, k, v, attn_mask=attn_mask, dropout_p=self._dropout(),
                 is_causal=causal, scale=self.softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)  # [sq, b, heads * d]
 

@@ -24,16 +24,6 @@ from pathlib import Path
 from launch.common import config_or_exit, exit_with, setup_logging
 
 
-def _load_official(path: str) -> dict:
-    import torch
-
-    obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    for key in ("module", "model", "state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            return obj[key]
-    return obj
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m launch.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_or_exit(args.config, args.overrides)
     import torch
 
+    from megavideo.weights.files import load_state_dict
     from megavideo.weights.internvideo2 import (
         KINDS,
         KeyMismatch,
@@ -72,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise ValueError("give at least one of --student, --clip-teacher, --mae-teacher.")
             states = {}
             for kind, path in files.items():
-                official = strip_keys(_load_official(path), strips.get(kind, ""), tuple(args.ignore))
+                official = strip_keys(load_state_dict(path)[0], strips.get(kind, ""), tuple(args.ignore))
                 states[kind] = from_official(kind, cfg.model, official)
             write_checkpoint(cfg, states, Path(args.out))
             print(f"wrote {args.out} ({', '.join(states)})")

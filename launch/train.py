@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from launch.common import config_or_exit, exit_with, process_groups_closed, setup_logging
-from megavideo.config import ConfigError, validate_device, validate_world
+from megavideo.config import ConfigError, validate_device, validate_start, validate_world
 from parallel.distributed import detect_launch
 
 EXIT_NONFINITE = 3
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         validate_world(cfg, detect_launch().world_size)
         validate_device(cfg)
+        validate_start(cfg)
     except ConfigError as err:
         exit_with(err)
     from dataloaders.loader import DataError

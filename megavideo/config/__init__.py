@@ -30,13 +30,20 @@ from megavideo.config.schema import (
                                      ViTConfig,
                                      padded_vocab,
 )
-from megavideo.config.validation import validate, validate_device, validate_interleaving, validate_world
+from megavideo.config.validation import (
+    FROZEN_AUDIO,
+    validate,
+    validate_device,
+    validate_interleaving,
+    validate_start,
+    validate_world,
+)
 
 __all__ = [
-    "CONFIG_DIR", "MODEL_SECTIONS", "STAGE2_TERMS", "VOCAB_MULTIPLE", "AudioConfig",
+    "CONFIG_DIR", "FROZEN_AUDIO", "MODEL_SECTIONS", "STAGE2_TERMS", "VOCAB_MULTIPLE", "AudioConfig",
     "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EncoderConfig", "LLMConfig",
     "ModelConfig", "ObjectivesConfig", "ParallelConfig", "ProfileConfig", "QFormerConfig",
     "RunConfig", "Stage1ModelConfig", "Stage2ModelConfig", "Stage3ModelConfig", "TextConfig",
     "TrainConfig", "ViTConfig", "dump", "load_config", "padded_vocab", "parse_overrides",
-    "validate", "validate_device", "validate_interleaving", "validate_world",
+    "validate", "validate_device", "validate_interleaving", "validate_start", "validate_world",
 ]

@@ -113,6 +113,7 @@ class TextConfig(PostNormEncoderConfig):
     vocab_file: str = ""  # BERT's vocab.txt (uncased WordPiece)
     max_length: int = 40  # tokens per caption, [CLS] and [SEP] included
     clean_captions: bool = False  # the official caption cleaning first (tokenizer.clean_caption)
+    weights: str = ""  # a BertForMaskedLM checkpoint (Hugging Face layout) imported at start-up
     max_positions: int = 512
     type_vocab_size: int = 2
 
@@ -123,7 +124,8 @@ class AudioConfig(PostNormEncoderConfig):
     log-mel filterbanks, 16x16 patches of a [frames, mel_bins] image."""
 
     enabled: bool = False
-    frozen: bool = True
+    frozen: bool = True  # needs weights: model.audio.weights or a stage-2 checkpoint.load
+    weights: str = ""  # an official BEATs checkpoint (cfg + model) imported at start-up
     patch_size: int = 16
     patch_dim: int = 512  # width of the patch convolution, projected to hidden_size
     mel_bins: int = 128
@@ -131,6 +133,9 @@ class AudioConfig(PostNormEncoderConfig):
     pos_conv_kernel: int = 128
     pos_conv_groups: int = 16
     deep_norm: bool = True
+    relative_position: bool = True  # BEATs' gated relative position bias
+    num_buckets: int = 320  # its offset buckets (half per sign)
+    max_distance: int = 800  # the offset of its last bucket
 
     @property
     def frames(self) -> int:

@@ -146,6 +146,9 @@ def _validate_stage2(model: Stage2ModelConfig, tp: int) -> None:
         raise ConfigError("model.text.vocab_file must name BERT's vocab.txt (uncased WordPiece).")
     if not Path(text.vocab_file).is_file():
         raise ConfigError(f"model.text.vocab_file: no such file {text.vocab_file}.")
+    for name, section in (("text", text), ("audio", audio)):
+        if section.weights and not Path(section.weights).exists():
+            raise ConfigError(f"model.{name}.weights: no such file or folder {section.weights}.")
     if not 3 <= text.max_length <= text.max_positions:
         raise ConfigError(f"model.text.max_length ({text.max_length}) must be between 3 and "
                           f"model.text.max_positions ({text.max_positions}).")
@@ -161,6 +164,11 @@ def _validate_stage2(model: Stage2ModelConfig, tp: int) -> None:
             raise ConfigError(f"model.audio: mel_bins ({audio.mel_bins}) must be a multiple of "
                               f"patch_size ({audio.patch_size}) and seconds ({audio.seconds:g}) "
                               "must give at least one patch of frames.")
+        if audio.relative_position and not (audio.num_buckets % 2 == 0 and audio.num_buckets >= 8
+                                            and audio.max_distance > audio.num_buckets // 4):
+            raise ConfigError(f"model.audio: num_buckets ({audio.num_buckets}) must be even and at "
+                              f"least 8, and max_distance ({audio.max_distance}) above a quarter "
+                              "of it.")
         if audio.hidden_size % audio.pos_conv_groups:
             raise ConfigError(f"model.audio.pos_conv_groups ({audio.pos_conv_groups}) must divide "
                               f"hidden_size ({audio.hidden_size}).")
@@ -391,6 +399,21 @@ def _validate_data(data: DataConfig) -> None:
         raise ConfigError(f"data.max_skip_rate must be in [0, 1], got {data.max_skip_rate}.")
     if data.skip_window < 1:
         raise ConfigError(f"data.skip_window must be at least 1 attempt, got {data.skip_window}.")
+
+
+def validate_start(config: Config) -> None:
+    """What starting a training run needs beyond a valid config: a frozen audio encoder is
+    loaded from somewhere (its BEATs weights, a checkpoint to load or to resume)."""
+    audio = getattr(config.model, "audio", None)
+    if audio is None or not (audio.enabled and audio.frozen) or audio.weights:
+        return
+    if not config.checkpoint.load and not (config.checkpoint_dir / "latest").is_file():
+        raise ConfigError(FROZEN_AUDIO)
+
+
+FROZEN_AUDIO = ("model.audio.frozen keeps the audio encoder as it starts, and nothing loads it: set "
+                "model.audio.weights to a BEATs checkpoint, load a stage-2 checkpoint, or set "
+                "model.audio.frozen=false.")
 
 
 def validate_world(config: Config, world_size: int) -> int:

@@ -40,10 +40,11 @@ class PostNormLayer(TransformerLayer):
         return x * scale + out if scale != 1.0 else x + out
 
     def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None,
-                **_unused):
+                attention_bias=None, **_unused):
         a = self.config.residual_scale
-        x = self.input_layernorm(self._add(
-            hidden_states, self.self_attention(hidden_states, attention_mask=attention_mask), a))
+        attn = self.self_attention(hidden_states, attention_mask=attention_mask,
+                                   attention_bias=attention_bias)
+        x = self.input_layernorm(self._add(hidden_states, attn, a))
         if context is not None and self.crosses:
             mask = cross_attention_mask(context_mask, x.shape[0])
             x = self.pre_cross_attn_layernorm(self._add(
@@ -54,16 +55,19 @@ class PostNormLayer(TransformerLayer):
 class EncoderLayers(nn.Module):
     """``enc.num_layers`` post-norm layers; those in ``cross_layers`` cross-attend to
     ``cross_width``-wide memory tokens. Run any contiguous range of them (BERT's text and fusion
-    modes); full recomputation checkpoints each layer."""
+    modes); full recomputation checkpoints each layer. ``relative_bias``: the self-attention
+    adds BEATs' gated relative position bias (:mod:`megavideo.models.audio`)."""
 
     def __init__(self, enc: EncoderConfig, config: ViTTransformerConfig,
                  cross_layers: Collection[int] = (), cross_width: int = 0,
-                 pg_collection=None, *, padded: bool = False, cross_padded: bool = False) -> None:
+                 pg_collection=None, *, padded: bool = False, cross_padded: bool = False,
+                 relative_bias: bool = False) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
             build_module(post_norm_layer_spec(enc, config, cross_width if i in cross_layers else 0,
                                               getattr(pg_collection, "tp", None), padded=padded,
-                                              cross_padded=cross_padded),
+                                              cross_padded=cross_padded,
+                                              relative_bias=relative_bias),
                          config=config, layer_number=i + 1, pg_collection=pg_collection)
             for i in range(enc.num_layers))
         self.recompute = config.recompute_granularity == "full"
@@ -74,13 +78,15 @@ class EncoderLayers(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, start: int = 0,
                 stop: int | None = None, context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+                context_mask: torch.Tensor | None = None,
+                attention_bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [s, b, h]; mask [b, 1, 1, s] True on padding (None: no padding); context [m, b, w],
         context_mask [b, 1, 1, m] True on absent memory tokens (None: all present). The masks
-        are the ones the layers were built for (``padded``, ``cross_padded``)."""
+        are the ones the layers were built for (``padded``, ``cross_padded``). attention_bias:
+        the ungated relative position bias [1, heads, s, s] of ``relative_bias`` layers."""
         recompute = self.recompute and self.training
         with fp8_stack_context(self.config):
             for layer in self.layers[start:stop]:
                 x = run_layer(layer, self.config, recompute, self.tp_group, x, mask, context,
-                              context_mask)
+                              context_mask, attention_bias)
         return x

@@ -205,14 +205,16 @@ def cross_attention_mask(kv_mask: torch.Tensor | None, queries: int):
 
 def post_norm_layer_spec(enc: EncoderConfig, config: LayerConfig, cross_width: int = 0,
                          tp_group=None, *, padded: bool = False,
-                         cross_padded: bool = False) -> ModuleSpec:
+                         cross_padded: bool = False, relative_bias: bool = False) -> ModuleSpec:
     """A post-norm encoder layer (BERT, BEATs), with cross-attention to ``cross_width``-wide
     tokens when it is set. The three norm slots of megatron-core's layer hold the norms *after*
     self-attention, cross-attention and the MLP. ``padded``/``cross_padded``: the self-/cross-
     attention is given a padding mask (of the tokens/of the memory). ``tp_group``: a TP group
     other than megatron-core's (megatron-core's CrossAttention does not hand its group to its q
     and kv projections, so the spec does). ``config`` gives the core attention and the local
-    spec's FP8 linears."""
+    spec's FP8 linears. ``relative_bias``: the core attention is BEATs' gated relative position
+    attention (on SDPA with either backend's linears)."""
+    from megavideo.models.audio import GatedRelativeAttention
     from megavideo.models.encoders import PostNormLayer
 
     if layer_backend() == "te":
@@ -225,6 +227,8 @@ def post_norm_layer_spec(enc: EncoderConfig, config: LayerConfig, cross_width: i
         column, row, core = TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
     else:
         (column, row), core = local_linears(config.float8), core_attention(config.attention_backend)
+    if relative_bias:
+        core = GatedRelativeAttention
     norm = NORMS[enc.norm]
     cross = IdentityOp
     if cross_width:

@@ -114,7 +114,7 @@ class Stage2Model(VideoChunk):
         self.itm_head = _head(text_config, text.hidden_size)
         self.mlm_head = MLMHead(text, text_config, self.text, tp_group)
         if audio.enabled:
-            self.audio = AudioEncoder(audio, audio_config)
+            self.audio = AudioEncoder(audio, audio_config, tp_group)
             if audio.frozen:
                 self.audio.requires_grad_(False)
             self.audio_proj = _projection(audio_config, audio.hidden_size, obj.embed_dim, tp_group)

@@ -89,17 +89,22 @@ class MLMHead(nn.Module):
             self.decoder.bias.zero_()
         self.tp_group = tp_group
 
-    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor
-             ) -> torch.Tensor:
-        """Cross entropy summed over the labelled positions / ``normalizer``; hidden [L, B, H],
-        labels [B, L] with -100 elsewhere."""
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [L, B, H] -> this rank's vocabulary slice of the fp32 logits [L, B, V/tp], the
+        padding rows at -1e4."""
         x = self.norm(F.gelu(self.dense(hidden)))
-        logits, _ = self.decoder(x, weight=self.encoder[0].word_embeddings.weight)  # [L, B, V/tp]
+        logits, _ = self.decoder(x, weight=self.encoder[0].word_embeddings.weight)
         local = logits.shape[-1]
         first = local * (torch.distributed.get_rank(self.tp_group)
                          if group_size(self.tp_group) > 1 else 0)
         vocab_ids = torch.arange(first, first + local, device=logits.device)
-        logits = logits.float().masked_fill(vocab_ids >= self.encoder[0].vocab_size, -1e4)
+        return logits.float().masked_fill(vocab_ids >= self.encoder[0].vocab_size, -1e4)
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor
+             ) -> torch.Tensor:
+        """Cross entropy summed over the labelled positions / ``normalizer``; hidden [L, B, H],
+        labels [B, L] with -100 elsewhere."""
         target = labels.transpose(0, 1).contiguous()
-        losses = tensor_parallel.vocab_parallel_cross_entropy(logits, target.clamp(min=0))
+        losses = tensor_parallel.vocab_parallel_cross_entropy(self.logits(hidden),
+                                                              target.clamp(min=0))
         return (losses * (target != -100)).sum() / normalizer

@@ -14,7 +14,8 @@ config. It is written into ``.tmp_<name>``; only after every rank has finished d
 it and point ``latest`` at it, so a crash mid-save leaves the previous checkpoint as ``latest``.
 Any (tp, pp, vpp, dp) loads it; RNG states come back only at the layout that wrote them (the
 model's randomness is seeded per sample and step and needs none of them). Weights from elsewhere
-(an earlier stage, a Hugging Face LLM) come through :mod:`megavideo.weights.adapters`.
+(an earlier stage; released checkpoints: a Hugging Face LLM or BERT, BEATs) come through
+:mod:`megavideo.weights.adapters`.
 
 One module over the usual 400 lines: the saving and the loading of each part of a run's state
 (model, optimizer, teachers, RNG, data position) mirror each other and read best side by side.
@@ -36,9 +37,15 @@ from megatron.core.dist_checkpointing import ShardedObject
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-from megavideo.config import Config, ConfigError
+from megavideo.config import FROZEN_AUDIO, Config, ConfigError
 from megavideo.training.state import canonical_params, named_parameters
-from megavideo.weights.adapters import EarlierStage, HuggingFaceLLM, model_differences
+from megavideo.weights.adapters import (
+    EarlierStage,
+    ImportedWeights,
+    model_differences,
+    released_weights,
+)
+from megavideo.weights.internvideo2 import progress
 from parallel import optimizer_state
 from parallel.checkpointing import assemble, sharded_tensors
 from parallel.comm import group_device
@@ -324,8 +331,9 @@ class Checkpointer:
         resume = _rank0_decides(str(latest) if latest else "")
         if resume:
             return self.load(Path(resume), weights_only=False)
-        if self.cfg.stage == 3 and self.cfg.model.llm.weights:
-            self.load_llm_weights(self.cfg.model.llm.weights)
+        vocab = len(self.trainer.stage.tokenizer) if self.cfg.stage == 2 else None
+        for adapter in released_weights(self.cfg, vocab):
+            self.import_weights(adapter)
         if not self.cfg.checkpoint.load:
             return 0
         path = resolve(self.cfg.checkpoint.load)
@@ -380,6 +388,9 @@ class Checkpointer:
         """Start a later stage from an earlier stage's checkpoint: its video encoder, at any
         layout, adapted by :class:`~megavideo.weights.adapters.EarlierStage`; everything else
         starts fresh."""
+        audio = getattr(self.cfg.model, "audio", None)
+        if audio is not None and audio.enabled and audio.frozen and not audio.weights:
+            raise ConfigError(FROZEN_AUDIO)  # nothing else would load it
         adapter = EarlierStage(path, meta, self.cfg)
         keys = {name: adapter.key(name) for name, _ in self.params}
         request, resampled = {}, set()
@@ -404,19 +415,23 @@ class Checkpointer:
                  *adapter.frames, self.cfg.stage)
         return 0
 
-    def load_llm_weights(self, path: str) -> None:
-        """Import a Mistral-architecture checkpoint in the Hugging Face layout into this rank's
-        LLM shards (each rank reads only the tensors of its pipeline stage)."""
-        adapter = HuggingFaceLLM(path, self.cfg.model.llm)
-        local = {}
-        for name, param in self.params:
-            if adapter.key(name) is None:
-                continue
+    def import_weights(self, adapter: ImportedWeights) -> None:
+        """Import a released checkpoint in another layout into this rank's shards (each rank
+        reads only the tensors of its pipeline stage, every missing one named before any is)."""
+        names = [name for name, _ in self.params if adapter.key(name) is not None]
+        adapter.check(names)
+        shown = self.tp_rank == 0 and self.dp_rank == 0 and bool(names)
+        tick = progress(len(names), f"importing {adapter.what.split(' in ')[0]}") if shown \
+            else (lambda done: None)
+        local, params = {}, dict(self.params)
+        for done, name in enumerate(names, 1):
+            param = params[name]
             rank, size = self._coords(param)
             local[name] = [take_shard(param, adapter.read(name, whole_shape(param, size)),
                                       rank, size)]
+            tick(done)
         self._apply({"model": local}, (), 0, set(local))
-        log.info("imported %d LLM tensors from %s", len(local), path)
+        log.info("imported %d tensors of %s", len(local), adapter.source)
 
     def _apply(self, loaded: dict, states: tuple[str, ...], step: int,
                only: set[str] | None = None) -> None:

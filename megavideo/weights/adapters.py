@@ -3,12 +3,15 @@
 The checkpointer reads, shards and copies; what is model-specific sits here, behind one
 interface (:class:`Adapter`): which of this model's parameters (canonical, single-rank names) a
 source fills and under which key, the single-rank shape the source stores it at, and how that
-tensor becomes this model's. Two sources exist:
+tensor becomes this model's. The sources:
 
 - :class:`EarlierStage`: a later stage's video encoder from an earlier stage's checkpoint (any
   layout), its position embedding resampled to this stage's frame count;
-- :class:`HuggingFaceLLM`: the stage-3 LLM from a Mistral-architecture checkpoint in the Hugging
-  Face layout (:mod:`megavideo.weights.hf_llm`), whole tensors read from safetensors.
+- :class:`ImportedWeights`: a released checkpoint in another layout, whole tensors read from its
+  file: :class:`HuggingFaceLLM` (the stage-3 LLM, Mistral in the Hugging Face layout,
+  :mod:`megavideo.weights.hf_llm`), :class:`HuggingFaceBert` (stage 2's text encoder,
+  :mod:`megavideo.weights.hf_bert`), :class:`OfficialBeats` (stage 2's audio encoder,
+  :mod:`megavideo.weights.beats`).
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from megavideo.config import Config, ConfigError, LLMConfig
+from megavideo.config import AudioConfig, Config, ConfigError, LLMConfig, TextConfig
 from megavideo.models.embedding import interpolate_frames
 from megavideo.models.lora import is_lora
-from megavideo.weights import hf_llm
+from megavideo.weights import beats, hf_bert, hf_llm
+from megavideo.weights.files import open_weights
 
 VIDEO_ENCODER = ("embed", "blocks", "pool")  # what a later stage takes from an earlier one
 SHAPELESS = {"preset", "mask_ratio", "drop_path"}  # model keys that change no tensor
@@ -92,28 +96,159 @@ class EarlierStage(Adapter):
         return interpolate_frames(tensor, *self.frames, True) if self._resampled(name) else tensor
 
 
-class HuggingFaceLLM(Adapter):
+class ImportedWeights(Adapter):
+    """Weights of a released checkpoint in another layout (the file the config key ``config_key``
+    names): :meth:`check` lists every tensor the file lacks in one sentence, :meth:`read` gives each
+    whole single-rank tensor, checked against this model's shape."""
+
+    config_key = ""
+    what = ""  # the kind of checkpoint, for messages
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self.weights = open_weights(path)
+        except ValueError as err:
+            raise ConfigError(f"{self.config_key}: {err}") from None
+        self.source = f"{self.what} at {path}"
+
+    def sources(self, name: str) -> list[str]:
+        """The file's keys the parameter ``name`` is made of."""
+        raise NotImplementedError
+
+    def convert(self, name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The file's tensors (in :meth:`sources` order) as the single-rank parameter."""
+        raise NotImplementedError
+
+    def find(self, key: str) -> str | None:
+        """The file's spelling of ``key`` (override for aliases), None where it lacks it."""
+        return key if key in self.weights else None
+
+    def check(self, names: list[str]) -> None:
+        """Raise ConfigError naming the tensors of ``names`` the file lacks (all of them)."""
+        missing = [k for name in names for k in self.sources(name) if self.find(k) is None]
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3
+                                              else "")
+            raise ConfigError(f"{self.config_key}: {self.path} is not {self.what}: it lacks "
+                              f"{len(missing)} of the tensors the model needs ({shown}).")
+
+    def read(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The whole single-rank fp32 tensor of ``name``, checked against this model's ``shape``."""
+        tensors = [self.weights[self.find(k)] for k in self.sources(name)]
+        try:
+            full = self.convert(name, tensors)
+        except (ValueError, RuntimeError) as err:
+            raise ConfigError(f"{self.config_key}: {self.path}: {err}.") from None
+        if tuple(full.shape) != shape:
+            raise ConfigError(f"{self.config_key}: {name} is {tuple(full.shape)} in {self.path} "
+                              f"but the config makes it {shape}.")
+        return full.float()
+
+
+class HuggingFaceLLM(ImportedWeights):
     """The stage-3 LLM's weights from a Mistral-architecture checkpoint in the Hugging Face
-    layout; :meth:`read` gives each whole tensor (LoRA adapters start fresh)."""
+    layout (LoRA adapters start fresh)."""
+
+    config_key, what = "model.llm.weights", "a Mistral-architecture checkpoint in the Hugging Face layout"
 
     def __init__(self, path: str, llm: LLMConfig) -> None:
-        self.path, self.llm = path, llm
-        self.get = hf_llm.reader(path)
-        self.source = f"the Hugging Face LLM at {path}"
+        super().__init__(path)
+        self.llm = llm
 
     def key(self, name: str) -> str | None:
         return name if name.startswith("llm.") and not is_lora(name) else None
 
-    def read(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """The whole single-rank tensor of ``name``, checked against this model's ``shape``."""
-        try:
-            full = hf_llm.to_megatron(name, [self.get(k) for k in hf_llm.hf_keys(name)], self.llm)
-        except KeyError as err:
-            raise ConfigError(f"model.llm.weights: {err.args[0]}.") from None
-        if tuple(full.shape) != shape:
-            raise ConfigError(f"model.llm.weights: {name} is {tuple(full.shape)} in {self.path} "
-                              f"but the model.llm config makes it {shape}.")
-        return full.float()
+    def sources(self, name: str) -> list[str]:
+        return hf_llm.hf_keys(name)
+
+    def convert(self, name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return hf_llm.to_megatron(name, tensors, self.llm)
+
+
+class HuggingFaceBert(ImportedWeights):
+    """The stage-2 text encoder and its MLM head from a ``BertForMaskedLM`` checkpoint in the
+    Hugging Face layout (bert-large-uncased), or from a file that keeps one under a prefix (an
+    official InternVideo2 stage-2 file: ``text_encoder.``). The fusion layers' cross-attention
+    comes from the file where it has it, else keeps its initialisation (the official code's: a
+    fresh BERT layer's)."""
+
+    config_key, what = "model.text.weights", "a BertForMaskedLM checkpoint in the Hugging Face layout"
+
+    def __init__(self, path: str, text: TextConfig, vocab: int) -> None:
+        super().__init__(path)
+        self.text, self.vocab = text, vocab
+        prefix = hf_bert.source_prefix(self.weights.keys())
+        if prefix is None:
+            raise ConfigError(f"{self.config_key}: {path} is not {self.what} (it has no "
+                              f"bert.{hf_bert.WORD_EMBEDDINGS}).")
+        self.prefix = prefix
+        self.crosses = any(".crossattention." in k for k in self.weights.keys())
+
+    def key(self, name: str) -> str | None:
+        if not hf_bert.is_text(name) or (hf_bert.is_cross_attention(name) and not self.crosses):
+            return None
+        return self.sources(name)[0]
+
+    def sources(self, name: str) -> list[str]:
+        return [self.prefix + k for k in hf_bert.hf_keys(name)]
+
+    def find(self, key: str) -> str | None:
+        return next((k for k in (key, hf_bert.legacy_name(key)) if k in self.weights), None)
+
+    def convert(self, name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return hf_bert.to_megatron(name, tensors, self.text, self.vocab)
+
+
+class OfficialBeats(ImportedWeights):
+    """The stage-2 audio encoder from an official BEATs checkpoint (its ``cfg`` checked against
+    ``model.audio``), or from a file that keeps one under a prefix (an official InternVideo2
+    stage-2 file: ``audio_encoder.``)."""
+
+    config_key, what = "model.audio.weights", "a BEATs checkpoint"
+
+    def __init__(self, path: str, audio: AudioConfig) -> None:
+        super().__init__(path)
+        self.audio = audio
+        marker = "patch_embedding.weight"
+        found = sorted(k.removesuffix(marker) for k in self.weights.keys() if k.endswith(marker))
+        if not found:
+            raise ConfigError(f"{self.config_key}: {path} is not {self.what} (it has no "
+                              f"{marker}).")
+        self.prefix = found[0]
+        cfg = self.weights.extra.get("cfg")
+        differences = beats.cfg_differences(cfg, audio) if isinstance(cfg, dict) else []
+        if differences:
+            raise ConfigError(f"{self.config_key}: {path} holds another BEATs than model.audio: "
+                              f"{'; '.join(differences[:3])}.")
+
+    def key(self, name: str) -> str | None:
+        return self.sources(name)[0] if beats.is_audio(name) else None
+
+    def sources(self, name: str) -> list[str]:
+        return [self.prefix + k for k in beats.beats_keys(name)]
+
+    def find(self, key: str) -> str | None:
+        plain = key.removeprefix(self.prefix)
+        spellings = [key] + [self.prefix + k for k in beats.ALIASES.get(plain, ())]
+        return next((k for k in spellings if k in self.weights), None)
+
+    def convert(self, name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return beats.to_megatron(name, tensors, self.audio)
+
+
+def released_weights(cfg: Config, vocab: int | None = None) -> list[ImportedWeights]:
+    """The released checkpoints ``cfg`` imports at start-up (``model.llm.weights``,
+    ``model.text.weights``, ``model.audio.weights``); ``vocab``: stage 2's tokenizer size."""
+    model = cfg.model
+    if cfg.stage == 3 and model.llm.weights:
+        return [HuggingFaceLLM(model.llm.weights, model.llm)]
+    out: list[ImportedWeights] = []
+    if cfg.stage == 2 and model.text.weights:
+        out.append(HuggingFaceBert(model.text.weights, model.text, vocab))
+    if cfg.stage == 2 and model.audio.enabled and model.audio.weights:
+        out.append(OfficialBeats(model.audio.weights, model.audio))
+    return out
 
 
 def _student(cfg: Config) -> dict:

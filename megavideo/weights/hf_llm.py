@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from megavideo.config import LLMConfig
+from megavideo.weights.files import open_weights
 
 Tensor = torch.Tensor
 _LAYER = re.compile(r"^llm\.decoder\.layers\.(\d+)\.(.+)$")
@@ -91,29 +92,15 @@ def to_hf(name: str, tensor: Tensor, llm: LLMConfig) -> dict[str, Tensor]:
     return {key: part.contiguous() for key, part in zip(keys, parts, strict=True)}
 
 
-def safetensors_files(path: str | Path) -> list[Path]:
-    path = Path(path)
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-    if not files:
-        raise ValueError(f"{path} holds no .safetensors file.")
-    return files
-
-
 def reader(path: str | Path) -> Callable[[str], Tensor]:
-    """``get(key)``: one tensor of a safetensors file or folder, read when asked for."""
-    from safetensors import safe_open
-
-    where: dict[str, Path] = {}
-    for file in safetensors_files(path):
-        with safe_open(str(file), "pt") as f:
-            where.update(dict.fromkeys(f.keys(), file))
+    """``get(key)``: one tensor of a Hugging Face checkpoint file or folder, read when asked for."""
+    weights = open_weights(path)
 
     def get(key: str) -> Tensor:
-        if key not in where:
+        if key not in weights:
             raise KeyError(f"{path} has no tensor {key} (a Mistral-architecture checkpoint in the "
                            "Hugging Face layout is expected)")
-        with safe_open(str(where[key]), "pt") as f:
-            return f.get_tensor(key)
+        return weights[key]
 
     return get
 
@@ -142,4 +129,4 @@ def write_hf(state: dict[str, Tensor], llm: LLMConfig, out: Path,
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-__all__ = ["hf_keys", "reader", "safetensors_files", "to_hf", "to_megatron", "write_hf"]
+__all__ = ["hf_keys", "reader", "to_hf", "to_megatron", "write_hf"]
