@@ -7,7 +7,8 @@ accents), its BERT pre-tokenizer (split on whitespace and punctuation) and its W
 (the longest vocabulary pieces from the left, ``##`` before the pieces after the first; a word it
 cannot split, or one over 100 characters, is one ``[UNK]``).
 
-``encode_batch`` adds ``[CLS] ... [SEP]``, truncates and pads to a fixed length;
+``encode_batch`` adds ``[CLS] ... [SEP]`` (or only ``[CLS]``, as the official tokenizer does for a
+single sequence: ``model.text.sep=false``), truncates and pads to a fixed length;
 :func:`clean_caption` is the official code's caption cleaning (its ``pre_text``), applied first
 where ``model.text.clean_captions`` asks for it.
 """
@@ -82,13 +83,16 @@ class WordPiece:
         """Token ids without the special tokens."""
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[CLS] text [SEP]`` ids, truncated and padded to ``length``: ids [B, length] (int64)
-        and the attention mask [B, length] (True on real tokens)."""
+    def encode_batch(self, texts: list[str], length: int, sep: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[CLS] text [SEP]`` ids (``[CLS] text`` without ``sep``, as the official InternVideo2
+        tokenizer makes a single sequence), truncated and padded to ``length``: ids [B, length]
+        (int64) and the attention mask [B, length] (True on real tokens)."""
         ids = torch.full((len(texts), length), self.pad, dtype=torch.long)
+        end = [self.sep] if sep else []
         # one text at a time: the library's batch encode starts a thread pool, which a data
         # worker forked after it would have to disable (and warn about)
         for row, text in enumerate(texts):
-            tokens = [self.cls, *self.encode(text)[: length - 2], self.sep]
+            tokens = [self.cls, *self.encode(text)[: length - 1 - len(end)], *end]
             ids[row, : len(tokens)] = torch.tensor(tokens)
         return ids, ids != self.pad

@@ -135,11 +135,13 @@ def all_reduce_tied_grads(modules, tied: dict[str, tuple[int, ...]], pp_group, d
 
 class _GatherRows(torch.autograd.Function):
     """All-gather [b, ...] -> [ranks * b, ...] in rank order; backward: this rank's rows of the
-    gradient summed over the ranks (every rank's loss uses every rank's rows)."""
+    gradient summed over the ranks (every rank's loss uses every rank's rows), or, without
+    ``sum_grads``, of this rank's gradient alone (the official InternVideo2 gather)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, group, sum_grads: bool) -> torch.Tensor:
         ctx.group, ctx.rows, ctx.rank = group, x.shape[0], dist.get_rank(group)
+        ctx.sum_grads = sum_grads
         parts = [torch.empty_like(x) for _ in range(group.size())]
         dist.all_gather(parts, x.contiguous(), group=group)
         return torch.cat(parts)
@@ -147,15 +149,17 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
+        if ctx.sum_grads:
+            dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None, None
 
 
-def all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
-    """Autograd-aware all-gather along dim 0 (identity for a group of one)."""
+def all_gather_rows(x: torch.Tensor, group, sum_grads: bool = True) -> torch.Tensor:
+    """Autograd-aware all-gather along dim 0 (identity for a group of one); see
+    :class:`_GatherRows` for ``sum_grads``."""
     if group_size(group) == 1:
         return x
-    return _GatherRows.apply(x, group)
+    return _GatherRows.apply(x, group, sum_grads)
 
 
 def gather_along(x: torch.Tensor, dim: int, group) -> torch.Tensor:

@@ -112,6 +112,7 @@ class TextConfig(PostNormEncoderConfig):
     fusion_layers: int = 2
     vocab_file: str = ""  # BERT's vocab.txt (uncased WordPiece)
     max_length: int = 40  # tokens per caption, [CLS] and [SEP] included
+    sep: bool = True  # end a caption with [SEP] (the official tokenizer does not: false)
     clean_captions: bool = False  # the official caption cleaning first (tokenizer.clean_caption)
     weights: str = ""  # a BertForMaskedLM checkpoint (Hugging Face layout) imported at start-up
     max_positions: int = 512
@@ -240,6 +241,8 @@ class Stage2ModelConfig(ModelConfig):
     the objectives between them."""
 
     mask_ratio: float = 0.8
+    # train as the official code where it departs from the exact math (docs/stage2.md)
+    official_recipe: bool = False
     text: TextConfig = field(default_factory=TextConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import build_module
@@ -37,6 +38,8 @@ class PostNormLayer(TransformerLayer):
         out, bias = out_with_bias
         if bias is not None:
             out = out + bias
+        if self.config.hidden_dropout:  # BERT's (the official recipe)
+            out = F.dropout(out, self.config.hidden_dropout, self.training)
         return x * scale + out if scale != 1.0 else x + out
 
     def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None,

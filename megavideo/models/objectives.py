@@ -4,7 +4,9 @@ All of them run on the last pipeline stage, per micro-batch, with negatives draw
 data-parallel micro-batch: the contrast all-gathers the projections (gradients summed back to
 their owners), and matching fetches only the chosen negatives' tokens from the ranks that hold
 them. Every random draw is made on the device from a key of (run seed, step, global sample index,
-purpose), so any layout computes the same loss as one process holding the global batch.
+purpose), so any layout computes the same loss as one process holding the global batch. The
+official code's departures from this (``model.official_recipe``) are options of these functions
+and of :class:`megavideo.models.stage2.Stage2Model`.
 """
 
 from __future__ import annotations
@@ -24,15 +26,21 @@ def same_item(idx: torch.Tensor, idx_all: torch.Tensor) -> torch.Tensor:
 
 
 def contrastive_loss(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, idx_all: torch.Tensor,
-                     temperature: torch.Tensor, dp_group) -> torch.Tensor:
+                     temperature: torch.Tensor, dp_group, official: bool = False) -> torch.Tensor:
     """Symmetric InfoNCE of this rank's rows against the gathered micro-batch.
 
     x, y [b, E] (e.g. video and text projections); samples sharing an ``idx`` are all positives
     (targets spread evenly over them). Averaged over the data-parallel ranks this is the loss of
-    the whole micro-batch.
+    the whole micro-batch, and so are its gradients. ``official``: as the official code, every
+    rank computes the whole micro-batch's loss from projections gathered without summing their
+    gradients back, so after the data-parallel average the gradient is 1/W of the exact one
+    (W ranks).
     """
     x, y = F.normalize(x.float(), dim=-1), F.normalize(y.float(), dim=-1)
-    x_all, y_all = all_gather_rows(x, dp_group), all_gather_rows(y, dp_group)
+    x_all = all_gather_rows(x, dp_group, sum_grads=not official)
+    y_all = all_gather_rows(y, dp_group, sum_grads=not official)
+    if official:
+        x, y, idx = x_all, y_all, idx_all
     targets = same_item(idx, idx_all).float()
     targets = targets / targets.sum(1, keepdim=True)
     x_to_y = -(F.log_softmax(x @ y_all.T / temperature, dim=1) * targets).sum(1).mean()

@@ -13,7 +13,10 @@ also holds the text and audio encoders, the projections and the heads, and compu
     AVTC, AVTM, AVMLM   the same three with av and the audio-video memory
 
 The loss is the weighted sum of the terms (``model.objectives``); all share one learnable
-temperature (clamped to [0.001, 0.5]).
+temperature (clamped to [0.001, 0.5]). ``model.official_recipe`` trains as the official code does
+where it departs from the exact math: the contrast's gradient 1/W (W data-parallel ranks), a
+fresh MLM mask per term averaged per rank, the temperature clamped in place, hard negatives from
+each rank's own samples, and BERT's dropout (0.1, :data:`megavideo.models.text.BERT_DROPOUT`).
 """
 
 from __future__ import annotations
@@ -145,27 +148,43 @@ class Stage2Model(VideoChunk):
         v, _, t = self._encode(tokens, batch)
         return {"video": F.normalize(v.float(), dim=-1), "text": F.normalize(t.float(), dim=-1)}
 
+    def _masked_text(self, batch: Stage2Batch, purpose: str):
+        """BERT-masked caption ids (drawn from the samples' ``purpose`` streams) through the text
+        layers: the states [L, B, H], the labels [B, L] and the loss normalizer."""
+        obj = self.model_config.objectives
+        ids, labels = mlm_inputs(batch.text_ids, self.special, self.text.vocab_size,
+                                 obj.mlm_probability, batch.keys[purpose])
+        return self.text.encode(ids, batch.text_mask), labels, self._mlm_normalizer(labels)
+
     def _mlm_normalizer(self, labels: torch.Tensor) -> torch.Tensor:
-        """The labelled positions of the whole micro-batch / data-parallel ranks."""
+        """The labelled positions of the whole micro-batch / data-parallel ranks (official
+        recipe: this rank's, the mean per rank)."""
         count = (labels != -100).sum().float()
+        if self.model_config.official_recipe:
+            return count.clamp(min=1.0)
         if group_size(self.dp_group) > 1:
             dist.all_reduce(count, group=self.dp_group)
         return (count / group_size(self.dp_group)).clamp(min=1.0)
 
+    def _temperature(self) -> torch.Tensor:
+        """The shared temperature in [0.001, 0.5]: clamped out of place (no gradient beyond the
+        range), or, with the official recipe, in place before it is used (as the official
+        ``clip_contrastive_temperature``)."""
+        if not self.model_config.official_recipe:
+            return self.temperature.clamp(*TEMPERATURE_RANGE)
+        with torch.no_grad():
+            self.temperature.clamp_(*TEMPERATURE_RANGE)
+        return self.temperature
+
     def _losses(self, tokens: torch.Tensor, batch: Stage2Batch) -> dict[str, torch.Tensor]:
         """tokens [n, B, C]: the video encoder's whole output sequence."""
-        obj = self.model_config.objectives
-        temperature = self.temperature.clamp(*TEMPERATURE_RANGE)
+        official = self.model_config.official_recipe
+        temperature = self._temperature()
         item_all = all_gather_rows(batch.item, self.dp_group)
         v, text, t = self._encode(tokens, batch)
         memory = self.fusion_proj(tokens) if self.fusion_proj is not None else tokens
         memory_mask = batch.text_mask.new_ones(tokens.shape[1], tokens.shape[0])
-        mlm_text = None
-        if "mlm" in self.weights or "avmlm" in self.weights:
-            ids, labels = mlm_inputs(batch.text_ids, self.special, self.text.vocab_size,
-                                     obj.mlm_probability, batch.keys["mlm"])
-            mlm_text = self.text.encode(ids, batch.text_mask)
-            normalizer = self._mlm_normalizer(labels)
+        masked = {}  # one masked pass shared by the MLM terms (official recipe: one per term)
         # (contrast, matching, MLM term names), the vector to contrast, the fusion memory, its mask
         pairs = [(("vtc", "vtm", "mlm"), v, memory, memory_mask, self.itm_head)]
         if self.model_config.audio.enabled:
@@ -175,26 +194,34 @@ class Stage2Model(VideoChunk):
         for (tc, tm, lm), vis, mem, mem_mask, head in pairs:
             if tc in self.weights:
                 terms[tc] = contrastive_loss(vis, t, batch.item, item_all, temperature,
-                                             self.dp_group)
+                                             self.dp_group, official)
             if tm in self.weights:
                 terms[tm] = self._matching(tm, vis, t, text, mem, mem_mask, head, batch, item_all,
                                            temperature)
             if lm in self.weights:
+                purpose = lm if official else "mlm"
+                if purpose not in masked:
+                    masked[purpose] = self._masked_text(batch, purpose)
+                mlm_text, labels, normalizer = masked[purpose]
                 fused = self.text.fuse(mlm_text, batch.text_mask, mem, mem_mask)
                 terms[lm] = self.mlm_head.loss(fused, labels, normalizer)
         return terms
 
     def _matching(self, term: str, vis, t, text, memory, memory_mask, head, batch, item_all,
                   temperature) -> torch.Tensor:
+        """VTM; its hard negatives drawn from the whole data-parallel micro-batch (official
+        recipe: from this rank's samples)."""
+        group = None if self.model_config.official_recipe else self.dp_group
+        items = batch.item if group is None else item_all
         with torch.no_grad():
             v_n, t_n = F.normalize(vis.float(), dim=-1), F.normalize(t.float(), dim=-1)
-            v_all, t_all = all_gather_rows(v_n, self.dp_group), all_gather_rows(t_n, self.dp_group)
-            video_negatives = hard_negatives(t_n @ v_all.T / temperature, batch.item, item_all,
+            v_all, t_all = all_gather_rows(v_n, group), all_gather_rows(t_n, group)
+            video_negatives = hard_negatives(t_n @ v_all.T / temperature, batch.item, items,
                                              batch.keys[f"{term}_video"])
-            text_negatives = hard_negatives(v_n @ t_all.T / temperature, batch.item, item_all,
+            text_negatives = hard_negatives(v_n @ t_all.T / temperature, batch.item, items,
                                             batch.keys[f"{term}_text"])
         return matching_loss(self.text.fuse, head, text, batch.text_mask, memory, memory_mask,
-                             video_negatives, text_negatives, self.dp_group)
+                             video_negatives, text_negatives, group)
 
     def _audio_video(self, batch: Stage2Batch, v, memory, memory_mask):
         """The fused audio-video vector [B, E] and the [video ; audio] memory with its mask

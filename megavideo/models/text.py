@@ -7,7 +7,9 @@
 
 Word embeddings and the MLM decoder (tied to them) are split over the vocabulary across the TP
 group; the vocabulary is padded to a multiple of :data:`megavideo.config.VOCAB_MULTIPLE` and the
-padding logits are masked out of the softmax. No dropout: every layout computes the same numbers.
+padding logits are masked out of the softmax. No dropout by default, so that every layout computes
+the same numbers; the official recipe (``model.official_recipe``) has BERT's, :data:`BERT_DROPOUT`
+after the embeddings, on the attention probabilities and on each branch before its residual add.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from megavideo.models.encoders import EncoderLayers
 from megavideo.models.init import init_normal, init_with, normal_linear
 from megavideo.models.specs import ViTTransformerConfig
 from parallel.comm import group_size
+
+BERT_DROPOUT = 0.1  # bert-large-uncased's hidden_dropout_prob and attention_probs_dropout_prob
 
 
 def padding_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -57,7 +61,10 @@ class TextEncoder(MegatronModule):
         positions = torch.arange(ids.shape[1], device=ids.device)
         x = self.word_embeddings(ids) + self.position_embeddings(positions)[None]
         x = x + self.token_type_embeddings(torch.zeros_like(ids))
-        return self.embed_norm(x).transpose(0, 1).contiguous()
+        x = self.embed_norm(x)
+        if self.config.hidden_dropout:  # BERT's (the official recipe)
+            x = F.dropout(x, self.config.hidden_dropout, self.training)
+        return x.transpose(0, 1).contiguous()
 
     def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Text mode: [L, B, H] after the last layer without cross-attention."""

@@ -29,11 +29,12 @@ from megavideo.models.audio import deep_norm_alpha
 from megavideo.models.embedding import num_visible
 from megavideo.models.specs import transformer_config
 from megavideo.models.stage2 import TERMS, Stage2Batch, Stage2Model
+from megavideo.models.text import BERT_DROPOUT
 from megavideo.stages.common import PipelineStage
 from megavideo.training import data
 from parallel.comm import recv_from_stage, send_to_stage
 
-PURPOSES = ("mlm", "vtm_video", "vtm_text", "avtm_video", "avtm_text")
+PURPOSES = ("mlm", "avmlm", "vtm_video", "vtm_text", "avtm_video", "avtm_text")
 
 
 def random_visible(keys: torch.Tensor, frames: int, per_frame: int, keep: int) -> torch.Tensor:
@@ -56,6 +57,8 @@ class Stage2(PipelineStage):
         self.tokenizer = WordPiece.from_file(model.text.vocab_file)
         text_config = transformer_config(model.text, par, cfg.train, pipelined=False,
                                          sequence_parallel=False)
+        if model.official_recipe:
+            text_config.hidden_dropout = text_config.attention_dropout = BERT_DROPOUT
         audio_config = None
         if model.audio.enabled:
             audio_config = transformer_config(model.audio, par, cfg.train, pipelined=False,
@@ -136,7 +139,7 @@ class Stage2(PipelineStage):
             text = self.cfg.model.text
             captions = ([clean_caption(c) for c in source["captions"]] if text.clean_captions
                         else source["captions"])
-            ids, mask = self.tokenizer.encode_batch(captions, text.max_length)
+            ids, mask = self.tokenizer.encode_batch(captions, text.max_length, text.sep)
             batch.text_ids, batch.text_mask = ids.to(self.device), mask.to(self.device)
             batch.item = torch.tensor(source["item"], device=self.device)
             batch.keys = {purpose: sample_keys(seed, step, indices, purpose, self.device)

@@ -49,6 +49,15 @@ def test_encode_batch_adds_cls_sep_truncates_and_pads(tokenizer):
     assert ids.dtype == torch.long and (tokenizer.pad, tokenizer.mask) == (0, 4)
 
 
+def test_encode_batch_without_sep_keeps_one_more_piece(tokenizer):
+    """The official tokenizer: [CLS] and up to length - 1 pieces, no [SEP]."""
+    ids, mask = tokenizer.encode_batch(["the red square moves left", "a dog"], length=5, sep=False)
+    v = tokenizer.vocab
+    assert ids.tolist() == [[v["[CLS]"], v["the"], v["red"], v["square"], v["moves"]],
+                            [v["[CLS]"], v["a"], v["dog"], v["[PAD]"], v["[PAD]"]]]
+    assert mask.tolist() == [[True] * 5, [True] * 3 + [False] * 2]
+
+
 def test_a_vocab_without_its_special_tokens_or_file_is_one_sentence(tmp_path):
     with pytest.raises(VocabError, match=r"^the vocab has no \[MASK\] token\(s\)\.$"):
         WordPiece(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the"])

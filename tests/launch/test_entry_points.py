@@ -139,7 +139,8 @@ def test_describe_stage2_vit6b_counts_bert_large_with_fusion_and_beats(tmp_path)
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
                                + [f"w{i}" for i in range(30522 - 5)]) + "\n")
-    info = _describe("configs/stage2_vit6b.yaml", f"model.text.vocab_file={vocab}", "--gpus", "256")
+    info = _describe("configs/stage2_vit6b.yaml", f"model.text.vocab_file={vocab}",
+                     "model.text.weights=", "model.audio.weights=", "--gpus", "256")
     params = info["parameters"]
     assert params["text"] == 334_092_288 + 71_680 + 5 * 3_676_160
     assert params["audio"] == pytest.approx(90.3e6, rel=1e-3)
