@@ -19,6 +19,7 @@ from megavideo.config import (
     load_config,
     parse_overrides,
     validate,
+    validate_start,
     validate_world,
 )
 
@@ -290,3 +291,15 @@ def test_auto_fusions_are_megatrons_kernels_on_a_gpu(monkeypatch, fusions, gpu, 
         expected = expected | set(megatron.COMPILED_FUSIONS)
     cfg = load_config(TINY, [f"train.fusions={fusions}"] if fusions != "[auto]" else [])
     assert megatron.fusions(cfg.train, gpu=gpu) == expected
+
+
+def test_a_frozen_audio_encoder_that_nothing_loads_is_refused(tmp_path):
+    stage2 = ROOT / "configs" / "stage2_tiny.yaml"
+    frozen = ["model.audio.frozen=true", f"run.dir={tmp_path}"]
+    with pytest.raises(ConfigError, match=r"^model\.audio\.frozen keeps the audio encoder as it "
+                                          r"starts, and nothing loads it: set model\.audio\.weights"):
+        validate_start(load_config(stage2, frozen))
+    beats = tmp_path / "beats.pt"
+    beats.write_bytes(b"")
+    validate_start(load_config(stage2, [*frozen, f"model.audio.weights={beats}"]))
+    validate_start(load_config(stage2, frozen[1:]))  # trained: nothing to load
