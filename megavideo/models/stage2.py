@@ -63,7 +63,7 @@ class Stage2Batch:
     keys: dict[str, torch.Tensor] | None = None  # purpose -> [B] the samples' random streams
     fbank: torch.Tensor | None = None  # [B, frames, mel]
     has_audio: torch.Tensor | None = None  # [B] bool
-    evaluate: bool = False  # return the normalised video and text embeddings, no loss
+    evaluate: bool = False  # return the clips' evaluation features (embeddings()), no loss
 
 
 def _projection(config, n_in: int, n_out: int, tp_group) -> ColumnParallelLinear:
@@ -144,9 +144,35 @@ class Stage2Model(VideoChunk):
         return v, text, self.text_proj(text[0])[0]
 
     def embeddings(self, tokens: torch.Tensor, batch: Stage2Batch) -> dict[str, torch.Tensor]:
-        """The L2-normalised contrastive embeddings of the clips and captions, [B, E] each."""
-        v, _, t = self._encode(tokens, batch)
-        return {"video": F.normalize(v.float(), dim=-1), "text": F.normalize(t.float(), dim=-1)}
+        """What evaluation needs of a micro-batch of clips (batch-first): the L2-normalised
+        contrastive vector ``video`` [B, E] and the fusion ``memory`` [B, n, W]; with audio the
+        audio-video vector ``av`` [B, E] and memory ``av_memory`` [B, n + Na, W] with its mask
+        ``av_mask`` [B, n + Na]."""
+        v = self.vision_proj(self.pool(tokens))[0]
+        memory = self.fusion_proj(tokens) if self.fusion_proj is not None else tokens
+        out = {"video": F.normalize(v.float(), dim=-1), "memory": memory.transpose(0, 1)}
+        if self.model_config.audio.enabled and batch.fbank is not None:
+            memory_mask = batch.fbank.new_ones(tokens.shape[1], tokens.shape[0], dtype=torch.long)
+            av, av_memory, av_mask = self._audio_video(batch, v, memory, memory_mask)
+            out |= {"av": F.normalize(av.float(), dim=-1), "av_memory": av_memory.transpose(0, 1),
+                    "av_mask": av_mask}
+        return out
+
+    def text_features(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Captions [B, L] -> the L2-normalised contrastive vector ``text`` [B, E] and the
+        text-mode ``states`` [B, L, H] the fusion layers start from."""
+        states = self.text.encode(ids, mask)
+        t = self.text_proj(states[0])[0]
+        return {"text": F.normalize(t.float(), dim=-1), "states": states.transpose(0, 1)}
+
+    def match_logits(self, states: torch.Tensor, mask: torch.Tensor, memory: torch.Tensor,
+                     memory_mask: torch.Tensor, audio: bool = False) -> torch.Tensor:
+        """The matching head's class-1 logit [k] of k (caption, clip) pairs: states [k, L, H],
+        mask [k, L], memory [k, M, W], memory_mask [k, M]; ``audio``: the audio-video head."""
+        head = self.avtm_head if audio else self.itm_head
+        fused = self.text.fuse(states.transpose(0, 1).contiguous(), mask,
+                               memory.transpose(0, 1).contiguous(), memory_mask)
+        return head(fused[0])[:, 1]
 
     def _masked_text(self, batch: Stage2Batch, purpose: str):
         """BERT-masked caption ids (drawn from the samples' ``purpose`` streams) through the text

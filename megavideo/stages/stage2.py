@@ -128,6 +128,15 @@ class Stage2(PipelineStage):
             out["item"] = rows
         return out
 
+    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions -> ids and mask [B, max_length] on the device, as the text encoder reads them
+        (cleaned first with model.text.clean_captions, [SEP] with model.text.sep)."""
+        text = self.cfg.model.text
+        if text.clean_captions:
+            captions = [clean_caption(c) for c in captions]
+        ids, mask = self.tokenizer.encode_batch(captions, text.max_length, text.sep)
+        return ids.to(self.device), mask.to(self.device)
+
     def _batch(self, model, step: int, indices: list[int], source: dict, drop_u: torch.Tensor,
                evaluate: bool = False) -> Stage2Batch:
         batch = Stage2Batch(drop_u=drop_u, loss_scale=1.0 / self.num_microbatches,
@@ -136,11 +145,7 @@ class Stage2(PipelineStage):
             batch.video, batch.visible = source["video"], self._visible(step, indices)
         if model.post_process:
             seed = self.cfg.train.seed
-            text = self.cfg.model.text
-            captions = ([clean_caption(c) for c in source["captions"]] if text.clean_captions
-                        else source["captions"])
-            ids, mask = self.tokenizer.encode_batch(captions, text.max_length, text.sep)
-            batch.text_ids, batch.text_mask = ids.to(self.device), mask.to(self.device)
+            batch.text_ids, batch.text_mask = self.tokenize(source["captions"])
             batch.item = torch.tensor(source["item"], device=self.device)
             batch.keys = {purpose: sample_keys(seed, step, indices, purpose, self.device)
                           for purpose in PURPOSES}

@@ -100,7 +100,8 @@ def test_retrieval_learns_colour_patterns(tmp_path):
     synthetic clips whose caption names their two colours in order; then launch.evaluate on one
     held-out clip per pattern. Chance is 1/36 = 2.8% R@1; the bar is 30% in both directions
     (measured: 61.1% text->video, 58.3% video->text, R@5 100%; with audio and 150 steps 63.9%
-    and 58.3%)."""
+    and 58.3%). Zero-shot classification of the same clips by their 36 patterns through the
+    official 16 prompts: top-1 33.3%, top-5 80.6% (chance 2.8% and 13.9%)."""
     layout = ["parallel.tp=1", "parallel.pp=1", "parallel.sp=false", f"run.dir={tmp_path}",
               "run.tensorboard=false", "model.audio.enabled=false"]
     train = subprocess.run(
@@ -116,8 +117,17 @@ def test_retrieval_learns_colour_patterns(tmp_path):
         timeout=600)
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     result = json.loads((tmp_path / "retrieval.json").read_text())
-    assert result["t2v/R@1"] >= 30.0 and result["v2t/R@1"] >= 30.0, result
+    assert result["sim/t2v_r1"] >= 30.0 and result["sim/v2t_r1"] >= 30.0, result
+    assert {"sim/r_mean", "dsl/r_mean", "match/r_mean"} <= set(result)
     assert "text->video" in evaluate.stdout
+    classify = subprocess.run(
+        [*torchrun(1), "-m", "launch.evaluate", "configs/stage2_tiny.yaml",
+         str(tmp_path / "checkpoints"), *layout, "--classify", "--k-test", "0"], cwd=ROOT,
+        capture_output=True, text=True, timeout=600)
+    assert classify.returncode == 0, classify.stderr[-3000:]
+    scores = json.loads((tmp_path / "classification.json").read_text())
+    assert scores["classes"] == 36 and scores["top1"] >= 20.0 and scores["top5"] >= 50.0, scores
+    assert "zero-shot classification over 36 classes" in classify.stdout
 
 
 def test_evaluate_refuses_a_missing_checkpoint_in_one_sentence(tmp_path):
@@ -207,7 +217,8 @@ def test_stage2_trains_on_a_captioned_manifest_across_pipeline_stages(manifest_r
 
 def test_evaluate_a_checkpoint_on_a_captioned_manifest(captioned, manifest_run, tmp_path):
     """The manifest run's checkpoint (written at pp 2) evaluated at tp 2 on the manifest's six
-    good clips (the broken one removed): whole clips, first captions, the table and the JSON."""
+    good clips (the broken one removed): whole clips, every caption, three score sets in the
+    table and the JSON."""
     _, run_dir = manifest_run
     good = tmp_path / "good.jsonl"
     good.write_text("".join(line + "\n" for line in captioned.read_text().splitlines()
@@ -219,6 +230,8 @@ def test_evaluate_a_checkpoint_on_a_captioned_manifest(captioned, manifest_run, 
          f"run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     result = json.loads((tmp_path / "retrieval.json").read_text())
-    assert set(result) == {f"{d}/R@{k}" for d in ("t2v", "v2t") for k in (1, 5, 10)} | {"mean_R"}
-    assert result["t2v/R@10"] == 100.0  # 6 clips: every caption's clip is in the top 10
+    assert set(result) == {f"{s}/{d}_{k}" for s in ("sim", "dsl", "match") for d in ("t2v", "v2t")
+                           for k in ("r1", "r5", "r10", "r_mean")} | {
+        f"{s}/r_mean" for s in ("sim", "dsl", "match")}
+    assert result["sim/t2v_r10"] == 100.0  # 6 clips: every caption's clip is in the top 10
     assert "retrieval over 6 clips" in evaluate.stderr
