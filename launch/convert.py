@@ -2,7 +2,12 @@
 
     python -m launch.convert import CONFIG --out DIR [--student F] [--clip-teacher F]
                              [--mae-teacher F] [--strip KIND=PREFIX ...] [--ignore PREFIX ...]
+    python -m launch.convert import STAGE2_CONFIG --out DIR --stage2 F
     python -m launch.convert export CONFIG --checkpoint DIR --out DIR
+
+For a stage-2 config, ``import --stage2`` reads a released InternVideo2 stage-2 checkpoint (video
+encoder, projections, BERT, BEATs, matching heads, temperature) into a checkpoint root that any
+layout loads or evaluates, and ``export`` writes ``stage2.pth`` with the official keys.
 
 For a stage-3 config, ``export`` writes the LLM decoder in the Hugging Face Mistral layout
 (``model.safetensors`` and ``config.json``, ``--dtype`` bfloat16 by default); its import is
@@ -34,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--student")
     parser.add_argument("--clip-teacher")
     parser.add_argument("--mae-teacher")
+    parser.add_argument("--stage2", help="stage 2: a released InternVideo2 stage-2 checkpoint")
     parser.add_argument("--strip", action="append", default=[], metavar="KIND=PREFIX")
     parser.add_argument("--ignore", action="append", default=[], metavar="PREFIX")
     parser.add_argument("--checkpoint", help="MegaVideo checkpoint root to export")
@@ -56,6 +62,9 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     try:
+        if cfg.stage == 2:
+            _stage2(args, cfg)
+            return
         if args.direction == "import":
             strips = dict(s.split("=", 1) for s in args.strip)
             files = {k: getattr(args, k) for k in KINDS if getattr(args, k)}
@@ -87,6 +96,36 @@ def main(argv: list[str] | None = None) -> None:
         exit_with(err)
     except KeyError as err:  # a tensor without a counterpart in the other layout
         exit_with(ValueError(f"{err.args[0]}."))
+
+
+def _stage2(args, cfg) -> None:
+    """A released stage-2 checkpoint in (``--stage2``) or out (``stage2.pth``)."""
+    import torch
+
+    from dataloaders.tokenizer import WordPiece
+    from megavideo.weights import stage2
+    from megavideo.weights.files import load_state_dict
+    from megavideo.weights.internvideo2 import meta_params, read_checkpoint, write_checkpoint
+    from parallel.distributed import single_rank_world
+
+    vocab = len(WordPiece.from_file(cfg.model.text.vocab_file))
+    if args.direction == "export":
+        if not args.checkpoint:
+            raise ValueError("export needs --checkpoint DIR.")
+        state = read_checkpoint(cfg, Path(args.checkpoint))["student"]
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(stage2.to_official(cfg.model, state, vocab), out / "stage2.pth")
+        print(f"wrote {out / 'stage2.pth'}")
+        return
+    if not args.stage2:
+        raise ValueError("a stage-2 config imports --stage2 FILE (a released stage-2 checkpoint).")
+    with single_rank_world():
+        names = list(meta_params(cfg)["student"])
+    official = load_state_dict(args.stage2)[0]
+    write_checkpoint(cfg, {"student": stage2.from_official(cfg.model, official, names, vocab)},
+                     Path(args.out))
+    print(f"wrote {args.out} (the stage-2 model)")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from megavideo.config import Config, Stage1ModelConfig
+from megavideo.config import Config, ModelConfig, Stage1ModelConfig, ViTConfig
 
 Tensor = torch.Tensor
 
@@ -75,10 +75,17 @@ class KeyMismatch(ValueError):
     """Unknown or missing keys, or tensors of other shapes, all of them listed in one message."""
 
 
+VISION = "vision"  # a later stage's video encoder: the student without its stage-1 aligners
+
+
+def _vit(kind: str, model: ModelConfig) -> ViTConfig:
+    return model.student if kind == VISION else getattr(model, kind)
+
+
 def _mapping(kind: str, model: Stage1ModelConfig) -> dict[str, str]:
     """Official name -> MegaVideo name for every plain (renamed only) tensor."""
-    vit = getattr(model, kind)
-    prefix = "" if kind == "student" else "vit."
+    vit = _vit(kind, model)
+    prefix = "" if kind in (VISION, "student") else "vit."
     embed = f"{prefix}embed."
     blocks = f"{prefix}blocks.layers."
     out = {"patch_embed.proj.weight": embed + "patch_embed.proj.weight",
@@ -106,10 +113,10 @@ def _mapping(kind: str, model: Stage1ModelConfig) -> dict[str, str]:
 
 
 def _pos_embeds(kind: str, model: Stage1ModelConfig) -> list[tuple[str, str]]:
-    vit = getattr(model, kind)
+    vit = _vit(kind, model)
     if not vit.learnable_pos_embed:
         return []
-    prefix = "" if kind == "student" else "vit."
+    prefix = "" if kind in (VISION, "student") else "vit."
     out = [("pos_embed", f"{prefix}embed.pos_embed")]
     if kind == "student":
         out += [("clip_pos_embed", "clip_pos_embed"), ("mae_pos_embed", "mae_pos_embed")]
@@ -138,16 +145,17 @@ def strip_keys(state: dict[str, Tensor], strip: str = "", ignore: tuple[str, ...
 
 
 def from_official(kind: str, model: Stage1ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """An official state dict of ``kind`` (student, clip_teacher, mae_teacher) -> MegaVideo
+    """An official state dict of ``kind`` (student, clip_teacher, mae_teacher; or ``VISION``, a
+    later stage's video encoder, from ``model.student``) -> MegaVideo
     single-rank names and layouts. Raises KeyMismatch listing every unknown and missing key."""
-    vit = getattr(model, kind)
+    vit = _vit(kind, model)
     names = _mapping(kind, model)
     qkv = {f"blocks.{i}.attn.qkv.weight" for i in range(vit.num_layers)}
     biases = ({f"blocks.{i}.attn.{x}_bias" for i in range(vit.num_layers) for x in "qv"}
               if vit.qkv_bias else set())
     pos = dict(_pos_embeds(kind, model))
     _check_keys(set(state), set(names) | qkv | biases | set(pos), kind)
-    prefix = "" if kind == "student" else "vit."
+    prefix = "" if kind in (VISION, "student") else "vit."
     out = {names[k]: v for k, v in state.items() if k in names}
     embed = names["patch_embed.proj.weight"]
     if out[embed].dim() == 4 and vit.tubelet_size == 1:
@@ -168,9 +176,9 @@ def from_official(kind: str, model: Stage1ModelConfig, state: dict[str, Tensor])
 
 def to_official(kind: str, model: Stage1ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
     """The inverse of :func:`from_official`."""
-    vit = getattr(model, kind)
+    vit = _vit(kind, model)
     names = {b: a for a, b in _mapping(kind, model).items()}
-    prefix = "" if kind == "student" else "vit."
+    prefix = "" if kind in (VISION, "student") else "vit."
     qkv = {f"{prefix}blocks.layers.{i}.self_attention.linear_qkv.{p}" for i in range(vit.num_layers)
            for p in (("weight", "bias") if vit.qkv_bias else ("weight",))}
     _check_keys(set(state), set(names) | qkv | {ours for _, ours in _pos_embeds(kind, model)},
@@ -208,14 +216,19 @@ def progress(total: int, label: str) -> Callable[[int], None]:
 KINDS = ("student", "clip_teacher", "mae_teacher")
 
 
-def _meta_params(cfg: Config) -> dict[str, dict[str, torch.nn.Parameter]]:
+def meta_params(cfg: Config) -> dict[str, dict[str, torch.nn.Parameter]]:
+    """The single-rank parameters (meta device) of the model a checkpoint of ``cfg`` holds
+    (``student``: the whole model of a later stage) and of the stage-1 teachers; call inside
+    :func:`parallel.distributed.single_rank_world`."""
     from megavideo.accounting.describe import meta_models
     from megavideo.training.state import named_parameters
 
     student, teachers = meta_models(cfg)
-    return {"student": dict(named_parameters(student)),
-            "clip_teacher": dict(named_parameters(teachers.clip)),
-            "mae_teacher": dict(named_parameters(teachers.mae))}
+    out = {"student": dict(named_parameters(student))}
+    if teachers is not None:
+        out |= {"clip_teacher": dict(named_parameters(teachers.clip)),
+                "mae_teacher": dict(named_parameters(teachers.mae))}
+    return out
 
 
 def check_shapes(states: dict[str, dict[str, Tensor]],
@@ -244,7 +257,7 @@ def write_checkpoint(cfg: Config, states: dict[str, dict[str, Tensor]], out: Pat
     if ("clip_teacher" in states) != ("mae_teacher" in states):
         raise ValueError("give both teachers or neither: a run loads them together.")
     with single_rank_world():
-        params = _meta_params(cfg)
+        params = meta_params(cfg)
         check_shapes(states, params)  # every tensor, before anything is written
         tick = progress(sum(len(s) for s in states.values()), "writing")
         done = 0
@@ -285,7 +298,7 @@ def read_checkpoint(cfg: Config, root: Path) -> dict[str, dict[str, Tensor]]:
     teachers_dir = step_dir.parent / "teachers"
     out: dict[str, dict[str, Tensor]] = {}
     with single_rank_world():
-        params = _meta_params(cfg)
+        params = meta_params(cfg)
         sources = []
         if (step_dir / "metadata.json").is_file():
             sources.append((step_dir, ("student",)))
