@@ -81,8 +81,8 @@ def test_a_dumped_config_loads_back_to_itself(tmp_path, stage):
         (["model.text.num_layers=2"], "unknown config key 'model.text' (stage 1's model section "
                                       "has: aligner_norm_eps, clip_layers, clip_teacher,"),
         (["stage=2", "model.clip_layers=2"], "unknown config key 'model.clip_layers' (stage 2's "
-         "model section has: aligner_norm_eps, audio, mask_ratio, objectives, preset, student, "
-         "text)."),
+         "model section has: aligner_norm_eps, audio, mask_ratio, objectives, official_recipe, "
+         "preset, student, text)."),
         (["stage=4"], "stage must be 1, 2 or 3, got 4."),
         (["parallel.tp=two"], "parallel.tp must be of type int, got 'two'."),
         (["parallel.sp=maybe"], "parallel.sp must be true or false, got 'maybe'."),
