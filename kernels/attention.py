@@ -99,7 +99,7 @@ class SDPAttention(MegatronModule):
         if bias is not None:  # added to the scaled scores; -inf where masked out
             attn_mask = bias.to(q.dtype) if mask is None else \
                 bias.to(q.dtype).masked_fill(mask, float("-inf"))
-        with _dropout_rng(self._dropout(), self.config.sequence_parallel):
+        with dropout_rng(self._dropout(), self.config.sequence_parallel):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=self._dropout(),
                 is_causal=causal, scale=self.softmax_scale)
@@ -121,13 +121,13 @@ class FlashAttention(SDPAttention):
             return None
         sq, b = query.shape[:2]
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, heads, d]; GQA native
-        with _dropout_rng(self._dropout(), self.config.sequence_parallel):
+        with dropout_rng(self._dropout(), self.config.sequence_parallel):
             out = self._flash(q, k, v, dropout_p=self._dropout(), softmax_scale=self.softmax_scale,
                               causal=causal)
         return out.transpose(0, 1).reshape(sq, b, -1)
 
 
-def _dropout_rng(p: float, sequence_parallel: bool):
+def dropout_rng(p: float, sequence_parallel: bool):
     """megatron-core's model-parallel RNG for attention dropout on TP-split heads (as its
     DotProductAttention forks it), nothing to fork without dropout."""
     if p and not sequence_parallel:

@@ -278,7 +278,8 @@ def _text_vocab(path: str) -> int:
 
 
 def _audio(t: _Tally, audio: AudioConfig, samples: float) -> None:
-    """BEATs: patch convolution, projection, grouped position convolution, post-norm layers."""
+    """BEATs: patch convolution, projection, grouped position convolution, post-norm layers with
+    the relative position gate's linear."""
     train = not audio.frozen
     n, h, k = audio.tokens, audio.hidden_size, audio.pos_conv_kernel
     pos_out = n + 2 * (k // 2) - k + 1  # before the trim of an even kernel
@@ -286,7 +287,10 @@ def _audio(t: _Tally, audio: AudioConfig, samples: float) -> None:
              + _linear(n, audio.patch_dim, h, train, train, megatron=False)
              + _linear(pos_out, h // audio.pos_conv_groups * k, h, train, train, megatron=False))
     t.add("audio", embed, samples)
-    t.layers("audio", _post_norm_layer(n, audio, train, train) * audio.num_layers, samples)
+    layer = _post_norm_layer(n, audio, train, train)
+    if audio.relative_position:  # the gate's linear on each head's queries (an F.linear)
+        layer += _linear(n * audio.num_heads, audio.head_dim, 8, train, train, megatron=False)
+    t.layers("audio", layer * audio.num_layers, samples)
 
 
 def _stage2(cfg: Config, t: _Tally, dp: int) -> None:

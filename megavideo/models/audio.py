@@ -27,7 +27,7 @@ from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
-from kernels.attention import SDPAttention
+from kernels.attention import SDPAttention, attention_kernel, dropout_rng
 from kernels.norms import LayerNorm
 from megavideo.config import AudioConfig
 from megavideo.models.encoders import EncoderLayers
@@ -56,9 +56,10 @@ def relative_buckets(tokens: int, buckets: int, max_distance: int,
 
 
 class GatedRelativeAttention(SDPAttention):
-    """SDPA core attention adding BEATs' relative position bias, gated by this layer's queries
-    (see the module docstring); megatron-core hands it the ungated bias [1, heads, s, s] as
-    ``attention_bias``."""
+    """Core attention adding BEATs' relative position bias, gated by this layer's queries (see the
+    module docstring); megatron-core hands it the ungated bias [1, heads, s, s] as
+    ``attention_bias``. SDPA runs it (flash-attn takes no bias), or with ``train.attention=
+    unfused`` the whole score matrix, as megatron-core's unfused attention would."""
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout=None, softmax_scale=None, cp_comm_type=None,
@@ -69,6 +70,7 @@ class GatedRelativeAttention(SDPAttention):
         self.grep_linear = nn.Linear(config.kv_channels, 8, dtype=config.params_dtype)
         self.grep_a = nn.Parameter(torch.ones(1, self.heads, 1, 1, dtype=config.params_dtype))
         set_tensor_model_parallel_attributes(self.grep_a, True, 1, 1)
+        self.unfused = attention_kernel(config.attention_backend) == "unfused"
 
     def _shared(self, tensor: torch.Tensor) -> torch.Tensor:
         """A replicated parameter used on this rank's heads only: its gradient summed over TP."""
@@ -84,8 +86,25 @@ class GatedRelativeAttention(SDPAttention):
             gate_a, gate_b = torch.sigmoid(gates.unflatten(-1, (2, 4)).sum(-1)).unbind(-1)
             gate = gate_a * (gate_b * self.grep_a.view(-1) - 1.0) + 2.0  # [s, b, heads]
             attention_bias = gate.permute(1, 2, 0)[..., None] * attention_bias  # [b, heads, s, s]
+        if self.unfused:
+            return self._scores_softmax(query, key, value, attention_mask, attention_bias)
         return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
                                packed_seq_params)
+
+    def _scores_softmax(self, query, key, value, mask, bias) -> torch.Tensor:
+        """softmax(q k^T scale + bias) v with the whole [b, heads, s, s] score matrix."""
+        sq, b = query.shape[:2]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+        scores = q @ k.transpose(-1, -2) * self.softmax_scale
+        if bias is not None:
+            scores = scores + bias
+        if mask is not None:
+            scores = scores.masked_fill(mask, float("-inf"))
+        probs = scores.float().softmax(dim=-1).to(v.dtype)
+        if self._dropout():
+            with dropout_rng(self._dropout(), self.config.sequence_parallel):
+                probs = F.dropout(probs, self._dropout())
+        return (probs @ v).permute(2, 0, 1, 3).reshape(sq, b, -1)
 
 
 class AudioEncoder(MegatronModule):

@@ -28,14 +28,14 @@ def _gather_vocab(logits: torch.Tensor) -> torch.Tensor:
 
 def outputs(rank: int, world: int, bert: str, beats: str, ids: torch.Tensor, mask: torch.Tensor,
             fbank: torch.Tensor, root: str, out: str) -> None:
-    """For tp 1 and 2: every text layer run as plain BERT (no video: the fusion layers skip their
-    cross-attention), the MLM head's logits, the fusion layers' cross-attention tensors, and the
-    audio encoder's tokens."""
+    """For tp 1 and 2, and tp 1 with the whole score matrix: every text layer run as plain
+    BERT (no video: the fusion layers skip their cross-attention), the MLM head's logits, the
+    fusion layers' cross-attention tensors, and the audio encoder's tokens."""
     got = {}
-    for tp in (1, 2):
+    for tp, attention in ((1, "auto"), (2, "auto"), (1, "unfused")):
         trainer = Trainer(load_config(CONFIG, COMMON + [
             f"parallel.tp={tp}", f"model.text.weights={bert}", f"model.audio.weights={beats}",
-            f"run.dir={root}/tp{tp}"]))
+            f"train.attention={attention}", f"run.dir={root}/tp{tp}_{attention}"]))
         Checkpointer(trainer.cfg, trainer).restore()
         model = trainer.chunks[-1].module
         with torch.no_grad():
@@ -45,7 +45,8 @@ def outputs(rank: int, world: int, bert: str, beats: str, ids: torch.Tensor, mas
             audio = model.audio(fbank).transpose(0, 1)  # [B, N, H]
         cross = {n: p.detach().clone() for n, p in model.named_parameters()
                  if ".cross_attention." in n or "pre_cross_attn_layernorm" in n}
-        got[tp] = {"hidden": hidden.transpose(0, 1), "logits": logits.transpose(0, 1),
-                   "cross": cross, "audio": audio}
+        got[tp if attention == "auto" else attention] = {
+            "hidden": hidden.transpose(0, 1), "logits": logits.transpose(0, 1), "cross": cross,
+            "audio": audio}
     if rank == 0:
         torch.save(got, out)

@@ -71,7 +71,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, 2, "unfused"])
 def test_bert_import_equals_transformers(imported, tp):
     got, ref, real = imported["got"][tp], imported["bert"], imported["mask"]
     assert _relative(got["hidden"][real], ref.hidden_states[-1][real]) < 1e-5
@@ -93,7 +93,7 @@ def test_fusion_cross_attention_starts_as_a_fresh_bert_layer(imported, tp):
             assert abs(tensor.std().item() - 0.02) < 0.004, name
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, 2, "unfused"])
 def test_beats_import_equals_the_reference_forward(imported, tp):
     assert _relative(imported["got"][tp]["audio"], imported["beats"]) < 1e-5
 
