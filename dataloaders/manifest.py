@@ -12,6 +12,7 @@ InternVideo2 formats: JSON / JSON Lines with ``video`` (or ``path``) and ``capti
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -39,7 +40,7 @@ from dataloaders.pyav_decode import (
 # names a directory is rejected for rather than searched under (files are probed whatever their name)
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".ts",
                   ".mts", ".m2ts", ".3gp", ".wmv", ".asf", ".ogv", ".gif", ".vob"}
-PATH_KEYS = ("video", "path", "filename", "file")
+PATH_KEYS = ("video", "image", "path", "filename", "file")  # image: the official image-text rows
 CARRIED_KEYS = ("label", "text")  # plus every key naming a caption or speech (see _carried)
 QA_KEYS = ("QA", "qa")  # stage 3's instruction data: [{"i": ..., "q": ..., "a": ...}, ...]
 
@@ -204,7 +205,8 @@ def probe(path: str, verify: str = "frames") -> dict:
     except (av.FFmpegError, OSError) as e:
         raise ProbeError(f"unreadable ({type(e).__name__}: {e})") from e
     try:
-        with container:
+        with contextlib.ExitStack() as opened:
+            opened.enter_context(container)
             codec_context = stream.codec_context
             if codec_context is None or codec_context.codec is None:
                 raise ProbeError("unsupported codec unknown")
@@ -213,7 +215,12 @@ def probe(path: str, verify: str = "frames") -> dict:
             index = frame_index(container, stream)
             if not index.pts:
                 raise ProbeError("zero frames")
-            container.seek(0)
+            picture = len(index.pts) == 1  # a still image: a fresh demuxer, not a seek, rewinds it
+            if picture:
+                container, stream = open_video(path)
+                opened.enter_context(container)
+            else:
+                container.seek(0)
             if verify == "quick":
                 first = next(container.decode(stream), None)
                 if first is None:
@@ -237,7 +244,8 @@ def probe(path: str, verify: str = "frames") -> dict:
     if rotation % 90:
         raise ProbeError(f"a display matrix rotating by {rotation}°, not a multiple of 90°")
     frames = len(stamps) if stamps is not None else len(index.pts)
-    seek = index.ordered and (stamps is None or None not in stamps and sorted(stamps) == index.pts)
+    seek = not picture and index.ordered and (
+        stamps is None or None not in stamps and sorted(stamps) == index.pts)
     if seek and verify == "seeks":
         try:
             seek = _seeks_agree(path, frames, digests)

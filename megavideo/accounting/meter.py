@@ -57,6 +57,12 @@ class StepMeter:
         self.world = world_size
         self.model_flops, self.hardware_flops = flops.model, flops.hardware
         self.tokens = video_tokens(cfg)
+        # stage 2's image steps: (model FLOPs, hardware FLOPs, tokens) of their own
+        images = cfg.image_steps() if cfg.uses_images else None
+        self.image_step = None
+        if images is not None:
+            image_flops = step_flops(images, stage.dp)
+            self.image_step = (image_flops.model, image_flops.hardware, video_tokens(images))
         self.samples = cfg.train.global_batch
         self.peak = peak_tflops(cfg.profile.device, cfg.train.precision, cfg.profile.peak_tflops)
         self.device = group_device()  # of the step's max-over-ranks all-reduces
@@ -98,18 +104,21 @@ class StepMeter:
                 torch.cuda.synchronize()
             self.elapsed = time.perf_counter() - started
 
-    def metrics(self) -> dict[str, float]:
-        """The last step's throughput metrics (collective: every rank calls it)."""
+    def metrics(self, image: bool = False) -> dict[str, float]:
+        """The last step's throughput metrics (``image``: it was an image step; collective:
+        every rank calls it)."""
         elapsed = self.elapsed
         memory = torch.tensor([float(peak_memory_bytes())], device=self.device)
         dist.all_reduce(memory, op=dist.ReduceOp.MAX)
         per_device = 1e12 * elapsed * self.world
+        model, hardware, tokens = self.image_step if image else \
+            (self.model_flops, self.hardware_flops, self.tokens)
         out = {
             "perf/step_s": elapsed,
             "samples_per_s": self.samples / elapsed,
-            "perf/video_tokens_per_s": self.tokens / elapsed,
-            "perf/model_tflops": self.model_flops / per_device,
-            "perf/hardware_tflops": self.hardware_flops / per_device,
+            "perf/video_tokens_per_s": tokens / elapsed,
+            "perf/model_tflops": model / per_device,
+            "perf/hardware_tflops": hardware / per_device,
             "mem/peak_gib": float(memory) / 2**30,
         }
         if self.peak:

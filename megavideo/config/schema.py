@@ -241,6 +241,10 @@ class Stage2ModelConfig(ModelConfig):
     the objectives between them."""
 
     mask_ratio: float = 0.8
+    image_mask_ratio: float = 0.5  # of an image's patches, on image steps
+    # an image's position embedding: "mean" the video table's mean over frames (InternVideo2-6B),
+    # "own" a table of its own, embed.img_pos_embed (1B)
+    image_pos_embed: str = "mean"
     # train as the official code where it departs from the exact math (docs/stage2.md)
     official_recipe: bool = False
     text: TextConfig = field(default_factory=TextConfig)
@@ -376,6 +380,12 @@ class DataConfig:
     # stage 2: manifest keys a clip's caption is drawn from, uniformly among every caption the
     # listed keys hold for it (e.g. caption, captions, asr_captions, avs_captions)
     captions: list[str] = field(default_factory=lambda: ["caption"])
+    # stage 2's image-text data: a manifest of images (python -m launch.manifest on an annotation
+    # file with "image" entries), read as 1-frame clips on image steps
+    image_manifest: str = ""
+    # the share of image steps; null: in proportion to the two manifests' sizes (the official
+    # mixture); with synthetic data, synthetic 1-frame clips
+    image_fraction: float | None = None
 
 
 @dataclass
@@ -428,4 +438,20 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def uses_images(self) -> bool:
+        """Stage 2 with image steps: an image manifest, or a share of synthetic image steps."""
+        data = self.data
+        return self.stage == 2 and bool(data.image_manifest if data.source == "manifest"
+                                        else data.image_fraction)
+
+    def image_steps(self) -> Config:
+        """Stage 2's image steps as a config of their own: 1-frame clips at
+        ``model.image_mask_ratio``, no audio (what such a step's tokens and FLOPs follow)."""
+        model = self.model
+        student = dataclasses.replace(model.student, num_frames=1)
+        audio = dataclasses.replace(model.audio, enabled=False)
+        return dataclasses.replace(self, model=dataclasses.replace(
+            model, student=student, mask_ratio=model.image_mask_ratio, audio=audio))
 

@@ -184,6 +184,26 @@ def _validate_stage2(model: Stage2ModelConfig, tp: int) -> None:
                           "positive.")
 
 
+def _validate_images(config: Config) -> None:
+    model, data = config.model, config.data
+    if model.image_pos_embed not in ("mean", "own"):
+        raise ConfigError(f"model.image_pos_embed must be mean or own, got "
+                          f"'{model.image_pos_embed}'.")
+    if not 0 <= model.image_mask_ratio < 1:
+        raise ConfigError(f"model.image_mask_ratio must be in [0, 1), got {model.image_mask_ratio}.")
+    if data.image_fraction is not None and not 0 <= data.image_fraction <= 1:
+        raise ConfigError(f"data.image_fraction must be in [0, 1] or null, got "
+                          f"{data.image_fraction}.")
+    if data.image_manifest and data.source != "manifest":
+        raise ConfigError("data.image_manifest needs data.source=manifest (synthetic image steps "
+                          "take data.image_fraction alone).")
+    if data.image_manifest and not Path(data.image_manifest).is_file():
+        raise ConfigError(f"data.image_manifest: no such file {data.image_manifest}.")
+    if config.uses_images and model.student.tubelet_size != 1:
+        raise ConfigError(f"image steps need model.student.tubelet_size 1 (an image is one "
+                          f"frame), got {model.student.tubelet_size}.")
+
+
 TUNINGS = ("full", "lora", "frozen")
 
 
@@ -292,6 +312,7 @@ def validate(config: Config, world_size: int | None = None) -> None:
         _validate_stage1(model, par, train.micro_batch)
     elif config.stage == 2:
         _validate_stage2(model, par.tp)
+        _validate_images(config)
     else:
         _validate_stage3(config)
     if train.precision not in ("fp32", "bf16", "fp8"):

@@ -59,6 +59,13 @@ def interpolate_frames(pos: torch.Tensor, frames: int, new_frames: int, cls_toke
     return torch.cat([cls, grid])
 
 
+def frame_mean(pos: torch.Tensor, frames: int, cls_token: bool) -> torch.Tensor:
+    """A (CLS +) (t, h, w) position table averaged over its frames: an image's (CLS +) (h, w)
+    table (InternVideo2-6B's for images)."""
+    cls = int(cls_token)
+    return torch.cat([pos[:cls], pos[cls:].unflatten(0, (frames, -1)).mean(0)])
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping tubelets (tubelet x patch x patch) projected to the model width."""
 
@@ -79,9 +86,10 @@ class VideoEmbedding(nn.Module):
     (the CLIP teacher), each with its own CLS token: [B * T, 1 + HW, C].
     """
 
-    def __init__(self, vit: ViTConfig, dtype: torch.dtype) -> None:
+    def __init__(self, vit: ViTConfig, dtype: torch.dtype, image_pos: str = "") -> None:
         super().__init__()
         self.vit = vit
+        self.image_pos = image_pos
         self.patch_embed = PatchEmbed(vit, dtype)
         frames = 1 if vit.per_frame else vit.num_frames // vit.tubelet_size
         grid = vit.image_size // vit.patch_size
@@ -98,15 +106,34 @@ class VideoEmbedding(nn.Module):
             if vit.cls_token:
                 table = torch.cat([torch.zeros(1, vit.hidden_size), table])
             self.register_buffer("pos_embed", table.to(dtype), persistent=False)
+        if image_pos == "own":  # initialised as the official img_pos_embed: one frame's sin-cos
+            table = sincos_3d(vit.hidden_size, grid, 1, vit.cls_token)
+            self.img_pos_embed = nn.Parameter(table.to(dtype))
+
+    def image_pos_embed(self) -> torch.Tensor:
+        """An image's table [(1 +) HW, C]: its own (``image_pos`` own) or the video table's mean
+        over the frames (``mean``)."""
+        if self.image_pos == "own":
+            return self.img_pos_embed
+        return frame_mean(self.pos_embed, self.vit.num_frames // self.vit.tubelet_size,
+                          self.vit.cls_token)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
+        """[B, 3, T, H, W] -> [B, (1 +) T'HW, C]; one frame of a multi-frame model is an image
+        (with ``image_pos``)."""
+        image = bool(self.image_pos) and video.shape[2] == 1
         if self.vit.per_frame:  # [B, 3, T, H, W] -> [B*T, 3, 1, H, W]
             b, c, t, h, w = video.shape
             video = video.transpose(1, 2).reshape(b * t, c, 1, h, w)
         x = self.patch_embed(video)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return x + self.pos_embed
+        x = x + (self.image_pos_embed() if image else self.pos_embed)
+        if self.image_pos == "own" and self.training:
+            # the table this step leaves out, at weight 0: megatron-core's bucketed gradient
+            # reduce waits for a gradient of every parameter
+            x = x + 0.0 * (self.pos_embed if image else self.img_pos_embed).sum()
+        return x
 
 
 def num_visible(patches: int, mask_ratio: float) -> int:
@@ -150,9 +177,10 @@ class Tokens:
         real = 1 + model.student.num_patches
         return cls(real, seq_length(real, padding_multiple(tp, sequence_parallel, fp8)))
 
-    def attention_mask(self, batch: int, device) -> torch.Tensor | None:
-        """[b, 1, 1, s], True on padding keys; None when there is no padding."""
-        if self.length == self.real:
+    def attention_mask(self, batch: int, device, always: bool = False) -> torch.Tensor | None:
+        """[b, 1, 1, s], True on padding keys; None when there is no padding (unless ``always``:
+        layers built for a padding mask, as when another step's sequence is padded)."""
+        if self.length == self.real and not always:
             return None
         mask = torch.zeros(batch, 1, 1, self.length, dtype=torch.bool, device=device)
         mask[..., self.real:] = True

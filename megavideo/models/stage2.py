@@ -11,6 +11,7 @@ also holds the text and audio encoders, the projections and the heads, and compu
     with audio: fbank -> BEATs -> mean -> audio_proj -> a;  av = av_fusion([a, v])
           audio tokens -> fusion_proj -> [video ; audio] memory (absent audio masked out)
     AVTC, AVTM, AVMLM   the same three with av and the audio-video memory
+    image steps: 1-frame clips (their own mask ratio and position embedding), VTC, VTM, MLM
 
 The loss is the weighted sum of the terms (``model.objectives``); all share one learnable
 temperature (clamped to [0.001, 0.5]). ``model.official_recipe`` trains as the official code does
@@ -64,6 +65,7 @@ class Stage2Batch:
     fbank: torch.Tensor | None = None  # [B, frames, mel]
     has_audio: torch.Tensor | None = None  # [B] bool
     evaluate: bool = False  # return the clips' evaluation features (embeddings()), no loss
+    image: bool = False  # an image step: 1-frame clips, the image tokens, no audio
 
 
 def _projection(config, n_in: int, n_out: int, tp_group) -> ColumnParallelLinear:
@@ -93,8 +95,9 @@ class Stage2Model(VideoChunk):
     def __init__(self, model: Stage2ModelConfig, config: ViTTransformerConfig, chunk: Chunk, tokens: Tokens,
                  tp_group, dp_group, text_config: ViTTransformerConfig,
                  audio_config: ViTTransformerConfig | None, vocab_size: int,
-                 special: dict[str, int]) -> None:
-        super().__init__(model, config, chunk, tokens, tp_group)
+                 special: dict[str, int], image_tokens: Tokens | None = None) -> None:
+        super().__init__(model, config, chunk, tokens, tp_group, image_tokens=image_tokens,
+                         image_pos=model.image_pos_embed)
         self.model_config = model
         self.dp_group = dp_group
         if not self.post_process:
@@ -127,14 +130,25 @@ class Stage2Model(VideoChunk):
             self.avtm_head = _head(text_config, text.hidden_size)
 
     def forward(self, batch: Stage2Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        hidden, _ = self.encode(batch.video, batch.visible, batch.drop_u)
+        hidden, _ = self.encode(batch.video, batch.visible, batch.drop_u, image=batch.image)
         if not self.post_process:
             return hidden, {}
+        tokens = self.full_sequence(hidden, batch.image)
         if batch.evaluate:
-            return hidden.new_zeros(()), self.embeddings(self.full_sequence(hidden), batch)
-        terms = self._losses(self.full_sequence(hidden), batch)
+            return hidden.new_zeros(()), self.embeddings(tokens, batch)
+        terms = self._losses(tokens, batch)
         loss = sum(self.weights[name] * value for name, value in terms.items())
+        if batch.image and self.model_config.audio.enabled:
+            loss = loss + 0.0 * self._audio_side()
         return loss, {k: v.detach() for k, v in terms.items()}
+
+    def _audio_side(self) -> torch.Tensor:
+        """The trainable parameters an image step does not use, summed: added at weight 0,
+        their gradients are zeros, as megatron-core's bucketed gradient reduce needs one of
+        every parameter."""
+        modules = (self.audio, self.audio_proj, self.audio_fusion_proj, self.av_fusion,
+                   self.avtm_head)
+        return sum(p.sum() for m in modules for p in m.parameters() if p.requires_grad)
 
     def _encode(self, tokens: torch.Tensor, batch: Stage2Batch):
         """The clip's vector v [B, E], the caption's text-mode states [L, B, H] and its vector t
@@ -213,7 +227,7 @@ class Stage2Model(VideoChunk):
         masked = {}  # one masked pass shared by the MLM terms (official recipe: one per term)
         # (contrast, matching, MLM term names), the vector to contrast, the fusion memory, its mask
         pairs = [(("vtc", "vtm", "mlm"), v, memory, memory_mask, self.itm_head)]
-        if self.model_config.audio.enabled:
+        if self.model_config.audio.enabled and not batch.image:  # images have no sound
             av, av_memory, av_mask = self._audio_video(batch, v, memory, memory_mask)
             pairs.append((("avtc", "avtm", "avmlm"), av, av_memory, av_mask, self.avtm_head))
         terms = {}

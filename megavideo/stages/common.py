@@ -15,6 +15,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from dataloaders.manifest import Manifest
+from dataloaders.mixture import NO_IMAGES
 from dataloaders.synthetic import Normal, generator, sample_keys
 from kernels.keyed_random import normal
 from megavideo.config import Config, megatron
@@ -58,6 +59,7 @@ class PipelineStage:
         self.decodes = self.from_files and parallel_state.get_tensor_model_parallel_rank() == 0
         self._batches = None
         self.skipped_files: set[str] = set()  # every file this rank skipped, logged once
+        self.mixture = NO_IMAGES  # stage 2's image steps
 
     def pipelined(self) -> tuple[list[int], Tokens, TransformerConfig]:
         """The pipelined model's layers per virtual stage, the video encoder's token sequence
@@ -80,6 +82,10 @@ class PipelineStage:
         """The sequence length the pipeline passes between stages."""
         return self.tokens.length
 
+    def seq_length_at(self, step: int) -> int:
+        """That of ``step`` (stage 2's image steps have their own)."""
+        return self.seq_length
+
     def finish_grads(self) -> None:
         """Gradient reductions of this stage's own, before megatron-core's (none here)."""
 
@@ -94,18 +100,20 @@ class PipelineStage:
         ``consumed_samples``."""
         self.manifest = manifest
         if self.decodes:
-            feed = data.feed(self.cfg, manifest, self.dp_rank, self.dp, self.device)
+            feed = data.feed(self.cfg, manifest, self.dp_rank, self.dp, self.device, self.mixture)
             self._batches = feed.iterate(start_step, self.cfg.train.steps, consumed_samples)
 
-    def _decoded(self, b: int) -> dict[str, torch.Tensor]:
-        """The next decoded micro-batch of ``b`` clips on every TP rank of the first stage:
-        ``video`` [b, 3, frames, size, size] (copied and broadcast in 8-bit levels, normalised
-        on the device), ``rows`` [b] (the manifest rows, replacements
-        included) and, with audio, ``fbank`` [b, frames, bins] and ``has_audio`` [b]."""
+    def _decoded(self, b: int, images: bool = False) -> dict[str, torch.Tensor]:
+        """The next decoded micro-batch of ``b`` clips (``images``: of stage 2's image feed) on
+        every TP rank of the first stage: ``video`` [b, 3, frames, size, size] (copied and
+        broadcast in 8-bit levels, normalised on the device), ``rows`` [b] (the manifest rows,
+        replacements included) and, with audio, ``fbank`` [b, frames, bins] and ``has_audio``
+        [b]."""
         counts = torch.zeros(2, dtype=torch.float64, device=self.device)
+        cfg = self.cfg.image_steps() if images else self.cfg
         if self.decodes:
             start = time.perf_counter()
-            batch = next(self._batches)
+            batch = next(self._image_batches if images else self._batches)
             self.data_wait += time.perf_counter() - start
             out = {"video": batch.video, "rows": torch.tensor(batch.rows)}
             if batch.fbank is not None:
@@ -119,7 +127,7 @@ class PipelineStage:
                     log.warning("skipped %s: %s", path, reason)
         else:
             out = {k: torch.empty(shape, dtype=dtype, device=self.device)
-                   for k, (shape, dtype) in data.decoded_shapes(self.cfg, b).items()}
+                   for k, (shape, dtype) in data.decoded_shapes(cfg, b).items()}
         if self.cfg.parallel.tp > 1:
             src = parallel_state.get_tensor_model_parallel_src_rank()
             for tensor in (*out.values(), counts):

@@ -10,9 +10,13 @@ filterbanks and the draws of the objectives, all from per-sample random streams.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from dataloaders.audio import beats_fbank, fit_frames
+from dataloaders.manifest import Manifest
+from dataloaders.mixture import Mixture, proportional
 from dataloaders.synthetic import (
     generator,
     global_indices,
@@ -26,13 +30,15 @@ from dataloaders.tokenizer import WordPiece, clean_caption
 from kernels.keyed_random import uniform
 from megavideo.config import Config
 from megavideo.models.audio import deep_norm_alpha
-from megavideo.models.embedding import num_visible
+from megavideo.models.embedding import Tokens, num_visible
 from megavideo.models.specs import transformer_config
 from megavideo.models.stage2 import TERMS, Stage2Batch, Stage2Model
 from megavideo.models.text import BERT_DROPOUT
 from megavideo.stages.common import PipelineStage
 from megavideo.training import data
 from parallel.comm import recv_from_stage, send_to_stage
+
+log = logging.getLogger(__name__)
 
 PURPOSES = ("mlm", "avmlm", "vtm_video", "vtm_text", "avtm_video", "avtm_text")
 
@@ -67,10 +73,42 @@ class Stage2(PipelineStage):
                 audio_config.residual_scale = deep_norm_alpha(model.audio.num_layers)
         special = {"pad": self.tokenizer.pad, "cls": self.tokenizer.cls,
                    "mask": self.tokenizer.mask}
+        # image steps: 1-frame clips at their own mask ratio (their own token sequence)
+        self.image_cfg = cfg.image_steps()
+        self.image_tokens = Tokens.of(self.image_cfg.model, par.tp, par.sp,
+                                      cfg.train.precision == "fp8") if cfg.uses_images else None
+        self.image_manifest: Manifest | None = None
+        self._image_batches = None
+        if cfg.uses_images and cfg.data.source != "manifest":
+            self.mixture = Mixture(cfg.data.image_fraction, cfg.train.seed, cfg.train.steps)
         self.models = [Stage2Model(model, self.config, chunk, self.tokens, self.tp_group,
                                    self.dp_group, text_config, audio_config, len(self.tokenizer),
-                                   special).to(device)
+                                   special, self.image_tokens).to(device)
                        for chunk in self.layout[self.pp_rank]]
+
+    def seq_length_at(self, step: int) -> int:
+        return self.image_tokens.length if self.mixture.is_image(step) else self.seq_length
+
+    def start_data(self, start_step: int, consumed_samples: int,
+                   manifest: Manifest | None) -> None:
+        """The video feed over the mixture's video steps and, with an image manifest, the image
+        feed over its image steps (``data.image_fraction`` of the steps, by default in
+        proportion to the two manifests)."""
+        images = data.images(self.cfg)
+        if images is not None:
+            fraction = self.cfg.data.image_fraction
+            if fraction is None:
+                fraction = proportional(len(images), len(manifest))
+            self.mixture = Mixture(fraction, self.cfg.train.seed, self.cfg.train.steps)
+            self.image_manifest = images
+            log.info("image-text data: %d images, %d clips, %.1f%% of the steps on images",
+                     len(images), len(manifest), 100 * fraction)
+        super().start_data(start_step, consumed_samples, manifest)
+        if images is not None and self.decodes:
+            feed = data.feed(self.image_cfg, images, self.dp_rank, self.dp, self.device,
+                             self.mixture, images=True)
+            self._image_batches = feed.iterate(start_step, self.cfg.train.steps,
+                                               consumed_samples)
 
     @property
     def loss_weights(self) -> dict[str, float]:
@@ -79,16 +117,22 @@ class Stage2(PipelineStage):
         return {name: getattr(obj, name) if audio or not name.startswith("av") else 0.0
                 for name in TERMS}
 
-    def _visible(self, step: int, indices: list[int]) -> torch.Tensor:
-        student, seed = self.cfg.model.student, self.cfg.train.seed
-        keep = num_visible(student.patches_per_frame, self.cfg.model.mask_ratio)
+    def _model_of(self, image: bool):
+        return self.image_cfg.model if image else self.cfg.model
+
+    def _visible(self, step: int, indices: list[int], image: bool = False) -> torch.Tensor:
+        model, seed = self._model_of(image), self.cfg.train.seed
+        student = model.student
+        keep = num_visible(student.patches_per_frame, model.mask_ratio)
         return random_visible(sample_keys(seed, step, indices, "mask", self.device),
                               student.num_frames, student.patches_per_frame, keep)
 
     def _synthetic(self, step: int, indices: list[int], patterns: list[int], first: bool,
-                   last: bool) -> dict:
-        """A micro-batch of synthetic captioned clips: what the first and the last chunk need."""
-        student, audio = self.cfg.model.student, self.cfg.model.audio
+                   last: bool, image: bool = False) -> dict:
+        """A micro-batch of synthetic captioned clips (``image``: their first frames): what the
+        first and the last chunk need."""
+        model = self._model_of(image)
+        student, audio = model.student, model.audio
         out: dict = {"captions": [pattern_caption(p) for p in patterns], "item": patterns}
         if first:
             out["video"] = pattern_video(self._noise(step, indices), patterns,
@@ -101,19 +145,20 @@ class Stage2(PipelineStage):
             out["has_audio"] = torch.tensor([w is not None for w in waves], device=self.device)
         return out
 
-    def _from_files(self, step: int, indices: list[int]) -> dict:
-        """A micro-batch of decoded clips (first stage), their manifest rows, captions and audio;
-        the first stage sends the rows and audio on to the last."""
+    def _from_files(self, step: int, indices: list[int], image: bool = False) -> dict:
+        """A micro-batch of decoded clips (first stage; ``image``: images of the image manifest),
+        their manifest rows, captions and audio; the first stage sends the rows and audio on to
+        the last."""
         pp = self.cfg.parallel.pp
-        audio = self.cfg.model.audio.enabled
+        audio = self._model_of(image).audio.enabled
         out: dict = {}
         if self.from_files:
-            out = self._decoded(len(indices))
+            out = self._decoded(len(indices), image)
             if pp > 1:
                 sent = [out["rows"]] + ([out["has_audio"].long(), out["fbank"]] if audio else [])
                 send_to_stage(sent, pp - 1, self.pp_group)
         elif self.last:
-            shapes = data.decoded_shapes(self.cfg, len(indices))
+            shapes = data.decoded_shapes(self.image_cfg if image else self.cfg, len(indices))
             wanted = ["rows"] + (["has_audio", "fbank"] if audio else [])
             got = recv_from_stage([shapes[k] for k in wanted], 0, self.pp_group, self.device)
             out = dict(zip(wanted, got, strict=True))
@@ -122,7 +167,8 @@ class Stage2(PipelineStage):
         if self.last:
             rows = out["rows"].tolist()
             seed = self.cfg.train.seed
-            out["captions"] = [data.caption(self.manifest, row, self.cfg.data.captions,
+            manifest = self.image_manifest if image else self.manifest
+            out["captions"] = [data.caption(manifest, row, self.cfg.data.captions,
                                             generator(seed, step, i, "caption"))
                                for row, i in zip(rows, indices, strict=True)]
             out["item"] = rows
@@ -138,11 +184,11 @@ class Stage2(PipelineStage):
         return ids.to(self.device), mask.to(self.device)
 
     def _batch(self, model, step: int, indices: list[int], source: dict, drop_u: torch.Tensor,
-               evaluate: bool = False) -> Stage2Batch:
+               evaluate: bool = False, image: bool = False) -> Stage2Batch:
         batch = Stage2Batch(drop_u=drop_u, loss_scale=1.0 / self.num_microbatches,
-                            evaluate=evaluate)
+                            evaluate=evaluate, image=image)
         if model.pre_process:
-            batch.video, batch.visible = source["video"], self._visible(step, indices)
+            batch.video, batch.visible = source["video"], self._visible(step, indices, image)
         if model.post_process:
             seed = self.cfg.train.seed
             batch.text_ids, batch.text_mask = self.tokenize(source["captions"])
@@ -153,8 +199,10 @@ class Stage2(PipelineStage):
         return batch
 
     def micro_batches(self, step: int) -> list[list[Stage2Batch]]:
-        """Per model chunk of this rank, the step's micro-batches."""
+        """Per model chunk of this rank, the step's micro-batches (of images on the mixture's
+        image steps)."""
         train, seed = self.cfg.train, self.cfg.train.seed
+        image = self.mixture.is_image(step)
         first = any(model.pre_process for model in self.models)
         per_chunk: list[list[Stage2Batch]] = [[] for _ in self.models]
         self.data_wait = 0.0
@@ -162,13 +210,14 @@ class Stage2(PipelineStage):
             indices = global_indices(step, train.global_batch, self.dp_rank, self.dp, m,
                                      train.micro_batch)
             if self.cfg.data.source == "manifest":
-                source = self._from_files(step, indices)
+                source = self._from_files(step, indices, image)
             else:
                 source = self._synthetic(step, indices, [pattern_of(seed, i) for i in indices],
-                                         first, self.last)
+                                         first, self.last, image)
             drop_u = self._drop_u(step, indices)
             for c, model in enumerate(self.models):
-                per_chunk[c].append(self._batch(model, step, indices, source, drop_u))
+                per_chunk[c].append(self._batch(model, step, indices, source, drop_u,
+                                                image=image))
         return per_chunk
 
     def _eval_source(self, items: list[int]) -> dict:

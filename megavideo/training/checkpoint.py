@@ -393,21 +393,28 @@ class Checkpointer:
             raise ConfigError(FROZEN_AUDIO)  # nothing else would load it
         adapter = EarlierStage(path, meta, self.cfg)
         keys = {name: adapter.key(name) for name, _ in self.params}
-        request, resampled = {}, set()
+        readers: dict[str, list[str]] = {}  # checkpoint key -> the parameters made from it
+        for name, key in keys.items():
+            if key is not None:
+                readers.setdefault(key, []).append(name)
+        request, whole = {}, {}
         for index, (name, param) in enumerate(self.params):
-            if keys[name] is None:
-                continue
+            if keys[name] is None or readers[keys[name]][0] != name:
+                continue  # each stored tensor is read once, for every parameter made from it
             shape = whole_shape(param, self._coords(param)[1])
             stored = adapter.stored_shape(name, shape)
             local = None
-            if stored != shape:  # read whole, then adapted (a resampled tensor is not TP-split)
+            if stored != shape or len(readers[keys[name]]) > 1:
+                # read whole, then adapted (a resampled tensor is not TP-split)
                 local = torch.empty(stored, dtype=param.dtype)
-                resampled.add(name)
+                whole[name] = readers[keys[name]]
             request[name] = self._shards(checkpoint_key("student", keys[name]), param, local,
                                          index, 0, saving=False)
         loaded = dist_checkpointing.load({"model": request}, str(path))
-        for name in resampled & set(loaded["model"]):
-            loaded["model"][name] = [adapter.adapt(name, loaded["model"][name][0])]
+        for first, names in whole.items():
+            if first in loaded["model"]:
+                tensor = loaded["model"][first][0]
+                loaded["model"] |= {name: [adapter.adapt(name, tensor)] for name in names}
         only = {name for name, key in keys.items() if key is not None}
         self._apply(loaded, (), 0, only)
         log.info("loaded the video encoder of stage %d from %s (%d tensors, %d -> %d frames); "

@@ -19,6 +19,7 @@ from dataloaders import dali
 from dataloaders.audio import AudioSpec
 from dataloaders.loader import Clips, DataError, Feed
 from dataloaders.manifest import QA_KEYS, Manifest
+from dataloaders.mixture import NO_IMAGES, Mixture
 from dataloaders.sampling import Sampling
 from dataloaders.transform import normalize
 from megavideo.config import Config, ConfigError, DataConfig
@@ -50,28 +51,41 @@ def backend(data: DataConfig, cuda: bool, manifest: Manifest | None = None) -> s
     return "pyav"
 
 
+def _read(cfg: Config, key: str, path: str) -> Manifest:
+    """The manifest ``data.<key>`` names, every row with the text the stage needs."""
+    try:
+        manifest = Manifest(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.{key}: {e}.") from None
+    if not len(manifest):
+        raise ConfigError(f"data.{key} {path} lists no clips.")
+    if cfg.stage > 1:
+        keys = cfg.data.captions if cfg.stage == 2 else list(QA_KEYS)
+        uncaptioned = manifest.without_text(keys)
+        if len(uncaptioned):
+            first = int(uncaptioned[0])
+            raise ConfigError(
+                f"{len(uncaptioned)} of {len(manifest)} clips of data.{key} {path} "
+                f"have no {'caption' if cfg.stage == 2 else 'question-answer pair'} under "
+                f"{'data.captions=' if cfg.stage == 2 else 'the keys '}{keys} (e.g. "
+                f"{manifest.path(first)}, keys {sorted(manifest.texts(first))}).")
+    return manifest
+
+
+def images(cfg: Config) -> Manifest | None:
+    """Stage 2's image manifest (``data.image_manifest``), checked as :func:`check` checks."""
+    return _read(cfg, "image_manifest", cfg.data.image_manifest) if cfg.data.image_manifest \
+        and cfg.data.source == "manifest" else None
+
+
 def check(cfg: Config) -> Manifest | None:
     """Everything about the data that can be wrong before the run starts, as a ConfigError;
     returns the manifest when the run reads one."""
     data = cfg.data
     if data.source != "manifest":
         return None
-    try:
-        manifest = Manifest(data.manifest)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"data.manifest: {e}.") from None
-    if not len(manifest):
-        raise ConfigError(f"data.manifest {data.manifest} lists no clips.")
-    if cfg.stage > 1:
-        keys = data.captions if cfg.stage == 2 else list(QA_KEYS)
-        uncaptioned = manifest.without_text(keys)
-        if len(uncaptioned):
-            first = int(uncaptioned[0])
-            raise ConfigError(
-                f"{len(uncaptioned)} of {len(manifest)} clips of data.manifest {data.manifest} "
-                f"have no {'caption' if cfg.stage == 2 else 'question-answer pair'} under "
-                f"{'data.captions=' if cfg.stage == 2 else 'the keys '}{keys} (e.g. "
-                f"{manifest.path(first)}, keys {sorted(manifest.texts(first))}).")
+    manifest = _read(cfg, "manifest", data.manifest)
+    images(cfg)
     if data.backend != "dali":
         return manifest
     reason = dali.missing()
@@ -147,13 +161,18 @@ def decode_workers(data: DataConfig, env: Mapping[str, str] | None = None) -> in
     return max(min(cpus - 1, MAX_WORKERS), 0)
 
 
-def feed(cfg: Config, manifest: Manifest, dp_rank: int, dp: int, device: torch.device) -> Feed:
-    """This data-parallel rank's feed of clips (pinned for the copy to a GPU)."""
+def feed(cfg: Config, manifest: Manifest, dp_rank: int, dp: int, device: torch.device,
+         mixture: Mixture = NO_IMAGES, images: bool = False) -> Feed:
+    """This data-parallel rank's feed of clips (pinned for the copy to a GPU): of the video steps
+    of ``mixture``, or with ``images`` of its image steps (``cfg`` then the image steps'
+    config, :meth:`Config.image_steps`; PyAV decodes them: DALI's video decoder reads no still
+    images)."""
     data = cfg.data
     cuda = device.type == "cuda"
     return Feed(clips(cfg, manifest), cfg.train.global_batch, cfg.train.micro_batch, dp_rank, dp,
-                backend(data, cuda, manifest), decode_workers(data), data.prefetch,
-                dali_device_id=device.index if cuda else None, pin_memory=cuda)
+                "pyav" if images else backend(data, cuda, manifest), decode_workers(data),
+                data.prefetch, dali_device_id=device.index if cuda else None, pin_memory=cuda,
+                mixture=mixture, images=images)
 
 
 def normalized(cfg: Config, video: torch.Tensor) -> torch.Tensor:

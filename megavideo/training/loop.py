@@ -135,7 +135,7 @@ class Trainer:
             data_iterator=iterators[0] if single else iterators,
             model=self.chunks[0] if single else self.chunks,
             num_microbatches=stage.num_microbatches,
-            seq_length=stage.seq_length,
+            seq_length=stage.seq_length_at(step),
             micro_batch_size=self.cfg.train.micro_batch,
             forward_only=forward_only,
         )
@@ -159,6 +159,8 @@ class Trainer:
         if self.cfg.data.source == "manifest":
             terms["data/skipped"], terms["data/attempts"] = (
                 int(v) for v in totals[len(summed):])
+        if self.cfg.uses_images:  # the audio-video terms are 0 on image steps
+            terms["data/image"] = float(stage.mixture.is_image(step))
         return terms
 
     def skipped_files(self) -> list[str]:
@@ -199,7 +201,7 @@ class Trainer:
             self.scheduler.step(increment=1)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        metrics |= self.meter.metrics()
+        metrics |= self.meter.metrics(self.stage.mixture.is_image(step))
         if "data/skipped" in metrics:
             metrics["data/wait_s"] = data_wait
         return metrics

@@ -6,7 +6,8 @@ source fills and under which key, the single-rank shape the source stores it at,
 tensor becomes this model's. The sources:
 
 - :class:`EarlierStage`: a later stage's video encoder from an earlier stage's checkpoint (any
-  layout), its position embedding resampled to this stage's frame count;
+  layout), its position embedding resampled to this stage's frame count (and averaged over the
+  frames for stage 2's own image table);
 - :class:`ImportedWeights`: a released checkpoint in another layout, whole tensors read from its
   file: :class:`HuggingFaceLLM` (the stage-3 LLM, Mistral in the Hugging Face layout,
   :mod:`megavideo.weights.hf_llm`), :class:`HuggingFaceBert` (stage 2's text encoder,
@@ -21,12 +22,13 @@ from pathlib import Path
 import torch
 
 from megavideo.config import AudioConfig, Config, ConfigError, LLMConfig, TextConfig
-from megavideo.models.embedding import interpolate_frames
+from megavideo.models.embedding import frame_mean, interpolate_frames
 from megavideo.models.lora import is_lora
 from megavideo.weights import beats, hf_bert, hf_llm
 from megavideo.weights.files import open_weights
 
 VIDEO_ENCODER = ("embed", "blocks", "pool")  # what a later stage takes from an earlier one
+IMAGE_POS_EMBED = "embed.img_pos_embed"  # stage 2's own image table (model.image_pos_embed own)
 SHAPELESS = {"preset", "mask_ratio", "drop_path"}  # model keys that change no tensor
 
 
@@ -81,18 +83,24 @@ class EarlierStage(Adapter):
 
     def key(self, name: str) -> str | None:
         name = name.removeprefix("video.")
+        if name == IMAGE_POS_EMBED:  # stage 2's image table: the video table's frame mean
+            return "embed.pos_embed"
         return name if name.split(".")[0] in VIDEO_ENCODER else None
 
     def _resampled(self, name: str) -> bool:
-        return name.removeprefix("video.") == "embed.pos_embed" and len(set(self.frames)) == 2
+        name = name.removeprefix("video.")
+        return name == IMAGE_POS_EMBED or (name == "embed.pos_embed" and len(set(self.frames)) == 2)
 
     def stored_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         if not self._resampled(name):
             return shape
-        per_frame = (shape[0] - 1) // self.frames[1]
+        frames = 1 if name.removeprefix("video.") == IMAGE_POS_EMBED else self.frames[1]
+        per_frame = (shape[0] - 1) // frames
         return (1 + per_frame * self.frames[0], shape[1])
 
     def adapt(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if name.removeprefix("video.") == IMAGE_POS_EMBED:
+            return frame_mean(tensor, self.frames[0], True)
         return interpolate_frames(tensor, *self.frames, True) if self._resampled(name) else tensor
 
 

@@ -118,6 +118,8 @@ def _pos_embeds(kind: str, model: Stage1ModelConfig) -> list[tuple[str, str]]:
         return []
     prefix = "" if kind in (VISION, "student") else "vit."
     out = [("pos_embed", f"{prefix}embed.pos_embed")]
+    if kind == VISION and getattr(model, "image_pos_embed", "") == "own":
+        out.append(("img_pos_embed", "embed.img_pos_embed"))  # stage 2's own image table
     if kind == "student":
         out += [("clip_pos_embed", "clip_pos_embed"), ("mae_pos_embed", "mae_pos_embed")]
     return out

@@ -12,7 +12,8 @@ Official keys (OpenGVLab/InternVideo, ``InternVideo2/multi_modality``, e.g.
     temp                        temperature
 
 The released files also keep what stage 2 does not use (the stage-1 CLIP decoders and their
-position embeddings, the image position embedding), BERT's ``position_ids`` buffer, the MLM
+position embeddings; the image position embedding, ``vision_encoder.img_pos_embed``, unless
+``model.image_pos_embed`` is own), BERT's ``position_ids`` buffer, the MLM
 decoder tied to the word embeddings and BEATs' shared position table under every layer; these
 are not read, and :func:`to_official` writes the tied and shared copies back.
 """
@@ -42,6 +43,12 @@ UNUSED = (f"{VISION_PREFIX}clip_decoder.", f"{VISION_PREFIX}final_clip_decoder."
           f"{AUDIO_PREFIX}predictor.")
 
 
+def _unused(model: Stage2ModelConfig) -> tuple[str, ...]:
+    """The official keys not read; the image table is read where the model has its own."""
+    own = f"{VISION_PREFIX}img_pos_embed"
+    return tuple(k for k in UNUSED if k != own or model.image_pos_embed != "own")
+
+
 def head_key(name: str) -> str:
     """The official key of a projection, head or the temperature."""
     module, _, kind = name.rpartition(".")
@@ -67,8 +74,9 @@ def from_official(model: Stage2ModelConfig, state: dict[str, Tensor], names: lis
                   vocab: int) -> dict[str, Tensor]:
     """An official stage-2 state dict -> the single-rank tensors of this model's parameters
     ``names``; raises KeyMismatch listing every missing and unknown key."""
+    unused = _unused(model)
     vision = {k[len(VISION_PREFIX):]: v for k, v in state.items()
-              if k.startswith(VISION_PREFIX) and not k.startswith(UNUSED)}
+              if k.startswith(VISION_PREFIX) and not k.startswith(unused)}
     out = internvideo2.from_official(VISION, model, vision)
     used = {VISION_PREFIX + k for k in vision}
     missing = []
@@ -90,7 +98,7 @@ def from_official(model: Stage2ModelConfig, state: dict[str, Tensor], names: lis
         out[name] = convert([state[k] for k in keys])
         used.update(keys)
     shared = {k for k in state if ".self_attn.relative_attention_bias." in k}  # layer 0's is read
-    unknown = sorted(set(state) - used - shared - {k for k in state if k.startswith(UNUSED)})
+    unknown = sorted(set(state) - used - shared - {k for k in state if k.startswith(unused)})
     if missing or unknown:
         parts = [f"{len(missing)} missing ({', '.join(missing[:5])})"] if missing else []
         parts += [f"{len(unknown)} unknown ({', '.join(unknown[:5])})"] if unknown else []

@@ -21,13 +21,15 @@ COMMON = ["run.tensorboard=false", "train.warmup_steps=0", "train.global_batch=4
 
 
 def init_from_stage1(rank: int, world: int, root: str, out: str) -> None:
-    """Stage 1 at tp2+sp saves; stage 2 at pp2 (2 of 4 frames) starts from it and trains."""
+    """Stage 1 at tp2+sp saves; stage 2 at pp2 (2 of 4 frames, an image table of its own)
+    starts from it and trains."""
     first = Trainer(load_config(CONFIGS / "stage1_tiny.yaml", COMMON + [
         "parallel.tp=2", "parallel.pp=1", f"run.dir={root}/s1"]))
     Checkpointer(first.cfg, first).save(1)
     stage1 = full_state(first.chunks)
     second = Trainer(load_config(CONFIGS / "stage2_tiny.yaml", COMMON + [
         "parallel.tp=1", "parallel.pp=2", "parallel.sp=false", "model.student.num_frames=2",
+        "model.image_pos_embed=own",
         f"run.dir={root}/s2", f"checkpoint.load={root}/s1/checkpoints"]))
     start = Checkpointer(second.cfg, second).restore()
     parts = [None] * world

@@ -79,6 +79,13 @@ STAGE2_WORLD4 = [
                                "parallel.distributed_optimizer=true"], 0),
 ]
 
+# Stage 2's image steps (every step one here): 1-frame synthetic clips at their own mask ratio
+# and position table (model.image_pos_embed own), the audio side left out at weight 0
+STAGE2_IMAGES = STAGE2_BASE + ("data.image_fraction=1.0", "model.image_pos_embed=own")
+STAGE2_IMAGES_WORLD4 = [
+    ("s2i_pp2_tp2_sp", ["parallel.pp=2", "parallel.tp=2", "parallel.sp=true"], 0),
+]
+
 
 # Stage 3: the reference runs the LLM at tp 1 / pp 1 with the video encoder beside it; the
 # layouts split the LLM over tp 2 (+SP) and pp 2 (and 2 x 2 virtual stages) while the video
@@ -130,9 +137,11 @@ def all_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("parity")
     ref, ref2 = out / "reference.pt", out / "reference_stage2.pt"
     ref3, ref3_lora = out / "reference_stage3.pt", out / "reference_stage3_lora.pt"
+    ref2i = out / "reference_stage2_images.pt"
     w = parity_worker
     spawn(1, w.sequence, [(w.reference, (str(ref), STEPS)),
                           (w.reference, (str(ref2), 0, STAGE2, STAGE2_BASE)),
+                          (w.reference, (str(ref2i), 0, STAGE2, STAGE2_IMAGES)),
                           (w.reference, (str(ref3), 0, STAGE3, STAGE3_BASE)),
                           (w.reference, (str(ref3_lora), 0, STAGE3, STAGE3_LORA))])
     spawn(2, w.sequence, [(w.layouts, (str(ref), WORLD2, str(out))),
@@ -142,6 +151,8 @@ def all_runs(tmp_path_factory):
                                        STAGE3_LORA))])
     spawn(4, w.sequence, [(w.layouts, (str(ref), WORLD4, str(out))),
                           (w.layouts, (str(ref2), STAGE2_WORLD4, str(out), STAGE2, STAGE2_BASE)),
+                          (w.layouts, (str(ref2i), STAGE2_IMAGES_WORLD4, str(out), STAGE2,
+                                       STAGE2_IMAGES)),
                           (w.layouts, (str(ref3), STAGE3_WORLD4, str(out), STAGE3, STAGE3_BASE))])
     # megatron-core's unfused attention (the score matrix) at tp 1 / pp 1, in a process of its own
     # (megatron-core's GPTModel pins its attention backend in NVTE_* variables for the process)
@@ -153,9 +164,10 @@ def all_runs(tmp_path_factory):
     stage2 = _merged(out, [n for n, _, _ in STAGE2_WORLD2 + STAGE2_WORLD4])
     stage3 = _merged(out, [n for n, _, _ in STAGE3_WORLD2 + STAGE3_WORLD4])
     stage3_lora = _merged(out, [n for n, _, _ in STAGE3_LORA_WORLD2])
+    images = _merged(out, [n for n, _, _ in STAGE2_IMAGES_WORLD4])
     return ((torch.load(ref), stage1), (torch.load(ref2), stage2),
             (torch.load(ref3), stage3 | stage3_lora), torch.load(ref3_lora),
-            [torch.load(path) for path in unfused])
+            [torch.load(path) for path in unfused], (torch.load(ref2i), images))
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +234,22 @@ def test_stage2_loss_and_gradients_match_reference(all_runs, name):
     for term, value in ref["loss"].items():
         assert got["loss"][term] == pytest.approx(value, rel=1e-6, abs=1e-9), term
     _assert_grads_match(ref["grads"], got["grads"])
+
+
+def test_stage2_image_steps_match_reference(all_runs):
+    """An image step at pp 2 x tp 2 + SP against one rank: VTC, VTM and MLM only (no sound), the
+    image's own position table trained, the video table and the audio side with zero
+    gradients."""
+    ref, results = all_runs[5]
+    got = results["s2i_pp2_tp2_sp"]
+    assert {k for k in ref["loss"] if k.startswith("loss/") and ref["loss"][k]} == {
+        "loss/vtc", "loss/vtm", "loss/mlm"}
+    for term, value in ref["loss"].items():
+        assert got["loss"][term] == pytest.approx(value, rel=1e-6, abs=1e-9), term
+    _assert_grads_match(ref["grads"], got["grads"])
+    assert ref["grads"]["embed.img_pos_embed"].abs().max() > 0
+    assert ref["grads"]["embed.pos_embed"].abs().max() == 0
+    assert all(g.abs().max() == 0 for n, g in ref["grads"].items() if n.startswith("audio."))
 
 
 def test_stage3_reference_trains_every_part(all_runs):

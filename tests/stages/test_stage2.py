@@ -15,7 +15,7 @@ from dataloaders.audio import AudioSpec, clip_fbank
 from dataloaders.clips import truncate, write_clip
 from dataloaders.manifest import Manifest, build_manifest
 from megavideo.config import ConfigError, load_config
-from megavideo.models.embedding import interpolate_frames
+from megavideo.models.embedding import frame_mean, interpolate_frames
 from megavideo.models.objectives import contrastive_loss, hard_negatives, mlm_inputs
 from megavideo.stages.stage2 import random_visible
 from megavideo.training import data
@@ -41,11 +41,15 @@ def test_stage1_checkpoint_initialises_the_video_encoder_at_another_layout(initi
     video = [k for k in s2 if k.split(".")[0] in ("embed", "blocks", "pool")]
     assert len(video) > 30 and not [k for k in s2 if k.startswith("clip_aligners")]
     for name in video:
-        expected = s1[name]
+        if name == "embed.img_pos_embed":  # the image table: the stage-1 table's frame mean
+            expected = frame_mean(s1["embed.pos_embed"], 4, cls_token=True)
+        else:
+            expected = s1[name]
         if name == "embed.pos_embed":
             expected = interpolate_frames(expected, 4, 2, cls_token=True)
         assert torch.equal(s2[name], expected), name
     assert s2["embed.pos_embed"].shape[0] == 1 + 2 * 16
+    assert s2["embed.img_pos_embed"].shape[0] == 1 + 16
 
 
 def test_stage2_trains_from_stage1_and_with_clips_without_audio(initialised):
