@@ -81,6 +81,26 @@ def write_clip(path: str | Path, codec: str = "vp9", frames: int = 32, width: in
     return path
 
 
+IMAGE_FORMATS = {"png": ("png", "rgb24"), "jpeg": ("mjpeg", "yuvj420p")}
+
+
+def write_image(path: str | Path, kind: str = "png", index: int = 0, width: int = 160,
+                height: int = 96) -> Path:
+    """Write a still image (``kind`` png or jpeg) showing index ``index`` as frame ``index`` of a
+    clip would; returns the file (``.png`` / ``.jpg``)."""
+    codec, pixels = IMAGE_FORMATS[kind]
+    path = Path(path).with_suffix(".png" if kind == "png" else ".jpg")
+    frame = av.VideoFrame.from_ndarray(frame_pixels(index, width, height), format="rgb24")
+    with av.open(str(path), "w", format="image2") as container:
+        stream = container.add_stream(codec, rate=1)
+        stream.width, stream.height, stream.pix_fmt = width, height, pixels
+        for packet in stream.encode(frame.reformat(format=pixels)):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
 def _sound(container, stream, seconds: float, tone: float) -> None:
     rate = stream.codec_context.sample_rate
     size = stream.codec_context.frame_size or 1024

@@ -194,6 +194,9 @@ def _validate_images(config: Config) -> None:
     if data.image_fraction is not None and not 0 <= data.image_fraction <= 1:
         raise ConfigError(f"data.image_fraction must be in [0, 1] or null, got "
                           f"{data.image_fraction}.")
+    if data.source == "manifest" and data.image_fraction and not data.image_manifest:
+        raise ConfigError("data.image_fraction on manifest data needs data.image_manifest (the "
+                          "images to train on).")
     if data.image_manifest and data.source != "manifest":
         raise ConfigError("data.image_manifest needs data.source=manifest (synthetic image steps "
                           "take data.image_fraction alone).")

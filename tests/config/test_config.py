@@ -81,8 +81,8 @@ def test_a_dumped_config_loads_back_to_itself(tmp_path, stage):
         (["model.text.num_layers=2"], "unknown config key 'model.text' (stage 1's model section "
                                       "has: aligner_norm_eps, clip_layers, clip_teacher,"),
         (["stage=2", "model.clip_layers=2"], "unknown config key 'model.clip_layers' (stage 2's "
-         "model section has: aligner_norm_eps, audio, mask_ratio, objectives, official_recipe, "
-         "preset, student, text)."),
+         "model section has: aligner_norm_eps, audio, image_mask_ratio, image_pos_embed, "
+         "mask_ratio, objectives, official_recipe, preset, student, text)."),
         (["stage=4"], "stage must be 1, 2 or 3, got 4."),
         (["parallel.tp=two"], "parallel.tp must be of type int, got 'two'."),
         (["parallel.sp=maybe"], "parallel.sp must be true or false, got 'maybe'."),
@@ -303,3 +303,16 @@ def test_a_frozen_audio_encoder_that_nothing_loads_is_refused(tmp_path):
     beats.write_bytes(b"")
     validate_start(load_config(stage2, [*frozen, f"model.audio.weights={beats}"]))
     validate_start(load_config(stage2, frozen[1:]))  # trained: nothing to load
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["data.image_fraction=0.5", "data.source=manifest", "data.manifest=x.jsonl"],
+     "data.image_fraction on manifest data needs data.image_manifest"),
+    (["data.image_manifest=images.jsonl"], "data.image_manifest needs data.source=manifest"),
+    (["data.image_fraction=1.5"], r"data.image_fraction must be in \[0, 1\] or null, got 1.5."),
+    (["model.image_pos_embed=learned"], "model.image_pos_embed must be mean or own"),
+    (["model.image_mask_ratio=1.0"], r"model.image_mask_ratio must be in \[0, 1\)"),
+])
+def test_bad_image_settings_are_one_sentence(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "configs" / "stage2_tiny.yaml", overrides)

@@ -4,6 +4,7 @@ objectives' building blocks, captioned manifests, retrieval that learns."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from dataloaders.audio import AudioSpec, clip_fbank
-from dataloaders.clips import truncate, write_clip
+from dataloaders.clips import truncate, write_clip, write_image
 from dataloaders.manifest import Manifest, build_manifest
 from megavideo.config import ConfigError, load_config
 from megavideo.models.embedding import frame_mean, interpolate_frames
@@ -217,6 +218,39 @@ def test_stage2_trains_on_a_captioned_manifest_across_pipeline_stages(manifest_r
     assert {"loss/vtc", "loss/vtm", "loss/mlm", "loss/avtc", "loss/avtm", "loss/avmlm"} <= set(rows[0])
     assert sum(r["data/skipped"] for r in rows) >= 1
     assert "broken" in proc.stderr
+
+
+def test_stage2_mixes_image_and_video_steps_from_two_manifests(captioned, tmp_path):
+    """Half the steps on still images (an image manifest of PNGs and JPEGs built from official
+    image rows) at pp 2: the first stage decodes 1-frame clips, the last reads their captions;
+    image steps have no audio-video terms. The seed puts steps 1-3 of 6 on images."""
+    rows = []
+    for i in range(4):
+        path = write_image(tmp_path / f"image{i}", "png" if i % 2 else "jpeg", index=i,
+                           width=72, height=64)
+        rows.append({"image": path.name, "caption": f"picture {i}"})
+    (tmp_path / "images.json").write_text(json.dumps(rows))
+    images = tmp_path / "images.jsonl"
+    build_manifest(tmp_path / "images.json", images, root=tmp_path, workers=1, progress=False)
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(line + "\n" for line in captioned.read_text().splitlines()
+                            if "broken" not in line))
+    proc = subprocess.run(
+        [*torchrun(2), "-m", "launch.train", "configs/stage2_tiny.yaml", "parallel.tp=1",
+         "parallel.pp=2", "parallel.sp=false", "data.source=manifest", f"data.manifest={good}",
+         f"data.image_manifest={images}", "data.image_fraction=0.5",
+         "data.captions=[caption,captions]", "data.workers=0", "train.steps=6",
+         "train.warmup_steps=0", "train.global_batch=4", "train.micro_batch=2",
+         "model.image_pos_embed=own", f"run.dir={tmp_path / 'run'}", "run.tensorboard=false"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = [json.loads(line) for line in
+               (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["data/image"] for r in metrics] == [0.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    for row in metrics:
+        assert all(math.isfinite(v) for k, v in row.items() if k.startswith("loss"))
+        assert (row["loss/avtc"] == 0.0) == bool(row["data/image"])
+    assert "image-text data: 4 images, 6 clips, 50.0% of the steps on images" in proc.stderr
 
 
 def test_evaluate_a_checkpoint_on_a_captioned_manifest(captioned, manifest_run, tmp_path):

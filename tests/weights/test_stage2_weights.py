@@ -88,3 +88,21 @@ def test_convert_round_trip_through_a_checkpoint(ours, tmp_path):
     assert set(exported) == set(official)
     for key, tensor in official.items():
         assert torch.equal(exported[key], tensor), key
+
+
+def test_an_own_image_table_round_trips():
+    """InternVideo2-1B keeps vision_encoder.img_pos_embed: read and written with
+    model.image_pos_embed own, skipped otherwise."""
+    cfg = load_config(ROOT / TINY, ["model.image_pos_embed=own"])
+    with single_rank_world():
+        params = meta_params(cfg)["student"]
+    state = {name: torch.randn(p.shape) for name, p in params.items()}
+    for name in ("text.word_embeddings.weight", "mlm_head.decoder.bias"):
+        state[name][VOCAB:] = 0
+    official = to_official(cfg.model, state, VOCAB)
+    assert official["vision_encoder.img_pos_embed"].shape == (1, *state["embed.img_pos_embed"].shape)
+    back = from_official(cfg.model, official, list(state), VOCAB)
+    assert torch.equal(back["embed.img_pos_embed"], state["embed.img_pos_embed"])
+    mean = from_official(CFG.model, official, [n for n in state if n != "embed.img_pos_embed"],
+                         VOCAB)
+    assert "embed.img_pos_embed" not in mean
