@@ -5,7 +5,9 @@ The video encoder keeps stage 1's pipeline layout; the text and audio encoders a
 on the last pipeline stage, tensor-parallel over its TP group, and need no pipeline of their own.
 Every stage builds its micro-batches itself: the first stage the clips and their visible tokens
 (80% of each frame's patches dropped at random), the last stage the captions, the audio
-filterbanks and the draws of the objectives, all from per-sample random streams.
+filterbanks and the draws of the objectives, all from per-sample random streams. With image-text
+data, the steps a :class:`~dataloaders.mixture.Mixture` picks train on images instead: 1-frame
+clips of the image manifest (50% of their patches dropped), their own token sequence, no audio.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataloaders.synthetic import (
 )
 from dataloaders.tokenizer import WordPiece, clean_caption
 from kernels.keyed_random import uniform
-from megavideo.config import Config
+from megavideo.config import Config, Stage2ModelConfig
 from megavideo.models.audio import deep_norm_alpha
 from megavideo.models.embedding import Tokens, num_visible
 from megavideo.models.specs import transformer_config
@@ -117,7 +119,8 @@ class Stage2(PipelineStage):
         return {name: getattr(obj, name) if audio or not name.startswith("av") else 0.0
                 for name in TERMS}
 
-    def _model_of(self, image: bool):
+    def _model_of(self, image: bool) -> Stage2ModelConfig:
+        """The model section a step's inputs follow (an image step's: 1 frame, no audio)."""
         return self.image_cfg.model if image else self.cfg.model
 
     def _visible(self, step: int, indices: list[int], image: bool = False) -> torch.Tensor:

@@ -303,7 +303,7 @@ def test_annotation_formats(tmp_path):
     assert [e.extra["label"] for e in read_entries(tmp_path / "b.txt")] == [12, 3]
     assert read_entries(tmp_path / "c.jsonl")[0].path == str(tmp_path / "v.webm")
     (tmp_path / "bad.json").write_text('[{"clip": "x.mp4"}]')
-    with pytest.raises(ValueError, match="none of the keys video, path"):
+    with pytest.raises(ValueError, match="none of the keys video, image, path"):
         read_entries(tmp_path / "bad.json")
 
 
