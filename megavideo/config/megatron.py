@@ -155,13 +155,15 @@ def overlap(cfg: Config, gpu: bool | None = None) -> tuple[bool, bool]:
 def tp_comm_overlap(cfg: Config, gpu: bool | None = None) -> bool:
     """Whether the video encoder's TE linears overlap their SP communication with their GEMMs
     (``parallel.tp_comm_overlap``; null: where it runs, TE's spec on GPUs at tp > 1 with SP, in
-    stages 1 and 2, whose one SP-split transformer gives TE's userbuffers their one shape)."""
+    stages 1 and 2, whose one SP-split transformer gives TE's userbuffers their one shape; not
+    with stage 2's image steps, a second sequence length)."""
     par = cfg.parallel
     if par.tp_comm_overlap is not None:
         return par.tp_comm_overlap
     if gpu is None:
         gpu = torch.cuda.is_available() and cfg.run.device != "cpu"
-    return (gpu and layer_backend() == "te" and par.tp > 1 and par.sp and cfg.stage in (1, 2))
+    return (gpu and layer_backend() == "te" and par.tp > 1 and par.sp and cfg.stage in (1, 2)
+            and not cfg.uses_images)
 
 
 def ddp_config(cfg: Config) -> DistributedDataParallelConfig:

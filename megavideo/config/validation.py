@@ -339,6 +339,10 @@ def validate(config: Config, world_size: int | None = None) -> None:
                                          is not False):
         raise ConfigError("parallel.overlap_param_gather needs parallel.distributed_optimizer and "
                           "parallel.overlap_grad_reduce.")
+    if par.tp_comm_overlap and config.uses_images:
+        raise ConfigError("parallel.tp_comm_overlap sizes Transformer Engine's userbuffers for one "
+                          "sequence, and image steps have another: set it to null (off with "
+                          "image-text data).")
     if par.tp_comm_overlap and not (par.tp > 1 and par.sp and config.stage in (1, 2)):
         raise ConfigError("parallel.tp_comm_overlap overlaps the video encoder's sequence-"
                           "parallel communication in stages 1 and 2: it needs parallel.tp >= 2 "

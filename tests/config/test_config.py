@@ -316,3 +316,10 @@ def test_a_frozen_audio_encoder_that_nothing_loads_is_refused(tmp_path):
 def test_bad_image_settings_are_one_sentence(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(ROOT / "configs" / "stage2_tiny.yaml", overrides)
+
+
+def test_tp_comm_overlap_is_refused_with_image_steps():
+    with pytest.raises(ConfigError, match=r"^parallel\.tp_comm_overlap sizes Transformer Engine's "
+                                          r"userbuffers for one sequence, and image steps"):
+        load_config(ROOT / "configs" / "stage2_tiny.yaml", ["data.image_fraction=0.5",
+                                                            "parallel.tp_comm_overlap=true"])
