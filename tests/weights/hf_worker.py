@@ -34,3 +34,30 @@ def logits(rank: int, world: int, config: str, overrides: list[str], out: str,
     if save_to:
         chat.checkpointer.root = type(chat.checkpointer.root)(save_to)
         chat.checkpointer.save(0)
+
+
+def llm_logits(rank: int, world: int, config: str, weights: str, ids: torch.Tensor,
+               out: str) -> None:
+    """The imported LLM alone on token ids (no video), at tp 1 and tp 2: the whole vocabulary's
+    logits [b, s, V] per tp."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from megavideo.config import load_config
+    from megavideo.training.checkpoint import Checkpointer
+    from megavideo.training.loop import Trainer
+
+    got = {}
+    for tp in (1, 2):
+        cfg = load_config(config, [f"model.llm.weights={weights}", "run.tensorboard=false",
+                                   "train.micro_batch=2", "train.global_batch=4",
+                                   "parallel.pp=1", "parallel.sp=false", f"parallel.tp={tp}",
+                                   "parallel.encoder_tp=0", f"run.dir={out}.tp{tp}"])
+        trainer = Trainer(cfg)
+        Checkpointer(cfg, trainer).restore()
+        llm = trainer.chunks[0].module.llm
+        llm.eval()
+        with torch.no_grad():
+            logits = llm(input_ids=ids, position_ids=None, attention_mask=None)  # [b, s, V/tp]
+            got[tp] = gather_from_tensor_model_parallel_region(logits.contiguous())
+    if rank == 0:
+        torch.save(got, out)
