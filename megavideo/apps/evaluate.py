@@ -134,7 +134,7 @@ def match_scores(trainer: Trainer, sim: torch.Tensor, clips: dict, texts: dict, 
     def logits(text_rows: torch.Tensor, clip_rows: torch.Tensor) -> torch.Tensor:
         out = []
         for start in range(0, len(text_rows), MATCH_BATCH):
-            t, c = text_rows[start:start + MATCH_BATCH].cpu(), clip_rows[start:start + MATCH_BATCH].cpu()
+            t, c = text_rows[start:start + MATCH_BATCH], clip_rows[start:start + MATCH_BATCH]
             out.append(model.match_logits(texts["states"][t].to(device), texts["mask"][t].to(device),
                                           memory[c].to(device), memory_mask[c].to(device), audio))
         return torch.cat(out)

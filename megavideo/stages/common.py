@@ -59,7 +59,8 @@ class PipelineStage:
         self.decodes = self.from_files and parallel_state.get_tensor_model_parallel_rank() == 0
         self._batches = None
         self.skipped_files: set[str] = set()  # every file this rank skipped, logged once
-        self.mixture = NO_IMAGES  # stage 2's image steps
+        self.mixture = NO_IMAGES  # stage 2's image steps, and their config
+        self.image_cfg = cfg.image_steps() if cfg.uses_images else None
 
     def pipelined(self) -> tuple[list[int], Tokens, TransformerConfig]:
         """The pipelined model's layers per virtual stage, the video encoder's token sequence
@@ -95,9 +96,9 @@ class PipelineStage:
         return train.global_batch // (train.micro_batch * self.dp)
 
     def start_data(self, start_step: int, consumed_samples: int,
-                   manifest: Manifest | None) -> None:
+                   manifest: Manifest | None, images: Manifest | None = None) -> None:
         """Begin reading clips of ``manifest`` at ``start_step``, whose data starts at
-        ``consumed_samples``."""
+        ``consumed_samples`` (``images``: stage 2's image manifest, read by its override)."""
         self.manifest = manifest
         if self.decodes:
             feed = data.feed(self.cfg, manifest, self.dp_rank, self.dp, self.device, self.mixture)
@@ -110,7 +111,7 @@ class PipelineStage:
         replacements included) and, with audio, ``fbank`` [b, frames, bins] and ``has_audio``
         [b]."""
         counts = torch.zeros(2, dtype=torch.float64, device=self.device)
-        cfg = self.cfg.image_steps() if images else self.cfg
+        cfg = self.image_cfg if images else self.cfg
         if self.decodes:
             start = time.perf_counter()
             batch = next(self._image_batches if images else self._batches)

@@ -76,7 +76,6 @@ class Stage2(PipelineStage):
         special = {"pad": self.tokenizer.pad, "cls": self.tokenizer.cls,
                    "mask": self.tokenizer.mask}
         # image steps: 1-frame clips at their own mask ratio (their own token sequence)
-        self.image_cfg = cfg.image_steps()
         self.image_tokens = Tokens.of(self.image_cfg.model, par.tp, par.sp,
                                       cfg.train.precision == "fp8") if cfg.uses_images else None
         self.image_manifest: Manifest | None = None
@@ -92,11 +91,10 @@ class Stage2(PipelineStage):
         return self.image_tokens.length if self.mixture.is_image(step) else self.seq_length
 
     def start_data(self, start_step: int, consumed_samples: int,
-                   manifest: Manifest | None) -> None:
+                   manifest: Manifest | None, images: Manifest | None = None) -> None:
         """The video feed over the mixture's video steps and, with an image manifest, the image
         feed over its image steps (``data.image_fraction`` of the steps, by default in
         proportion to the two manifests)."""
-        images = data.images(self.cfg)
         if images is not None:
             fraction = self.cfg.data.image_fraction
             if fraction is None:

@@ -73,7 +73,8 @@ def _read(cfg: Config, key: str, path: str) -> Manifest:
 
 
 def images(cfg: Config) -> Manifest | None:
-    """Stage 2's image manifest (``data.image_manifest``), checked as :func:`check` checks."""
+    """Stage 2's image manifest (``data.image_manifest``), checked as :func:`check` checks the
+    clips' (call it, as :func:`check`, before any process group)."""
     return _read(cfg, "image_manifest", cfg.data.image_manifest) if cfg.data.image_manifest \
         and cfg.data.source == "manifest" else None
 
@@ -85,7 +86,6 @@ def check(cfg: Config) -> Manifest | None:
     if data.source != "manifest":
         return None
     manifest = _read(cfg, "manifest", data.manifest)
-    images(cfg)
     if data.backend != "dali":
         return manifest
     reason = dali.missing()

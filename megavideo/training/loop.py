@@ -176,9 +176,10 @@ class Trainer:
         return self.skips.state() | {"manifest_rows": len(self.manifest),
                                      "manifest_digest": self.manifest.digest}
 
-    def start_data(self, start: int, resumed: dict, manifest: Manifest | None) -> None:
+    def start_data(self, start: int, resumed: dict, manifest: Manifest | None,
+                   images: Manifest | None = None) -> None:
         """Feed from step ``start`` on, continuing the data state of the checkpoint ``resumed``
-        (its metadata; empty for a new run)."""
+        (its metadata; empty for a new run); ``images``: stage 2's image manifest."""
         self.manifest = manifest
         if manifest is not None:
             saved = resumed.get("data", {})
@@ -188,7 +189,7 @@ class Trainer:
                             "order of the current epoch changes from here on",
                             saved.get("manifest_rows", 0), len(manifest))
         consumed = resumed.get("consumed_samples", start * self.cfg.train.global_batch)
-        self.stage.start_data(start, consumed, manifest)
+        self.stage.start_data(start, consumed, manifest, images)
 
     def train_step(self, step: int) -> dict[str, float]:
         with self.meter.step():
@@ -237,12 +238,12 @@ def run(cfg: Config) -> list[dict]:
     Returns the metrics of the steps run.
     """
     validate_world(cfg, detect_launch().world_size)  # before any process group exists
-    manifest = data.check(cfg)
+    manifest, images = data.check(cfg), data.images(cfg)
     stop = StopSignal()  # from the start: a signal during start-up is honoured after one step
     trainer = Trainer(cfg)
     checkpointer = Checkpointer(cfg, trainer)
     start = checkpointer.restore()
-    trainer.start_data(start, checkpointer.resumed, manifest)
+    trainer.start_data(start, checkpointer.resumed, manifest, images)
     if start >= cfg.train.steps:
         log.info("nothing to do: the run is at step %d of train.steps=%d", start, cfg.train.steps)
     writer = MetricsWriter(cfg.run.dir, cfg.run.tensorboard, start) if dist.get_rank() == 0 else None

@@ -237,9 +237,7 @@ class OfficialBeats(ImportedWeights):
         return [self.prefix + k for k in beats.beats_keys(name)]
 
     def find(self, key: str) -> str | None:
-        plain = key.removeprefix(self.prefix)
-        spellings = [key] + [self.prefix + k for k in beats.ALIASES.get(plain, ())]
-        return next((k for k in spellings if k in self.weights), None)
+        return beats.spelling(key, self.weights, self.prefix)
 
     def convert(self, name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         return beats.to_megatron(name, tensors, self.audio)

@@ -28,6 +28,7 @@ files' classifier (``predictor``) is not part of the model and is not read.
 from __future__ import annotations
 
 import re
+from collections.abc import Container
 
 import torch
 
@@ -78,6 +79,14 @@ CFG_FIELDS = {
     "gru_rel_pos": ("relative_position", False), "num_buckets": ("num_buckets", 320),
     "max_distance": ("max_distance", 1280), "layer_norm_first": (None, False),
 }
+
+
+def spelling(key: str, present: Container[str], prefix: str = "") -> str | None:
+    """How a file holding the keys ``present`` (BEATs' under ``prefix``) spells ``key``: itself
+    or one of its :data:`ALIASES`; None where it has none of them."""
+    plain = key.removeprefix(prefix)
+    return next((k for k in [key] + [prefix + a for a in ALIASES.get(plain, ())]
+                 if k in present), None)
 
 
 def is_audio(name: str) -> bool:
@@ -131,4 +140,5 @@ def cfg_differences(cfg: dict, audio: AudioConfig) -> list[str]:
     return out
 
 
-__all__ = ["ALIASES", "beats_keys", "cfg_differences", "is_audio", "to_beats", "to_megatron"]
+__all__ = ["ALIASES", "beats_keys", "cfg_differences", "is_audio", "spelling", "to_beats",
+           "to_megatron"]

@@ -65,11 +65,6 @@ def _is_video(name: str) -> bool:
     return name.startswith(VIDEO_ENCODER)
 
 
-def _audio_key(state: dict[str, Tensor], key: str) -> str:
-    spellings = [key] + [AUDIO_PREFIX + k for k in beats.ALIASES.get(key[len(AUDIO_PREFIX):], ())]
-    return next((k for k in spellings if k in state), key)
-
-
 def from_official(model: Stage2ModelConfig, state: dict[str, Tensor], names: list[str],
                   vocab: int) -> dict[str, Tensor]:
     """An official stage-2 state dict -> the single-rank tensors of this model's parameters
@@ -87,7 +82,8 @@ def from_official(model: Stage2ModelConfig, state: dict[str, Tensor], names: lis
             keys = [TEXT_PREFIX + k for k in hf_bert.hf_keys(name)]
             convert = lambda ts, n=name: hf_bert.to_megatron(n, ts, model.text, vocab)  # noqa: E731
         elif beats.is_audio(name):
-            keys = [_audio_key(state, AUDIO_PREFIX + k) for k in beats.beats_keys(name)]
+            keys = [beats.spelling(AUDIO_PREFIX + k, state, AUDIO_PREFIX) or AUDIO_PREFIX + k
+                    for k in beats.beats_keys(name)]
             convert = lambda ts, n=name: beats.to_megatron(n, ts, model.audio)  # noqa: E731
         else:
             keys, convert = [head_key(name)], lambda ts: ts[0]
