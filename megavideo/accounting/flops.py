@@ -369,23 +369,27 @@ def _llm(llm: LLMConfig, grad: bool) -> tuple[_Cost, _Cost]:
     head_dim = h // llm.num_heads
     width, qkv = llm.num_heads * head_dim, (llm.num_heads + 2 * llm.num_kv_heads) * head_dim
     train, lora, r = llm.tuning == "full", llm.tuning == "lora", llm.lora_rank
-    base = _linear if lora else _layer_linear  # LoRA's frozen base linears stay bf16
+    ffn = llm.mlp_hidden_size
+
+    def adapter(n_in: int, parts: int, n_out: int, grad_in: bool, row: bool = False) -> _Cost:
+        """LoRA's A (one per fused part) and B, in bf16; nothing without LoRA."""
+        if not lora:
+            return _Cost()
+        return (_linear(s, n_in, parts * r, grad_in, True)
+                + _linear(s, r, n_out, True, True, megatron=not row))
+
     total = _Cost()
     for _ in range(llm.num_layers):
-        cost = base(s, h, qkv, grad, train)
-        g = grad or train
-        if lora:
-            cost += _linear(s, h, r, grad, True) + _linear(s, r, qkv, True, True)
-            g = True
+        cost = _layer_linear(s, h, qkv, grad, train) + adapter(h, 3, qkv, grad)
+        g = grad or train or lora
         cost += _attention(s, s, width, g, g)  # keys and values repeated to every query head
-        cost += base(s, width, h, g, train)
-        if lora:
-            cost += _linear(s, width, r, g, True) + _linear(s, r, h, True, True, megatron=False)
-        cost += base(s, h, 2 * llm.mlp_hidden_size, g, train)
-        cost += base(s, llm.mlp_hidden_size, h, g, train)
+        cost += _layer_linear(s, width, h, g, train) + adapter(width, 1, h, g, row=True)
+        cost += _layer_linear(s, h, 2 * ffn, g, train) + adapter(h, 2, 2 * ffn, g)
+        cost += _layer_linear(s, ffn, h, g, train) + adapter(ffn, 1, h, g, row=True)
         total += cost
         grad = g
-    return total, _linear(s, h, llm.vocab_size, grad, train)
+    head = _linear(s, h, llm.vocab_size, grad, train) + adapter(h, 1, llm.vocab_size, grad)
+    return total, head
 
 
 def _stage3(cfg: Config, t: _Tally) -> None:

@@ -168,8 +168,11 @@ class LLMConfig:
     tokenizer: str = ""  # a Hugging Face tokenizer.json (Mistral's, or any with <s> and </s>)
     max_length: int = 256  # tokens per sequence, the video's query tokens included (padded)
     tuning: str = "full"  # full | lora | frozen
-    lora_rank: int = 16  # LoRA on the attention projections (linear_qkv, linear_proj)
+    # LoRA (tuning lora) on q, k, v, o, gate, up, down and lm_head, VideoChat2's r 16, alpha 32,
+    # dropout 0.1 on the adapters' input
+    lora_rank: int = 16
     lora_alpha: float = 32.0
+    lora_dropout: float = 0.1
     weights: str = ""  # Hugging Face safetensors (a file or a folder) imported at start-up
 
 

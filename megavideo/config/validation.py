@@ -231,6 +231,8 @@ def _validate_stage3(config: Config) -> None:
     if llm.lora_rank < 1 or llm.lora_rank % par.tp:
         raise ConfigError(f"model.llm.lora_rank ({llm.lora_rank}) must be positive and divisible "
                           f"by parallel.tp ({par.tp}).")
+    if not 0 <= llm.lora_dropout < 1:
+        raise ConfigError(f"model.llm.lora_dropout must be in [0, 1), got {llm.lora_dropout}.")
     if not llm.tokenizer or not Path(llm.tokenizer).is_file():
         raise ConfigError(f"model.llm.tokenizer must name a tokenizer.json file, got "
                           f"'{llm.tokenizer}'.")

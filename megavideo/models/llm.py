@@ -5,10 +5,9 @@
 
 megatron-core's GPT layer spec (its Transformer Engine spec on a GPU with TE, else its local spec)
 with this codebase's fp32-compute RMSNorm in the local spec's norm slots (megatron-core's
-fallback norm refuses sequence parallelism). With ``model.llm.tuning=lora`` the attention's
-``linear_qkv`` and ``linear_proj`` carry LoRA adapters (:mod:`megavideo.models.lora`; on the TE
-spec these two are megatron-core's own parallel linears after TE's norm, so the adapter sees the
-normed input).
+fallback norm refuses sequence parallelism). With ``model.llm.tuning=lora`` every linear carries
+LoRA adapters (:mod:`megavideo.models.lora`; on the TE spec the norms are not fused into
+``linear_qkv`` and ``linear_fc1``, so the adapters see the normed input).
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
-from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -29,7 +27,7 @@ from kernels.float8 import keep_configured_bf16, local_linears
 from kernels.norms import RMSNorm
 from megavideo.config import LLMConfig, ParallelConfig, TrainConfig
 from megavideo.config.megatron import pipeline_settings, transformer_settings
-from megavideo.models.lora import LoRAColumnParallelLinear, LoRARowParallelLinear
+from megavideo.models.lora import add_adapters
 from megavideo.models.specs import LayerConfig
 
 
@@ -55,22 +53,21 @@ def llm_config(llm: LLMConfig, parallel: ParallelConfig, train: TrainConfig) -> 
     )
 
 
-def _lora_spec(lora: type, llm: LLMConfig) -> ModuleSpec:
-    return ModuleSpec(module=lora, params={"rank": llm.lora_rank, "alpha": llm.lora_alpha})
-
-
 def llm_block_spec(llm: LLMConfig, config: LayerConfig,
                    num_layers: int) -> TransformerBlockSubmodules:
     """The specs of ``num_layers`` layers (a pipeline chunk's) and the final norm, for the
     backend this process runs (``config`` gives the core attention and the local spec's FP8
     linears)."""
     if layer_backend() == "te":
-        from megatron.core.extensions.transformer_engine import TENorm
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TENorm
 
         layer = get_gpt_layer_with_transformer_engine_spec()
         norm = TENorm
-        if llm.tuning == "lora":  # the adapter needs the normed input: norm and qkv unfused
+        if llm.tuning == "lora":  # the adapters need the normed input: norms and linears unfused
             layer.submodules.input_layernorm = TENorm
+            layer.submodules.pre_mlp_layernorm = TENorm
+            layer.submodules.self_attention.submodules.linear_qkv = TEColumnParallelLinear
+            layer.submodules.mlp.submodules.linear_fc1 = TEColumnParallelLinear
     else:
         layer = get_gpt_layer_local_spec(normalization="RMSNorm")
         layer.submodules.input_layernorm = RMSNorm
@@ -81,10 +78,6 @@ def llm_block_spec(llm: LLMConfig, config: LayerConfig,
         attention.linear_qkv, attention.linear_proj = column, row
         mlp.linear_fc1, mlp.linear_fc2 = column, row
         norm = RMSNorm
-    if llm.tuning == "lora":
-        attention = layer.submodules.self_attention.submodules
-        attention.linear_qkv = _lora_spec(LoRAColumnParallelLinear, llm)
-        attention.linear_proj = _lora_spec(LoRARowParallelLinear, llm)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm)
 
 
@@ -103,5 +96,7 @@ def build_llm(llm: LLMConfig, config: TransformerConfig, pre_process: bool = Tru
                     scatter_embedding_sequence_parallel=scatter_embedding)
     for layer in model.decoder.layers:
         layer.mlp.linear_fc1.weight.glu = True  # [gate; up], split per half over TP
+    if llm.tuning == "lora":
+        add_adapters(model, llm, config)
     keep_configured_bf16(model.decoder.layers)
     return model

@@ -16,6 +16,10 @@ megatron-core fuses q, k and v per query group: for each of the ``kv`` groups, i
 query heads, then its key head, then its value head. The SwiGLU input projection is [gate; up].
 Names on the right are single-rank names; :func:`parallel.tensors.take_shard` cuts them for a
 TP rank (the fused qkv splits by whole query groups, [gate; up] per half).
+
+LoRA adapters (``<linear>.lora.adapters.<part>.{a,b}``, one per Hugging Face projection) are
+written merged into their projection, ``W + alpha / r B A`` (:func:`hf_state`), or as peft's
+``<projection>.lora_{A,B}.default.weight``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 import torch
 
 from megavideo.config import LLMConfig
+from megavideo.models.lora import GLU, QKV, adapter_of
 from megavideo.weights.files import open_weights
 
 Tensor = torch.Tensor
@@ -105,15 +110,38 @@ def reader(path: str | Path) -> Callable[[str], Tensor]:
     return get
 
 
+def hf_state(state: dict[str, Tensor], llm: LLMConfig, merge: bool = True) -> dict[str, Tensor]:
+    """Single-rank LLM tensors -> Hugging Face tensors, LoRA adapters merged into their
+    projections (in fp32) or kept as peft's ``lora_A``/``lora_B``."""
+    out: dict[str, Tensor] = {}
+    adapters: dict[str, dict[str, Tensor]] = {}
+    for name, tensor in state.items():
+        found = adapter_of(name)
+        if found is None:
+            out.update(to_hf(name, tensor, llm))
+            continue
+        base, part, matrix = found
+        keys = hf_keys(base)
+        key = keys[0] if len(keys) == 1 else keys[(QKV if len(keys) == 3 else GLU).index(part)]
+        adapters.setdefault(key, {})[matrix] = tensor
+    scale = llm.lora_alpha / llm.lora_rank
+    for key, ab in adapters.items():
+        if merge:
+            out[key] = (out[key].float() + scale * ab["b"].float() @ ab["a"].float()).to(out[key].dtype)
+        else:
+            stem = key.removesuffix(".weight")
+            out[f"{stem}.lora_A.default.weight"] = ab["a"]
+            out[f"{stem}.lora_B.default.weight"] = ab["b"]
+    return out
+
+
 def write_hf(state: dict[str, Tensor], llm: LLMConfig, out: Path,
              dtype: torch.dtype = torch.bfloat16) -> None:
-    """Single-rank LLM tensors -> ``out/model.safetensors`` and a ``config.json`` that
-    ``transformers`` reads as MistralForCausalLM."""
+    """Single-rank LLM tensors (LoRA merged) -> ``out/model.safetensors`` and a ``config.json``
+    that ``transformers`` reads as MistralForCausalLM."""
     from safetensors.torch import save_file
 
-    tensors: dict[str, Tensor] = {}
-    for name, tensor in state.items():
-        tensors.update({k: v.to(dtype) for k, v in to_hf(name, tensor, llm).items()})
+    tensors = {k: v.to(dtype).contiguous() for k, v in hf_state(state, llm).items()}
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = {
@@ -129,4 +157,4 @@ def write_hf(state: dict[str, Tensor], llm: LLMConfig, out: Path,
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-__all__ = ["hf_keys", "reader", "to_hf", "to_megatron", "write_hf"]
+__all__ = ["hf_keys", "hf_state", "reader", "to_hf", "to_megatron", "write_hf"]

@@ -320,13 +320,12 @@ def read_checkpoint(cfg: Config, root: Path) -> dict[str, dict[str, Tensor]]:
 
 
 def read_llm(cfg: Config, root: Path) -> dict[str, Tensor]:
-    """The stage-3 LLM decoder's single-rank fp32 tensors (``llm.*``, LoRA adapters left out)
+    """The stage-3 LLM decoder's single-rank fp32 tensors (``llm.*``, its LoRA adapters too)
     of a checkpoint root or step directory."""
     from megatron.core import dist_checkpointing
 
     from megavideo.accounting.describe import meta_device
     from megavideo.models.llm import build_llm, llm_config
-    from megavideo.models.lora import is_lora
     from megavideo.training.checkpoint import checkpoint_key, resolve
     from megavideo.training.state import named_parameters
     from parallel.checkpointing import assemble, sharded_tensors
@@ -335,7 +334,7 @@ def read_llm(cfg: Config, root: Path) -> dict[str, Tensor]:
     one = dataclasses.replace(cfg.parallel, tp=1, pp=1, vpp=1, sp=False, pipeline_layout=[])
     with single_rank_world(), meta_device():
         llm = build_llm(cfg.model.llm, llm_config(cfg.model.llm, one, cfg.train))
-    params = {f"llm.{n}": p for n, p in named_parameters(llm) if not is_lora(f"llm.{n}")}
+    params = {f"llm.{n}": p for n, p in named_parameters(llm)}
     with single_rank_world():
         request = {n: sharded_tensors(checkpoint_key("student", n), p, None, 0, 1, (0, 0),
                                       torch.float32) for n, p in params.items()}

@@ -36,8 +36,8 @@ MASKS = {
     "llm": {("SelfAttention", "causal")},
     "llm_lora": {("SelfAttention", "causal")},
 }
-# the models whose norms the TE spec holds inside the next linear
-FUSED = {"student", "clip_teacher", "mae_teacher", "llm", "llm_lora"}
+# the models whose norms the TE spec holds inside the next linear (LoRA's adapters need them apart)
+FUSED = {"student", "clip_teacher", "mae_teacher", "llm"}
 
 
 def _configs() -> list:

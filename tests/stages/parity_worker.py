@@ -9,6 +9,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megavideo.config import load_config
+from megavideo.models.lora import adapter_of
 from megavideo.training.loop import Trainer
 from megavideo.training.state import canonical_params, full_state, load_full_state
 from parallel.tensors import gather_grad_shards
@@ -51,7 +52,7 @@ def _nonzero_adapters(tr: Trainer) -> None:
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in canonical_params(tr.chunks):
-            if "lora_b" in name:
+            if (adapter_of(name) or ("", "", ""))[2] == "b":
                 param.copy_(0.05 * torch.randn(param.shape, generator=g))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -37,23 +38,39 @@ def logits(rank: int, world: int, config: str, overrides: list[str], out: str,
 
 
 def llm_logits(rank: int, world: int, config: str, weights: str, ids: torch.Tensor,
-               out: str) -> None:
+               out: str, lora: bool = False) -> None:
     """The imported LLM alone on token ids (no video), at tp 1 and tp 2: the whole vocabulary's
-    logits [b, s, V] per tp."""
+    logits [b, s, V] per tp. ``lora``: with LoRA adapters of random seeded values (the same whole
+    tensors at both layouts) on every projection, and the tp-1 model exported merged to
+    ``out.merged`` (fp32)."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megavideo.config import load_config
+    from megavideo.models.lora import is_lora
     from megavideo.training.checkpoint import Checkpointer
     from megavideo.training.loop import Trainer
+    from megavideo.training.state import full_state, load_full_state
+    from megavideo.weights.hf_llm import write_hf
 
+    adapters = ["model.llm.tuning=lora", "model.llm.lora_rank=4", "model.llm.lora_dropout=0"]
     got = {}
     for tp in (1, 2):
         cfg = load_config(config, [f"model.llm.weights={weights}", "run.tensorboard=false",
                                    "train.micro_batch=2", "train.global_batch=4",
                                    "parallel.pp=1", "parallel.sp=false", f"parallel.tp={tp}",
-                                   "parallel.encoder_tp=0", f"run.dir={out}.tp{tp}"])
+                                   "parallel.encoder_tp=0", f"run.dir={out}.tp{tp}"]
+                          + (adapters if lora else []))
         trainer = Trainer(cfg)
         Checkpointer(cfg, trainer).restore()
+        if lora:
+            state = full_state(trainer.chunks)
+            g = torch.Generator().manual_seed(0)
+            for name in sorted(n for n in state if is_lora(n)):
+                state[name] = 0.01 * torch.randn(state[name].shape, generator=g)
+            load_full_state(trainer.chunks, state)
+            if tp == 1 and rank == 0:
+                llm_state = {n: t for n, t in state.items() if n.startswith("llm.")}
+                write_hf(llm_state, cfg.model.llm, Path(f"{out}.merged"), torch.float32)
         llm = trainer.chunks[0].module.llm
         llm.eval()
         with torch.no_grad():
