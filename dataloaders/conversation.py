@@ -1,19 +1,25 @@
-"""Stage 3's instruction data: a chat template with the video in the prompt, tokenized with a
-Hugging Face ``tokenizer.json`` read from a local file, loss on the answer only.
+"""Stage 3's instruction data: VideoChat2's Mistral template (InternVideo2-Chat), tokenized with
+a Hugging Face ``tokenizer.json`` read from a local file, loss on the answers only.
 
-Mistral-Instruct's template, as VideoChat2 uses it for InternVideo2-Chat::
+The rendering is the official ``process_qa`` (``video_chat2/dataset/it_dataset_mistral.py``):
+the task instruction before the first ``[INST]``, the media alone in the first user turn, then
+every question-answer pair of the sample (shuffled by the caller) as its own turn::
 
-    <s>[INST] <Video>[Q video query tokens]</Video>
-    {question} [/INST] {answer}</s>[padding]
+    {instruction} [INST] <Video></Video>{msg} [/INST] [INST] {q1} [/INST] {a1} </s>
+        [INST] {q2} [/INST] {a2} </s>     (one line, the pairs joined by single spaces)
 
-The pieces around the video are tokenized separately (VideoChat2 splits the prompt at its video
-placeholder the same way). Sequences are right-padded to ``max_length``: with a causal mask no
-real token attends to padding, so the causal mask is the whole attention mask. The loss mask
-marks the answer's tokens and ``</s>``; targets are the next tokens.
+(``<Image></Image>`` for an image; no media turn for text-only data; ``msg`` the optional
+:func:`time_message`). As the official model does, the text is split at the media's end tag, each
+side tokenized whole, the query tokens placed between them; a ``<s>`` opens the sequence. The
+loss covers each answer and its ``</s>``, found as the official code finds them: the text after
+the media split at ``" [/INST] "``, each chunk's answer the part before its next ``"[INST] "``.
+Sequences are right-padded to ``max_length`` (cut there): with a causal mask no real token
+attends to padding, so the causal mask is the whole attention mask.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +27,8 @@ import torch
 
 from dataloaders.synthetic import COLOURS, PATTERNS, generator
 
-USER, USER_END = "[INST] ", " [/INST]"
-VIDEO_START, VIDEO_END = "<Video>", "</Video>\n"
+HUMAN, HUMAN_END, ANSWER_END = "[INST]", "[/INST]", "</s>"
+MEDIA = {"video": ("<Video>", "</Video>"), "image": ("<Image>", "</Image>"), "text": ("", "")}
 
 
 class TokenizerError(ValueError):
@@ -49,17 +55,63 @@ class ChatTokenizer:
         return self.tokenizer.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.encode_with_offsets(text)[0]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids of ``text`` and each one's character span in it."""
+        if not text:
+            return [], []
+        out = self.tokenizer.encode(text, add_special_tokens=False)
+        return out.ids, out.offsets
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+@dataclass(frozen=True)
+class QA:
+    """One turn of VideoChat2's instruction data: ``{"i": instruction, "q": question, "a":
+    answer}`` (an empty question: a caption, the answer alone)."""
+
+    q: str
+    a: str
+    i: str = ""
+
+
+def time_message(frames: Sequence[int], fps: float) -> str:
+    """VideoChat2's text after the video: when each of its frames was sampled."""
+    seconds = ", ".join(str(round(f / fps, 1)) for f in frames)
+    return f" The video contains {len(frames)} frames sampled at {seconds} seconds. "
+
+
+def render(qa: Sequence[QA], media: str = "video", msg: str = "", system: str = "",
+           instruction: str | None = None) -> tuple[str, str]:
+    """(the conversation, its instruction) as the official ``process_qa`` renders them; the
+    instruction is the first pair's unless given."""
+    instruction = (qa[0].i if qa else "") if instruction is None else instruction
+    text = system + (f"{instruction} " if instruction else "")
+    if media != "text":
+        start, end = MEDIA[media]
+        text += f"{HUMAN} {start}{end}{msg.rstrip()} {HUMAN_END}"
+    for turn in qa:
+        if turn.q:
+            text += f" {HUMAN} {turn.q} {HUMAN_END}"
+        text += f" {turn.a} {ANSWER_END}"
+    return text.strip(), instruction.strip()
+
+
+def open_prompt(history: Sequence[QA], question: str, media: str = "video", msg: str = "",
+                system: str = "", instruction: str = "") -> str:
+    """The conversation so far and a new question, open for the answer."""
+    text, _ = render(history, media, msg, system, instruction)
+    return f"{text} {HUMAN} {question} {HUMAN_END}".strip()
+
+
 @dataclass
 class Prompt:
-    """One tokenized conversation turn: ``ids`` [S] (the video positions hold ``pad``),
-    ``video`` [S] True on the video's query positions, ``loss`` [S] True on answer positions
-    (predicted from the position before), ``length`` the real tokens."""
+    """One tokenized conversation: ``ids`` [S] (the media positions hold ``pad``), ``video``
+    [S] True on the query positions, ``loss`` [S] True on answer positions (predicted from the
+    position before), ``length`` the real tokens."""
 
     ids: torch.Tensor
     video: torch.Tensor
@@ -67,31 +119,49 @@ class Prompt:
     length: int
 
 
-def prompt_ids(tok: ChatTokenizer, question: str, queries: int) -> tuple[list[int], int]:
-    """The prompt's ids up to and including ``[/INST]`` and the first video position."""
-    head = [tok.bos] + tok.encode(USER + VIDEO_START)
-    tail = tok.encode(VIDEO_END + question + USER_END)
-    return head + [tok.pad] * queries + tail, len(head)
+def _answer_spans(text: str) -> list[tuple[int, int]]:
+    """The character spans of the answers (each with its ``</s>``) in ``text``, the text after
+    the media, found as the official code finds them: the chunks between ``" [/INST] "``, each
+    one's answer the part before its next ``"[INST] "`` (the last chunk all answer)."""
+    sep1, sep2 = f"{HUMAN} ", f" {HUMAN_END} "
+    chunks = text.split(sep2)
+    spans, at = [], len(chunks[0]) + len(sep2)
+    for k, chunk in enumerate(chunks[1:], 1):
+        answer = chunk if k == len(chunks) - 1 else chunk.split(sep1)[0]
+        spans.append((at, at + len(answer.rstrip())))
+        at += len(chunk) + len(sep2)
+    return [(a, b) for a, b in spans if b > a]
 
 
-def conversation(tok: ChatTokenizer, question: str, answer: str | None, queries: int,
-                 max_length: int) -> Prompt:
-    """The template filled in; ``answer=None`` leaves the prompt open for generation. Answers
-    longer than the room left are cut (their ``</s>`` too)."""
-    ids, start = prompt_ids(tok, question, queries)
-    if len(ids) > max_length - (answer is not None):
+def tokenize(tok: ChatTokenizer, text: str, queries: int, max_length: int, media: str = "video",
+             open_ended: bool = False) -> Prompt:
+    """A rendered conversation -> ids with ``queries`` media positions after the media's start
+    tag (none for ``text``), cut at ``max_length``. Each side of the media is tokenized whole
+    (as the official model does) and a token is an answer token where its characters overlap an
+    answer's: the official chunk-by-chunk count where that one adds up, and right for tokenizers
+    whose pieces do not. ``open_ended``: a prompt for generation, refused when it leaves no room
+    for an answer."""
+    end = MEDIA[media][1]
+    before, after = text.split(end, 1) if end else ("", text)
+    after = end + after
+    head = [tok.bos] + tok.encode(before)
+    tail, offsets = tok.encode_with_offsets(after)
+    spans = _answer_spans(after)
+    flags = [any(s < b and e > a for a, b in spans) for s, e in offsets]
+    ids = head + [tok.pad] * (queries if end else 0) + tail
+    if open_ended and len(ids) >= max_length:
         raise ValueError(f"the prompt takes {len(ids)} tokens, more than model.llm.max_length "
                          f"({max_length}) allows with an answer.")
-    prompt_len = len(ids)
-    if answer is not None:
-        ids = (ids + tok.encode(" " + answer) + [tok.eos])[:max_length]
+    loss = [False] * (len(ids) - len(tail)) + flags
+    ids, loss = ids[:max_length], loss[:max_length]
     out = torch.full((max_length,), tok.pad, dtype=torch.long)
     out[: len(ids)] = torch.tensor(ids)
     video = torch.zeros(max_length, dtype=torch.bool)
-    video[start:start + queries] = True
-    loss = torch.zeros(max_length, dtype=torch.bool)
-    loss[prompt_len:len(ids)] = True
-    return Prompt(out, video, loss, len(ids))
+    if end:
+        video[len(head):len(head) + queries] = True
+    mask = torch.zeros(max_length, dtype=torch.bool)
+    mask[: len(loss)] = torch.tensor(loss)
+    return Prompt(out, video, mask, len(ids))
 
 
 def batch(prompts: list[Prompt]) -> dict[str, torch.Tensor]:
@@ -118,22 +188,21 @@ CHAT_WORDS = ("what", "happens", "in", "the", "video", "?", "which", "colour", "
               "last", "then", *COLOURS)
 
 
-def synthetic_qa(seed: int, step: int, index: int, pattern: int) -> tuple[str, str]:
+def synthetic_qa(seed: int, step: int, index: int, pattern: int) -> list[QA]:
     """A question about synthetic clip ``index`` (drawn per step) and its answer."""
     names = list(COLOURS)
     first, second = (names[c] for c in divmod(pattern % PATTERNS, len(names)))
     kind = int(torch.randint(len(QUESTIONS), (1,), generator=generator(seed, step, index, "qa")))
-    return QUESTIONS[kind], (f"{first} then {second}", first, second)[kind]
+    return [QA(QUESTIONS[kind], (f"{first} then {second}", first, second)[kind])]
 
 
-def manifest_qa(row: dict, g: torch.Generator) -> tuple[str, str]:
-    """One question-answer pair of a manifest row, drawn uniformly: VideoChat2's instruction
-    layout ``"QA": [{"i": instruction, "q": question, "a": answer}, ...]`` (the instruction, when
-    given, goes before the question)."""
+def manifest_qa(row: dict, g: torch.Generator) -> list[QA]:
+    """Every question-answer pair of a manifest row (VideoChat2's instruction layout ``"QA":
+    [{"i": instruction, "q": question, "a": answer}, ...]``), shuffled into one multi-turn
+    sample as the official data do."""
     pairs = row.get("QA") or row.get("qa") or []
-    pair = pairs[int(torch.randint(len(pairs), (1,), generator=g))]
-    question = " ".join(p for p in (pair.get("i", ""), pair.get("q", "")) if p)
-    return question, pair["a"]
+    order = torch.randperm(len(pairs), generator=g).tolist()
+    return [QA(pairs[k].get("q", ""), pairs[k]["a"], pairs[k].get("i", "")) for k in order]
 
 
 def write_word_tokenizer(words: list[str], path: str | Path) -> None:
@@ -149,6 +218,6 @@ def write_word_tokenizer(words: list[str], path: str | Path) -> None:
     tokenizer.save(str(path))
 
 
-__all__ = ["CHAT_WORDS", "ChatTokenizer", "Prompt", "QUESTIONS", "TokenizerError", "batch",
-           "causal_mask", "conversation", "manifest_qa", "prompt_ids", "synthetic_qa",
-           "write_word_tokenizer"]
+__all__ = ["CHAT_WORDS", "ChatTokenizer", "MEDIA", "Prompt", "QA", "QUESTIONS", "TokenizerError",
+           "batch", "causal_mask", "manifest_qa", "open_prompt", "render", "synthetic_qa",
+           "time_message", "tokenize", "write_word_tokenizer"]

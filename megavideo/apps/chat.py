@@ -19,7 +19,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from dataloaders.conversation import causal_mask, conversation
+from dataloaders.conversation import causal_mask, open_prompt, tokenize
 from dataloaders.manifest import Manifest, probe
 from megavideo.config import Config, ConfigError, load_config
 from megavideo.models.stage3 import Stage3Batch
@@ -111,7 +111,8 @@ class Chat:
         """Greedy decoding of the answer to ``question`` about ``video`` [3, T, H, W]."""
         tok, llm = self.stage.tokenizer, self.cfg.model.llm
         device, copies = self.trainer.device, self.cfg.train.micro_batch
-        prompt = conversation(tok, question, None, self.cfg.model.qformer.queries, llm.max_length)
+        prompt = tokenize(tok, open_prompt([], question), self.cfg.model.qformer.queries,
+                          llm.max_length, open_ended=True)
         ids, length = prompt.ids.clone(), prompt.length
         clips = video[None].expand(copies, *video.shape).to(device)
         pp_group = parallel_state.get_pipeline_model_parallel_group()

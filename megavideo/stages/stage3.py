@@ -93,7 +93,7 @@ class Stage3(PipelineStage):
                     param.requires_grad = model.llm.tuning == "lora" and is_lora(name)
 
     def _questions(self, step: int, indices: list[int], rows: list[int] | None
-                   ) -> list[tuple[str, str]]:
+                   ) -> list[list[conversation.QA]]:
         seed = self.cfg.train.seed
         if rows is None:
             return [conversation.synthetic_qa(seed, step, i, pattern_of(seed, i)) for i in indices]
@@ -126,15 +126,16 @@ class Stage3(PipelineStage):
         return out
 
     def make_batch(self, model: Stage3Model, video: torch.Tensor | None,
-                   qa: list[tuple[str, str | None]]) -> Stage3Batch:
-        """A chunk's micro-batch of conversations (``None`` answers: open prompts)."""
+                   qa: list[list[conversation.QA]]) -> Stage3Batch:
+        """A chunk's micro-batch of conversations, each sample's pairs as its turns."""
         llm = self.cfg.model.llm
         length = llm.max_length
         batch = Stage3Batch(attention_mask=conversation.causal_mask(length, self.device))
         if not (model.pre_process or model.post_process):
             return batch
         queries = self.cfg.model.qformer.queries
-        prompts = [conversation.conversation(self.tokenizer, q, a, queries, length) for q, a in qa]
+        prompts = [conversation.tokenize(self.tokenizer, conversation.render(turns)[0], queries,
+                                         length) for turns in qa]
         tensors = {k: v.to(self.device) for k, v in conversation.batch(prompts).items()}
         if model.pre_process:
             batch.video, batch.ids = video, tensors["ids"]

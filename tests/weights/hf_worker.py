@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dataloaders.conversation import QA
 from dataloaders.synthetic import pattern_video, sample_keys
 from kernels.keyed_random import normal
 
@@ -22,7 +23,7 @@ def logits(rank: int, world: int, config: str, overrides: list[str], out: str,
     chat = Chat(cfg, None)
     stage = chat.stage
     copies = cfg.train.micro_batch
-    qa = [("which colour comes first ?", "red")] * copies
+    qa = [[QA("which colour comes first ?", "red")]] * copies
     noise = functools.partial(normal, sample_keys(0, 0, [0] * copies, "video"))
     video = pattern_video(noise, [1] * copies, cfg.model.student.num_frames,
                           cfg.model.student.image_size)
