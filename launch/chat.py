@@ -1,16 +1,21 @@
-"""Ask a stage-3 checkpoint about a video; greedy decoding with the model partitioned.
+"""Ask a stage-3 checkpoint about a video, with the model partitioned and a KV cache.
 
-    python -m launch.chat CHECKPOINT VIDEO "question" [key=value ...] [--max-new-tokens N]
+    python -m launch.chat CHECKPOINT VIDEO "question" [key=value ...] [--then "next question"]
+        [--max-new-tokens N] [--temperature T --top-p P --seed S] [--no-cache] [--stats]
     torchrun --nproc-per-node 2 -m launch.chat CHECKPOINT VIDEO "question" parallel.tp=2
 
 The model is the checkpoint's own config; the layout comes from the overrides (default one rank:
 tp 1, pp 1; the world size must be tp x pp). The video is read as evaluation reads clips (the
-middle frame of each segment, centre crop). Rank 0 prints the answer.
+middle frame of each segment, centre crop) and encoded once; each ``--then`` asks a follow-up in
+the same conversation. Decoding is greedy unless ``--temperature`` is above 0 (then top-p
+sampling). Rank 0 streams each answer as it is generated, one line per answer; ``--stats`` adds
+the tokens and tokens/s of each answer on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from launch.common import exit_with, process_groups_closed, setup_logging
 
@@ -22,14 +27,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("video", help="a video file")
     parser.add_argument("question")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. parallel.tp=2")
+    parser.add_argument("--then", action="append", default=[], metavar="QUESTION",
+                        help="a follow-up question in the same conversation (repeatable)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0, help="the sampling generator's seed")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="run the whole sequence for every token (no KV cache)")
+    parser.add_argument("--stats", action="store_true", help="tokens/s of each answer on stderr")
     args = parser.parse_args(argv)
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        exit_with(ValueError("--temperature must be at least 0 and --top-p in (0, 1]."))
     setup_logging()
     import torch.distributed as dist
 
     from dataloaders.conversation import TokenizerError
     from dataloaders.manifest import ProbeError
-    from megavideo.apps.chat import Chat, chat_config, read_video
+    from megavideo.apps.chat import Chat, Conversation, Sampling, chat_config, read_video
     from megavideo.config import ConfigError, validate_device, validate_world
     from parallel.distributed import detect_launch
 
@@ -45,10 +60,21 @@ def main(argv: list[str] | None = None) -> None:
         exit_with(ValueError(f"{args.video}: {err}."))
     except (ConfigError, TokenizerError) as err:
         exit_with(err)
+    sampling = Sampling(args.temperature, args.top_p, args.seed)
     with process_groups_closed():
-        answer = Chat(cfg, args.checkpoint).answer(video, args.question, args.max_new_tokens)
-        if dist.get_rank() == 0:
-            print(answer, flush=True)
+        chat = Chat(cfg, args.checkpoint)
+        conversation = Conversation(chat, video)
+        printing = dist.get_rank() == 0
+        for question in [args.question, *args.then]:
+            conversation.ask(question, args.max_new_tokens, sampling, not args.no_cache,
+                             (lambda piece: print(piece, end="", flush=True)) if printing else None)
+            if printing:
+                print(flush=True)
+                if args.stats:
+                    s = chat.stats
+                    print(f"{s.new_tokens} tokens after a {s.prompt_tokens}-token prompt in "
+                          f"{s.prefill_s + s.decode_s:.3f} s: {s.tokens_per_s:.1f} tokens/s "
+                          f"(prompt {s.prefill_s:.3f} s)", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

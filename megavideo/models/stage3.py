@@ -40,6 +40,8 @@ class Stage3Batch:
     video_mask: torch.Tensor | None = None  # [b, S] True on the video's query positions
     labels: torch.Tensor | None = None  # [b, S] the next token (last chunk)
     loss_mask: torch.Tensor | None = None  # [b, S] 1 where the next token is an answer token
+    queries: torch.Tensor | None = None  # [b, Q, H_llm] the video already encoded (generation)
+    inference_context: object | None = None  # megatron-core's StaticInferenceContext (KV cache)
 
 
 class Stage3Model(MegatronModule):
@@ -84,27 +86,34 @@ class Stage3Model(MegatronModule):
         queries = self.qformer(self.video.full_sequence(hidden)).transpose(0, 1).contiguous()
         return from_sequence_parallel(queries, g.replica_group, g.replicas > 1)
 
-    def embed_prompt(self, ids: torch.Tensor, video_mask: torch.Tensor,
-                     queries: torch.Tensor) -> torch.Tensor:
+    def embed_prompt(self, ids: torch.Tensor, video_mask: torch.Tensor | None,
+                     queries: torch.Tensor | None) -> torch.Tensor:
         """The decoder's input [S(/tp), b, H]: word embeddings with the video's queries at the
-        video positions."""
-        words = self.llm.embedding(input_ids=ids, position_ids=None).transpose(0, 1)  # [b, S, H]
-        where = video_mask[..., None]
-        placed = torch.zeros_like(words).masked_scatter(where, queries.to(words.dtype))
-        x = torch.where(where, placed, words).transpose(0, 1).contiguous()
-        return to_sequence_parallel(x, self.groups.llm_tp_group, self.config.sequence_parallel)
+        video positions (none: words alone, a generated token)."""
+        x = self.llm.embedding(input_ids=ids, position_ids=None)  # [S, b, H]
+        if queries is not None:  # each sample's queries in order at its own video positions
+            words, where = x.transpose(0, 1), video_mask[..., None]  # [b, S, H], [b, S, 1]
+            placed = torch.zeros_like(words).masked_scatter(where, queries.to(words.dtype))
+            x = torch.where(where, placed, words).transpose(0, 1)
+        return to_sequence_parallel(x.contiguous(), self.groups.llm_tp_group,
+                                    self.config.sequence_parallel)
 
     def forward(self, batch: Stage3Batch):
         """Returns (output, terms): the answer tokens' summed loss and ``{"lm": it, "tokens":
         their count}`` on the last chunk (without labels: this TP rank's vocabulary slice of the
-        logits [b, S, V/tp]), the hidden state elsewhere."""
+        logits [b, S, V/tp], or with a KV cache the whole vocabulary's at the last position
+        [b, 1, V], as megatron-core's inference gives them), the hidden state elsewhere."""
         decoder_input = None
         if self.pre_process:
-            queries = self.video_queries(batch.video)
+            queries = batch.queries
+            if queries is None and batch.video is not None:
+                queries = self.video_queries(batch.video)
             decoder_input = self.embed_prompt(batch.ids, batch.video_mask, queries)
         out = self.llm(input_ids=None, position_ids=None, attention_mask=batch.attention_mask,
                        decoder_input=decoder_input,
-                       labels=batch.labels if self.post_process else None)
+                       labels=batch.labels if self.post_process else None,
+                       inference_context=batch.inference_context,
+                       runtime_gather_output=batch.inference_context is not None or None)
         if not self.post_process or batch.labels is None:
             return out, {}
         loss = (out.float() * batch.loss_mask).sum()
