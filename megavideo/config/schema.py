@@ -191,6 +191,10 @@ class QFormerConfig(PostNormEncoderConfig):
     extra_queries: int = 64
     cross_attention_every: int = 2
     frozen: bool = False
+    dropout: float = 0.0  # BERT's hidden and attention dropout (VideoChat2 trains with 0.1)
+    # bert-base-uncased in the Hugging Face layout, or a released VideoChat2 / InternVideo2-Chat
+    # QFormer (its query tokens, video LayerNorm and projection too), imported at start-up
+    weights: str = ""
 
     @property
     def queries(self) -> int:

@@ -250,6 +250,10 @@ def _validate_stage3(config: Config) -> None:
     if qformer.cross_attention_every < 1 or qformer.num_queries < 1 or qformer.extra_queries < 0:
         raise ConfigError("model.qformer: cross_attention_every and num_queries must be positive, "
                           "extra_queries >= 0.")
+    if not 0 <= qformer.dropout < 1:
+        raise ConfigError(f"model.qformer.dropout must be in [0, 1), got {qformer.dropout}.")
+    if qformer.weights and not Path(qformer.weights).exists():
+        raise ConfigError(f"model.qformer.weights: no such file or folder {qformer.weights}.")
     if model.student.num_layers < 2:
         raise ConfigError("stage 3 reads the video encoder's penultimate layer: "
                           "model.student.num_layers must be at least 2.")

@@ -1,12 +1,13 @@
 """Stage 3's bridge from the video encoder to the LLM: BLIP-2's QFormer as VideoChat2 uses it.
 
     video tokens [n, B, C] (penultimate ViT layer) -> LayerNorm                    (memory)
-    queries [Q, H] (32 + 64 learned) -> LayerNorm -> N post-norm BERT layers, every k-th from
-    the first cross-attending to the memory -> Linear into the LLM's width         [Q, B, H_llm]
+    queries [Q, H] (32 learned, N(0, 0.02), then 64 extra, zero at first, as VideoChat2 adds
+    them) -> LayerNorm -> N post-norm BERT layers, every k-th from the first cross-attending to
+    the memory -> Linear into the LLM's width                                      [Q, B, H_llm]
 
 Its layers are megatron-core TransformerLayers (the stage-2 text encoder's post-norm spec),
-tensor-parallel over the video encoder's group. The queries take no text: VideoChat2's optional
-instruction input to the QFormer is not modelled.
+tensor-parallel over the video encoder's group, with BERT's dropout (``model.qformer.dropout``).
+The queries take no text: VideoChat2's optional instruction input to the QFormer is not modelled.
 """
 
 from __future__ import annotations
@@ -30,9 +31,14 @@ class QFormer(MegatronModule):
         super().__init__(config=config)
         h = qformer.hidden_size
         self.video_norm = LayerNorm(config, video_width, qformer.norm_eps)
-        self.queries = nn.Parameter(torch.empty(qformer.queries, 1, h, dtype=config.params_dtype))
+        self.queries = nn.Parameter(torch.empty(qformer.num_queries, 1, h, dtype=config.params_dtype))
         init_with(self.queries, init_normal)
         self.queries.no_weight_decay = True
+        self.extra_queries = None
+        if qformer.extra_queries:
+            self.extra_queries = nn.Parameter(torch.zeros(qformer.extra_queries, 1, h,
+                                                          dtype=config.params_dtype))
+            self.extra_queries.no_weight_decay = True
         self.embed_norm = LayerNorm(config, h, qformer.norm_eps)
         cross = range(0, qformer.num_layers, qformer.cross_attention_every)
         self.layers = EncoderLayers(qformer, config, cross, video_width, pg_collection)
@@ -41,5 +47,7 @@ class QFormer(MegatronModule):
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         """video [n, B, C] -> [Q, B, H_llm]."""
         memory = self.video_norm(video)
-        x = self.embed_norm(self.queries.expand(-1, video.shape[1], -1))
+        queries = self.queries if self.extra_queries is None else \
+            torch.cat([self.queries, self.extra_queries])  # [Q, 1, H]
+        x = self.embed_norm(queries.expand(-1, video.shape[1], -1))
         return self.proj(self.layers(x, None, context=memory))

@@ -50,6 +50,7 @@ class Stage3(PipelineStage):
                                           sequence_parallel=par.sp)
         qformer_config = transformer_config(model.qformer, video_par, cfg.train, pipelined=False,
                                             sequence_parallel=False)
+        qformer_config.hidden_dropout = qformer_config.attention_dropout = model.qformer.dropout
         self.models = [Stage3Model(model, self.config, chunk, video_config, qformer_config,
                                    self.tokens, self.groups).to(device)
                        for chunk in self.layout[self.pp_rank]]

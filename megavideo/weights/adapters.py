@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from megavideo.config import AudioConfig, Config, ConfigError, LLMConfig, TextConfig
+from megavideo.config import AudioConfig, Config, ConfigError, LLMConfig, QFormerConfig, TextConfig
 from megavideo.models.embedding import frame_mean, interpolate_frames
 from megavideo.models.lora import is_lora
-from megavideo.weights import beats, hf_bert, hf_llm
+from megavideo.weights import beats, hf_bert, hf_llm, qformer
 from megavideo.weights.files import open_weights
 
 VIDEO_ENCODER = ("embed", "blocks", "pool")  # what a later stage takes from an earlier one
@@ -174,6 +174,34 @@ class HuggingFaceLLM(ImportedWeights):
         return hf_llm.to_megatron(name, tensors, self.llm)
 
 
+class QFormerWeights(ImportedWeights):
+    """The stage-3 QFormer from bert-base-uncased in the Hugging Face layout or from a released
+    VideoChat2 / InternVideo2-Chat file (:mod:`megavideo.weights.qformer`); what the file lacks
+    keeps its initialisation."""
+
+    config_key, what = "model.qformer.weights", "a BERT or VideoChat2 QFormer checkpoint"
+
+    def __init__(self, path: str, config: QFormerConfig) -> None:
+        super().__init__(path)
+        self.config = config
+        try:
+            self.keys = qformer.QFormerKeys(set(self.weights.keys()))
+        except ValueError as err:
+            raise ConfigError(f"{self.config_key}: {path} is not {self.what}: {err}.") from None
+
+    def key(self, name: str) -> str | None:
+        return name if name.startswith("qformer.") and self.keys.sources(name) else None
+
+    def sources(self, name: str) -> list[str]:
+        return self.keys.sources(name) or []
+
+    def find(self, key: str) -> str | None:
+        return next((k for k in (key, hf_bert.legacy_name(key)) if k in self.weights), None)
+
+    def convert(self, name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return qformer.to_megatron(name, tensors, self.config)
+
+
 class HuggingFaceBert(ImportedWeights):
     """The stage-2 text encoder and its MLM head from a ``BertForMaskedLM`` checkpoint in the
     Hugging Face layout (bert-large-uncased), or from a file that keeps one under a prefix (an
@@ -247,9 +275,13 @@ def released_weights(cfg: Config, vocab: int | None = None) -> list[ImportedWeig
     """The released checkpoints ``cfg`` imports at start-up (``model.llm.weights``,
     ``model.text.weights``, ``model.audio.weights``); ``vocab``: stage 2's tokenizer size."""
     model = cfg.model
-    if cfg.stage == 3 and model.llm.weights:
-        return [HuggingFaceLLM(model.llm.weights, model.llm)]
     out: list[ImportedWeights] = []
+    if cfg.stage == 3:
+        if model.llm.weights:
+            out.append(HuggingFaceLLM(model.llm.weights, model.llm))
+        if model.qformer.weights:
+            out.append(QFormerWeights(model.qformer.weights, model.qformer))
+        return out
     if cfg.stage == 2 and model.text.weights:
         out.append(HuggingFaceBert(model.text.weights, model.text, vocab))
     if cfg.stage == 2 and model.audio.enabled and model.audio.weights:

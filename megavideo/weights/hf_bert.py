@@ -35,7 +35,7 @@ from megavideo.config import TextConfig, padded_vocab
 Tensor = torch.Tensor
 WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
 _LAYER = re.compile(r"^text\.layers\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-_IN_LAYER = {
+IN_LAYER = {
     "self_attention.linear_qkv": ("attention.self.query", "attention.self.key",
                                   "attention.self.value"),
     "self_attention.linear_proj": ("attention.output.dense",),
@@ -78,10 +78,10 @@ def hf_keys(name: str) -> list[str]:
     if name in _TOP:
         return [_TOP[name]]
     match = _LAYER.match(name)
-    if not match or match.group(2) not in _IN_LAYER:
+    if not match or match.group(2) not in IN_LAYER:
         raise KeyError(f"{name} is not a text-encoder parameter")
     layer, module, kind = match.groups()
-    return [f"bert.encoder.layer.{layer}.{part}.{kind}" for part in _IN_LAYER[module]]
+    return [f"bert.encoder.layer.{layer}.{part}.{kind}" for part in IN_LAYER[module]]
 
 
 def interleave(parts: list[Tensor], heads: int) -> Tensor:
@@ -137,5 +137,5 @@ def source_prefix(keys: set[str]) -> str | None:
     return found[0].removesuffix("bert.")
 
 
-__all__ = ["hf_keys", "interleave", "is_cross_attention", "is_text", "legacy_name",
+__all__ = ["IN_LAYER", "hf_keys", "interleave", "is_cross_attention", "is_text", "legacy_name",
            "source_prefix", "split_heads", "to_hf", "to_megatron"]

@@ -79,3 +79,38 @@ def llm_logits(rank: int, world: int, config: str, weights: str, ids: torch.Tens
             got[tp] = gather_from_tensor_model_parallel_region(logits.contiguous())
     if rank == 0:
         torch.save(got, out)
+
+
+def qformer_hidden(rank: int, world: int, config: str, weights: str, out: str) -> None:
+    """The QFormer imported from ``weights`` at encoder tp 1 and 2, its cross-attention's output
+    projection zeroed: the layers' output [Q, 1, H] on random video tokens, and its whole
+    parameters."""
+    from megavideo.config import load_config
+    from megavideo.training.checkpoint import Checkpointer
+    from megavideo.training.loop import Trainer
+    from megavideo.training.state import full_state
+
+    got = {}
+    for tp in (1, 2):
+        cfg = load_config(config, [f"model.qformer.weights={weights}", "run.tensorboard=false",
+                                   "train.micro_batch=2", "train.global_batch=4", "parallel.pp=1",
+                                   "parallel.sp=false", f"parallel.tp={tp}",
+                                   f"parallel.encoder_tp={tp}", f"run.dir={out}.tp{tp}"])
+        trainer = Trainer(cfg)
+        Checkpointer(cfg, trainer).restore()
+        state = {k: v for k, v in full_state(trainer.chunks).items() if k.startswith("qformer.")}
+        qformer = trainer.chunks[0].module.qformer
+        qformer.eval()
+        with torch.no_grad():
+            for layer in qformer.layers.layers:
+                if layer.crosses:
+                    layer.cross_attention.linear_proj.weight.zero_()
+                    layer.cross_attention.linear_proj.bias.zero_()
+            queries = torch.cat([qformer.queries, qformer.extra_queries])
+            width = qformer.video_norm.weight.shape[0]
+            memory = qformer.video_norm(torch.randn(12, 1, width,
+                                                    generator=torch.Generator().manual_seed(1)))
+            hidden = qformer.layers(qformer.embed_norm(queries), None, context=memory)
+        got[tp] = (hidden, state)
+    if rank == 0:
+        torch.save(got, out)
