@@ -23,6 +23,7 @@ One module over the usual 400 lines: the saving and the loading of each part of 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -132,11 +133,13 @@ def save_atomically(root: Path, name: str, state: dict, then=None,
         tmp.mkdir(parents=True)
     dist.barrier()
     if queue is not None:
-        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
-        request.add_finalize_fn(publish)
-        queue.schedule_async_request(request)
+        with signals_held():
+            request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+            request.add_finalize_fn(publish)
+            queue.schedule_async_request(request)
         return final
-    dist_checkpointing.save(state, str(tmp))
+    with signals_held():
+        dist_checkpointing.save(state, str(tmp))
     dist.barrier()
     publish()
     dist.barrier()
@@ -148,12 +151,28 @@ def point_latest(root: Path, name: str) -> None:
     _write_atomically(root / "latest", name + "\n")
 
 
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGUSR1 and SIGTERM held back while a save starts its helper processes (megatron-core's
+    multiprocessing Manager and file writers), which inherit the blocked mask: SLURM's warning
+    signal, sent to every process of the step, would otherwise kill them mid-save. A signal
+    that arrives meanwhile reaches :class:`StopSignal` when the save has started."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class StopSignal:
     """SIGUSR1 or SIGTERM asks for a checkpoint at the next step boundary and an exit."""
 
     def __init__(self) -> None:
         self.received: int | None = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame) -> None:
