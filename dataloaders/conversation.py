@@ -151,7 +151,8 @@ def tokenize(tok: ChatTokenizer, text: str, queries: int, max_length: int, media
     ids = head + [tok.pad] * (queries if end else 0) + tail
     if open_ended and len(ids) >= max_length:
         raise ValueError(f"the prompt takes {len(ids)} tokens, more than model.llm.max_length "
-                         f"({max_length}) allows with an answer.")
+                         f"({max_length}) allows with an answer (a longer conversation needs a "
+                         f"larger model.llm.max_length).")
     loss = [False] * (len(ids) - len(tail)) + flags
     ids, loss = ids[:max_length], loss[:max_length]
     out = torch.full((max_length,), tok.pad, dtype=torch.long)

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-cache", action="store_true",
                         help="run the whole sequence for every token (no KV cache)")
     parser.add_argument("--stats", action="store_true", help="tokens/s of each answer on stderr")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before or after the options
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         exit_with(ValueError("--temperature must be at least 0 and --top-p in (0, 1]."))
     setup_logging()
@@ -61,13 +61,17 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, TokenizerError) as err:
         exit_with(err)
     sampling = Sampling(args.temperature, args.top_p, args.seed)
-    with process_groups_closed():
+    with process_groups_closed(2):  # a prompt too long for the cache: every rank finds it
         chat = Chat(cfg, args.checkpoint)
         conversation = Conversation(chat, video)
         printing = dist.get_rank() == 0
         for question in [args.question, *args.then]:
-            conversation.ask(question, args.max_new_tokens, sampling, not args.no_cache,
-                             (lambda piece: print(piece, end="", flush=True)) if printing else None)
+            try:
+                conversation.ask(question, args.max_new_tokens, sampling, not args.no_cache,
+                                 (lambda piece: print(piece, end="", flush=True))
+                                 if printing else None)
+            except ValueError as err:
+                exit_with(err, show=printing)
             if printing:
                 print(flush=True)
                 if args.stats:

@@ -29,7 +29,8 @@ from megavideo.weights.files import open_weights
 
 VIDEO_ENCODER = ("embed", "blocks", "pool")  # what a later stage takes from an earlier one
 IMAGE_POS_EMBED = "embed.img_pos_embed"  # stage 2's own image table (model.image_pos_embed own)
-SHAPELESS = {"preset", "mask_ratio", "drop_path"}  # model keys that change no tensor
+# model keys that change no tensor (where the weights came from, dropout, the sequence length)
+SHAPELESS = {"preset", "mask_ratio", "drop_path", "weights", "dropout", "lora_dropout", "max_length"}
 
 
 def model_differences(saved: dict, current: dict, prefix: str = "model") -> list[str]:

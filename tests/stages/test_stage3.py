@@ -65,11 +65,21 @@ def test_chat_reproduces_the_memorised_answers_at_tp2(memorised):
     assert metrics[-1]["loss"] < 0.05 < metrics[0]["loss"]
     for k in (0, 2):  # red then blue, blue then red: the same words, only the video differs
         clip = next(tmp.glob(f"clip{k}.*"))
+        # a follow-up (room for the conversation in the cache) and its speed
+        more = ["--then", QUESTION, "--stats", "model.llm.max_length=64"] if k == 0 else []
         out = subprocess.run(torchrun(2) + ["-m", "launch.chat", str(run / "checkpoints"),
-                                            str(clip), QUESTION, "parallel.tp=2"],
+                                            str(clip), QUESTION, "parallel.tp=2", *more],
                              cwd=ROOT, timeout=300, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-3000:]
-        assert out.stdout.strip() == "{} then {}".format(*PAIRS[k]), out.stderr[-2000:]
+        answer = "{} then {}".format(*PAIRS[k])
+        lines = out.stdout.split("\n")[:-1]  # one per answer (the follow-up's is untrained)
+        assert lines[0] == answer and len(lines) == (2 if more else 1), out.stdout
+        assert ("tokens/s" in out.stderr) == bool(more)
+    out = subprocess.run(torchrun(2) + ["-m", "launch.chat", str(run / "checkpoints"), str(clip),
+                                        QUESTION, "parallel.tp=2", "--then", QUESTION],
+                         cwd=ROOT, timeout=300, capture_output=True, text=True)
+    assert out.returncode != 0 and "error: the prompt takes 33 tokens, more than " \
+        "model.llm.max_length (32)" in out.stderr, out.stderr[-2000:]
 
 
 def test_stage3_config_errors_are_one_sentence():
