@@ -36,7 +36,6 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     import torch.distributed as dist
 
-    from dataloaders.conversation import open_prompt
     from dataloaders.synthetic import pattern_video, sample_keys
     from kernels.keyed_random import normal
     from megavideo.apps.chat import Chat
@@ -57,13 +56,12 @@ def main(argv: list[str] | None = None) -> None:
         noise = functools.partial(normal, sample_keys(0, 0, [0], "video"))
         video = pattern_video(noise, [1], student.num_frames, student.image_size)[0]
         queries = chat.encode(video)
-        question = _question(chat, args.prompt_tokens)
+        prompt = _prompt(chat, args.prompt_tokens)
         rows = []
         for cache in (True, False):
             runs = []
             for _ in range(args.repeats + 1):  # the first warms up
-                chat.generate(open_prompt([], question), queries, args.new_tokens, cache=cache,
-                              stop=False)
+                chat.generate(prompt, queries, args.new_tokens, cache=cache, stop=False)
                 runs.append(chat.stats)
             runs = runs[1:]
             s = runs[0]
@@ -88,19 +86,21 @@ def main(argv: list[str] | None = None) -> None:
                                                  indent=2) + "\n")
 
 
-def _question(chat, tokens: int) -> str:
-    """A question of repeated words whose open prompt takes at most ``tokens`` tokens."""
+def _prompt(chat, tokens: int) -> str:
+    """An open prompt (a question of repeated words) of at most ``tokens`` tokens."""
     from dataloaders.conversation import open_prompt, tokenize
 
+    def text(words: int) -> str:
+        return open_prompt([], " ".join(["video"] * words))
+
     def length(words: int) -> int:
-        text = open_prompt([], " ".join(["video"] * words))
-        return tokenize(chat.stage.tokenizer, text, chat.cfg.model.qformer.queries,
+        return tokenize(chat.stage.tokenizer, text(words), chat.cfg.model.qformer.queries,
                         chat.cfg.model.llm.max_length).length
 
     words = 0
     while length(words + 1) <= tokens:
         words += 1
-    return " ".join(["video"] * words)
+    return text(words)
 
 
 if __name__ == "__main__":

@@ -234,7 +234,7 @@ class Chat:
             if context is not None:
                 context.sequence_len_offset += len(feed)
             elapsed = time.perf_counter() - start
-            if feed is ids and not answer:
+            if not answer:
                 self.stats.prefill_s += elapsed  # the prompt's forward, which makes the first token
             else:
                 self.stats.decode_s += elapsed

@@ -160,4 +160,4 @@ def adapter_of(name: str) -> tuple[str, str, str] | None:
     return f"{base}.weight", part, matrix
 
 
-__all__ = ["GLU", "LoRA", "QKV", "add_adapters", "adapter_of", "attach", "is_lora"]
+__all__ = ["LoRA", "add_adapters", "adapter_of", "attach", "is_lora"]

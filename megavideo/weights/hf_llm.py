@@ -18,8 +18,7 @@ Names on the right are single-rank names; :func:`parallel.tensors.take_shard` cu
 TP rank (the fused qkv splits by whole query groups, [gate; up] per half).
 
 LoRA adapters (``<linear>.lora.adapters.<part>.{a,b}``, one per Hugging Face projection) are
-written merged into their projection, ``W + alpha / r B A`` (:func:`hf_state`), or as peft's
-``<projection>.lora_{A,B}.default.weight``.
+written merged into their projection, ``W + alpha / r B A`` (:func:`hf_state`).
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 
 from megavideo.config import LLMConfig
-from megavideo.models.lora import GLU, QKV, adapter_of
+from megavideo.models.lora import adapter_of
 from megavideo.weights.files import open_weights
 
 Tensor = torch.Tensor
@@ -110,9 +109,9 @@ def reader(path: str | Path) -> Callable[[str], Tensor]:
     return get
 
 
-def hf_state(state: dict[str, Tensor], llm: LLMConfig, merge: bool = True) -> dict[str, Tensor]:
+def hf_state(state: dict[str, Tensor], llm: LLMConfig) -> dict[str, Tensor]:
     """Single-rank LLM tensors -> Hugging Face tensors, LoRA adapters merged into their
-    projections (in fp32) or kept as peft's ``lora_A``/``lora_B``."""
+    projections in fp32 (an adapter's part is named after its projection: q, gate, ...)."""
     out: dict[str, Tensor] = {}
     adapters: dict[str, dict[str, Tensor]] = {}
     for name, tensor in state.items():
@@ -122,16 +121,11 @@ def hf_state(state: dict[str, Tensor], llm: LLMConfig, merge: bool = True) -> di
             continue
         base, part, matrix = found
         keys = hf_keys(base)
-        key = keys[0] if len(keys) == 1 else keys[(QKV if len(keys) == 3 else GLU).index(part)]
+        key = keys[0] if len(keys) == 1 else next(k for k in keys if f".{part}_proj." in k)
         adapters.setdefault(key, {})[matrix] = tensor
     scale = llm.lora_alpha / llm.lora_rank
     for key, ab in adapters.items():
-        if merge:
-            out[key] = (out[key].float() + scale * ab["b"].float() @ ab["a"].float()).to(out[key].dtype)
-        else:
-            stem = key.removesuffix(".weight")
-            out[f"{stem}.lora_A.default.weight"] = ab["a"]
-            out[f"{stem}.lora_B.default.weight"] = ab["b"]
+        out[key] = (out[key].float() + scale * ab["b"].float() @ ab["a"].float()).to(out[key].dtype)
     return out
 
 

@@ -26,7 +26,7 @@ from collections.abc import Collection
 import torch
 
 from megavideo.config import QFormerConfig
-from megavideo.weights.hf_bert import IN_LAYER, interleave, is_cross_attention
+from megavideo.weights.hf_bert import IN_LAYER, interleave, is_cross_attention, legacy_name
 
 Tensor = torch.Tensor
 _LAYER = re.compile(r"^qformer\.layers\.layers\.(\d+)\.(.+)\.(weight|bias)$")
@@ -38,7 +38,8 @@ PROJECTIONS = ("mistral_proj", "project_up")
 
 def bert_prefix(keys: Collection[str]) -> str | None:
     """What the file puts before BERT's ``embeddings.``/``encoder.`` keys (None: no BERT)."""
-    found = sorted((k.removesuffix(_EMBED_NORM) for k in keys if k.endswith(_EMBED_NORM)), key=len)
+    found = sorted((k.removesuffix(norm) for norm in (_EMBED_NORM, legacy_name(_EMBED_NORM))
+                    for k in keys if k.endswith(norm)), key=len)
     return found[0] if found else None
 
 
@@ -68,7 +69,8 @@ class QFormerKeys:
         if self.proj:
             top[f"qformer.proj.{kind}"] = f"{outer}{self.proj}.{kind}"
         if name in top:
-            return [top[name]] if top[name] in self.keys or ".LayerNorm." in top[name] else None
+            key = top[name]
+            return [key] if key in self.keys or legacy_name(key) in self.keys else None
         match = _LAYER.match(name)
         if not match or match.group(2) not in IN_LAYER or \
                 (is_cross_attention(name) and not self.crosses):
