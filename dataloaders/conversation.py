@@ -28,6 +28,7 @@ import torch
 from dataloaders.synthetic import COLOURS, PATTERNS, generator
 
 HUMAN, HUMAN_END, ANSWER_END = "[INST]", "[/INST]", "</s>"
+VIDEO_HERE = "<VideoHere>"  # where a caption prompt puts the video
 MEDIA = {"video": ("<Video>", "</Video>"), "image": ("<Image>", "</Image>"), "text": ("", "")}
 
 
@@ -165,6 +166,40 @@ def tokenize(tok: ChatTokenizer, text: str, queries: int, max_length: int, media
     return Prompt(out, video, mask, len(ids))
 
 
+def read_caption_prompts(path: str | Path) -> list[str]:
+    """The caption sub-stage's prompts: one per line, each with ``<VideoHere>`` where the video
+    goes (VideoChat2's ``prompts/concise_description.txt``), wrapped in its template
+    ``[INST] {} [/INST]``."""
+    try:
+        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    except OSError as err:
+        raise ValueError(f"cannot read the caption prompts {path}: {err.strerror}.") from None
+    lines = [line for line in lines if line]
+    if not lines or any(VIDEO_HERE not in line for line in lines):
+        raise ValueError(f"the caption prompts {path} must be lines that each hold {VIDEO_HERE}.")
+    return [f"{HUMAN} {line} {HUMAN_END}" for line in lines]
+
+
+def tokenize_caption(tok: ChatTokenizer, prompt: str, caption: str, queries: int,
+                     max_length: int, caption_tokens: int) -> Prompt:
+    """A caption sample as the official captioning stage builds it (``videochat2_pt_mistral``):
+    ``<s>``, the prompt's text before ``<VideoHere>``, the ``queries`` video positions, the text
+    after, then ``caption</s>`` tokenized on its own and cut at ``caption_tokens``; the loss on
+    the caption's tokens."""
+    before, after = prompt.split(VIDEO_HERE, 1)
+    head = [tok.bos] + tok.encode(before)
+    answer = tok.encode(caption + ANSWER_END)[:caption_tokens]
+    ids = (head + [tok.pad] * queries + tok.encode(after) + answer)[:max_length]
+    loss = ([False] * (len(ids) - len(answer)) + [True] * len(answer))[:len(ids)]
+    out = torch.full((max_length,), tok.pad, dtype=torch.long)
+    out[: len(ids)] = torch.tensor(ids)
+    video = torch.zeros(max_length, dtype=torch.bool)
+    video[len(head):len(head) + queries] = True
+    mask = torch.zeros(max_length, dtype=torch.bool)
+    mask[: len(loss)] = torch.tensor(loss)
+    return Prompt(out, video, mask, len(ids))
+
+
 def batch(prompts: list[Prompt]) -> dict[str, torch.Tensor]:
     """Stacked ids [B, S] and video positions; ``labels`` [B, S] (the next token) with
     ``loss_mask`` [B, S] (1 where the next token is an answer token)."""
@@ -220,5 +255,6 @@ def write_word_tokenizer(words: list[str], path: str | Path) -> None:
 
 
 __all__ = ["CHAT_WORDS", "ChatTokenizer", "MEDIA", "Prompt", "QA", "QUESTIONS", "TokenizerError",
-           "batch", "causal_mask", "manifest_qa", "open_prompt", "render", "synthetic_qa",
-           "time_message", "tokenize", "write_word_tokenizer"]
+           "VIDEO_HERE", "batch", "causal_mask", "manifest_qa", "open_prompt",
+           "read_caption_prompts", "render", "synthetic_qa", "time_message", "tokenize",
+           "tokenize_caption", "write_word_tokenizer"]

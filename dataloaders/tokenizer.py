@@ -96,3 +96,36 @@ class WordPiece:
             tokens = [self.cls, *self.encode(text)[: length - 1 - len(end)], *end]
             ids[row, : len(tokens)] = torch.tensor(tokens)
         return ids, ids != self.pad
+
+
+DEC = "[DEC]"  # the QFormer's captioning bos, which VideoChat2 adds to BERT's vocabulary
+
+
+class QFormerText:
+    """The QFormer's text tokenizer: BERT's WordPiece with ``[DEC]`` after its vocabulary
+    (VideoChat2's ``init_tokenizer``)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.words = WordPiece.from_file(path)
+        self.dec = self.words.vocab.get(DEC, len(self.words))
+        self.pad, self.cls = self.words.pad, self.words.cls
+
+    def __len__(self) -> int:
+        return max(len(self.words), self.dec + 1)
+
+    def captions(self, texts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[CLS] text [SEP]`` right-padded to ``length``: ids and mask [B, length]."""
+        return self.words.encode_batch(texts, length)
+
+    def instructions(self, texts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[CLS] text [SEP]`` within ``length`` (the text's end kept) and left-padded to the
+        longest, as VideoChat2 reads the instruction with the queries (its tokenizer truncates
+        and pads on the left)."""
+        rows = [[self.cls, *self.words.encode(t)[::-1][: length - 2][::-1], self.words.sep]
+                for t in texts]
+        longest = max(len(r) for r in rows)
+        ids = torch.full((len(rows), longest), self.pad, dtype=torch.long)
+        for row, tokens in enumerate(rows):
+            ids[row, longest - len(tokens):] = torch.tensor(tokens)
+        return ids, ids != self.pad
+

@@ -160,14 +160,17 @@ class Chat:
         return got[0] if got else None
 
     @torch.no_grad()
-    def encode(self, video: torch.Tensor) -> torch.Tensor | None:
+    def encode(self, video: torch.Tensor, instruction: str = "") -> torch.Tensor | None:
         """The query tokens [copies, Q, H_llm] of ``video`` [3, T, H, W] on the first pipeline
-        stage (None elsewhere), encoded once for a whole conversation."""
+        stage (None elsewhere), encoded once for a whole conversation (the QFormer reading
+        ``instruction`` with model.qformer.text_input)."""
         first = next((m for m in self.stage.models if m.pre_process), None)
         if first is None:
             return None
         clips = video[None].expand(self.copies, *video.shape).to(self.trainer.device)
-        return first.video_queries(clips)
+        text = self.stage.instructions([instruction] * self.copies) \
+            if self.stage.qformer_text is not None else ()
+        return first.video_queries(clips, *text)
 
     def _cache(self) -> StaticInferenceContext:
         """megatron-core's static KV cache, its memory allocated here on this rank's device
@@ -259,7 +262,7 @@ class Conversation:
 
     def __init__(self, chat: Chat, video: torch.Tensor, instruction: str = "") -> None:
         self.chat, self.instruction = chat, instruction
-        self.queries = chat.encode(video)
+        self.queries = chat.encode(video, instruction)
         self.history: list[QA] = []
 
     def ask(self, question: str, max_new_tokens: int = 32, sampling: Sampling = Sampling(),

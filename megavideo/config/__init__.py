@@ -9,6 +9,7 @@ from megavideo.config.schema import (
                                      MODEL_SECTIONS,
                                      STAGE2_TERMS,
                                      VOCAB_MULTIPLE,
+                                     AlignConfig,
                                      AudioConfig,
                                      CheckpointConfig,
                                      Config,
@@ -19,6 +20,7 @@ from megavideo.config.schema import (
                                      ModelConfig,
                                      ObjectivesConfig,
                                      ParallelConfig,
+                                     PostNormEncoderConfig,
                                      ProfileConfig,
                                      QFormerConfig,
                                      RunConfig,
@@ -40,10 +42,11 @@ from megavideo.config.validation import (
 )
 
 __all__ = [
-    "CONFIG_DIR", "FROZEN_AUDIO", "MODEL_SECTIONS", "STAGE2_TERMS", "VOCAB_MULTIPLE", "AudioConfig",
-    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EncoderConfig", "LLMConfig",
-    "ModelConfig", "ObjectivesConfig", "ParallelConfig", "ProfileConfig", "QFormerConfig",
-    "RunConfig", "Stage1ModelConfig", "Stage2ModelConfig", "Stage3ModelConfig", "TextConfig",
-    "TrainConfig", "ViTConfig", "dump", "load_config", "padded_vocab", "parse_overrides",
-    "validate", "validate_device", "validate_interleaving", "validate_start", "validate_world",
+    "CONFIG_DIR", "FROZEN_AUDIO", "MODEL_SECTIONS", "STAGE2_TERMS", "VOCAB_MULTIPLE",
+    "AlignConfig", "AudioConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig",
+    "EncoderConfig", "LLMConfig", "ModelConfig", "ObjectivesConfig", "ParallelConfig",
+    "PostNormEncoderConfig", "ProfileConfig", "QFormerConfig", "RunConfig", "Stage1ModelConfig",
+    "Stage2ModelConfig", "Stage3ModelConfig", "TextConfig", "TrainConfig", "ViTConfig", "dump",
+    "load_config", "padded_vocab", "parse_overrides", "validate", "validate_device",
+    "validate_interleaving", "validate_start", "validate_world",
 ]

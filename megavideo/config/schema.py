@@ -195,10 +195,37 @@ class QFormerConfig(PostNormEncoderConfig):
     # bert-base-uncased in the Hugging Face layout, or a released VideoChat2 / InternVideo2-Chat
     # QFormer (its query tokens, video LayerNorm and projection too), imported at start-up
     weights: str = ""
+    # drop_path (inherited): stochastic depth rising linearly over the layers to this value on
+    # every branch, per sample (VideoChat2 trains with 0.2)
+    # The QFormer's own text (BERT's word and position embeddings and its text FFN): the
+    # captions of the align sub-stage, the instruction after the queries with text_input
+    text_input: bool = False  # VideoChat2's qformer_text_input: the instruction read with the queries
+    vocab_file: str = ""  # BERT's vocab.txt (bert-base-uncased's); [DEC] is added after it
+    max_text_length: int = 32  # tokens per text, [CLS] and [SEP] included
+    max_positions: int = 512
+
+    @property
+    def has_text(self) -> bool:
+        return bool(self.vocab_file)
 
     @property
     def queries(self) -> int:
         return self.num_queries + self.extra_queries
+
+
+@dataclass
+class AlignConfig:
+    """Sub-stage ``align``: the QFormer aligned to the frozen video encoder without an LLM, as
+    VideoChat2's first stage (BLIP-2's objectives): contrast (VTC), matching with hard negatives
+    (VTM) and captioning (CAP, causal text over the queries)."""
+
+    embed_dim: int = 768  # contrastive projection width
+    temperature: float = 0.07  # initial value; learnable, clamped to [0.001, 0.5]
+    similarity: str = "mean"  # over the queries: mean (VideoChat2) | max (BLIP-2)
+    label_smoothing: float = 0.1  # the captioning loss's (BLIP-2's BertLMHeadModel)
+    vtc: float = 1.0
+    vtm: float = 1.0
+    cap: float = 1.0
 
 
 @dataclass
@@ -263,8 +290,12 @@ class Stage2ModelConfig(ModelConfig):
 class Stage3ModelConfig(ModelConfig):
     """Stage 3: the student as video encoder (whole clips), the QFormer and the LLM decoder."""
 
+    # VideoChat2's sub-stages: align (QFormer and video encoder, no LLM), caption (captions
+    # into the LLM, frozen there), instruct (instruction data, the LLM with LoRA)
+    substage: str = "instruct"
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     video_frozen: bool = False  # freeze the video encoder
 
 
@@ -387,6 +418,11 @@ class DataConfig:
     # stage 2: manifest keys a clip's caption is drawn from, uniformly among every caption the
     # listed keys hold for it (e.g. caption, captions, asr_captions, avs_captions)
     captions: list[str] = field(default_factory=lambda: ["caption"])
+    # stage 3's caption sub-stage: a file of prompts, one per line, "<VideoHere>" where the
+    # video goes (VideoChat2's prompts/concise_description.txt), one drawn per sample; and the
+    # caption's tokens, its </s> included (longer captions are cut, as the official max_txt_l)
+    caption_prompts: str = ""
+    caption_tokens: int = 32
     # stage 2's image-text data: a manifest of images (python -m launch.manifest on an annotation
     # file with "image" entries), read as 1-frame clips on image steps
     image_manifest: str = ""

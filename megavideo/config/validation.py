@@ -257,6 +257,56 @@ def _validate_stage3(config: Config) -> None:
     if model.student.num_layers < 2:
         raise ConfigError("stage 3 reads the video encoder's penultimate layer: "
                           "model.student.num_layers must be at least 2.")
+    _validate_substage(config)
+
+
+SUBSTAGES = ("align", "caption", "instruct")
+
+
+def _validate_substage(config: Config) -> None:
+    """VideoChat2's sub-stages and the QFormer's text."""
+    par, model, data = config.parallel, config.model, config.data
+    qformer, align = model.qformer, model.align
+    if model.substage not in SUBSTAGES:
+        raise ConfigError(f"model.substage must be one of {', '.join(SUBSTAGES)}, got "
+                          f"'{model.substage}'.")
+    texts = model.substage == "align" or qformer.text_input
+    if qformer.text_input and model.substage != "instruct":
+        raise ConfigError("model.qformer.text_input (the instruction read by the QFormer) needs "
+                          "model.substage=instruct: the other sub-stages have no instruction.")
+    if texts and not (qformer.vocab_file and Path(qformer.vocab_file).is_file()):
+        raise ConfigError(f"model.qformer.vocab_file must name BERT's vocab.txt for the "
+                          f"QFormer's text, got '{qformer.vocab_file}'.")
+    if qformer.vocab_file and not texts:
+        raise ConfigError("model.qformer.vocab_file is read by the align sub-stage and by "
+                          "model.qformer.text_input only: unset it or set one of them.")
+    if not 3 <= qformer.max_text_length <= qformer.max_positions:
+        raise ConfigError(f"model.qformer.max_text_length ({qformer.max_text_length}) must be "
+                          f"in [3, max_positions ({qformer.max_positions})].")
+    if not 0 <= qformer.drop_path < 1:
+        raise ConfigError(f"model.qformer.drop_path must be in [0, 1), got {qformer.drop_path}.")
+    if model.substage == "caption":
+        from dataloaders.conversation import read_caption_prompts
+
+        try:
+            read_caption_prompts(data.caption_prompts)
+        except ValueError as err:
+            raise ConfigError(f"data.caption_prompts: {err}") from None
+        if data.caption_tokens < 1:
+            raise ConfigError(f"data.caption_tokens must be positive, got {data.caption_tokens}.")
+    if model.substage == "align":
+        if par.pp != 1 or par.vpp != 1 or par.encoder_tp_size != par.tp:
+            raise ConfigError("model.substage=align has no LLM to pipeline: set parallel.pp=1 "
+                              "(the video encoder and QFormer are tensor-parallel over "
+                              "parallel.tp; leave parallel.encoder_tp unset).")
+        if align.similarity not in ("mean", "max"):
+            raise ConfigError(f"model.align.similarity must be mean or max, got "
+                              f"'{align.similarity}'.")
+        if not 0 <= align.label_smoothing < 1:
+            raise ConfigError(f"model.align.label_smoothing must be in [0, 1), got "
+                              f"{align.label_smoothing}.")
+        if not any((align.vtc, align.vtm, align.cap)):
+            raise ConfigError("model.align: at least one of vtc, vtm and cap must be non-zero.")
 
 
 def validate(config: Config, world_size: int | None = None) -> None:

@@ -11,7 +11,8 @@ map one to one.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -34,12 +35,17 @@ class PostNormLayer(TransformerLayer):
     def crosses(self) -> bool:
         return not isinstance(self.cross_attention, IdentityOp)
 
+    drop_path = 0.0  # stochastic depth on each branch, per sample (the QFormer's)
+
     def _add(self, x: torch.Tensor, out_with_bias, scale: float) -> torch.Tensor:
         out, bias = out_with_bias
         if bias is not None:
             out = out + bias
         if self.config.hidden_dropout:  # BERT's (the official recipe)
             out = F.dropout(out, self.config.hidden_dropout, self.training)
+        if self.drop_path and self.training:  # [s, b, h]: one draw per sample
+            keep = 1.0 - self.drop_path
+            out = out * out.new_empty(1, out.shape[1], 1).bernoulli_(keep) / keep
         return x * scale + out if scale != 1.0 else x + out
 
     def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None,
@@ -64,15 +70,21 @@ class EncoderLayers(nn.Module):
     def __init__(self, enc: EncoderConfig, config: ViTTransformerConfig,
                  cross_layers: Collection[int] = (), cross_width: int = 0,
                  pg_collection=None, *, padded: bool = False, cross_padded: bool = False,
-                 relative_bias: bool = False) -> None:
+                 relative_bias: bool = False, arbitrary: bool = False,
+                 layer: type[PostNormLayer] | None = None,
+                 params: Sequence[dict] = ()) -> None:
         super().__init__()
+        specs = [post_norm_layer_spec(enc, config, cross_width if i in cross_layers else 0,
+                                      getattr(pg_collection, "tp", None), padded=padded,
+                                      cross_padded=cross_padded, relative_bias=relative_bias,
+                                      arbitrary=arbitrary)
+                 for i in range(enc.num_layers)]
+        if layer is not None:  # another layer class on the same submodules, its own params
+            specs = [replace(spec, module=layer, params=params[i] if params else {})
+                     for i, spec in enumerate(specs)]
         self.layers = nn.ModuleList(
-            build_module(post_norm_layer_spec(enc, config, cross_width if i in cross_layers else 0,
-                                              getattr(pg_collection, "tp", None), padded=padded,
-                                              cross_padded=cross_padded,
-                                              relative_bias=relative_bias),
-                         config=config, layer_number=i + 1, pg_collection=pg_collection)
-            for i in range(enc.num_layers))
+            build_module(spec, config=config, layer_number=i + 1, pg_collection=pg_collection)
+            for i, spec in enumerate(specs))
         self.recompute = config.recompute_granularity == "full"
         self.config = config
         self.tp_group = getattr(pg_collection, "tp", None) or \
@@ -82,14 +94,18 @@ class EncoderLayers(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, start: int = 0,
                 stop: int | None = None, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None,
-                attention_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x [s, b, h]; mask [b, 1, 1, s] True on padding (None: no padding); context [m, b, w],
-        context_mask [b, 1, 1, m] True on absent memory tokens (None: all present). The masks
-        are the ones the layers were built for (``padded``, ``cross_padded``). attention_bias:
-        the ungated relative position bias [1, heads, s, s] of ``relative_bias`` layers."""
+                attention_bias: torch.Tensor | None = None,
+                query_length: int | None = None) -> torch.Tensor:
+        """x [s, b, h]; mask [b, 1, 1, s] True on padding (None: no padding; [b, 1, s, s] for
+        ``arbitrary`` layers); context [m, b, w], context_mask [b, 1, 1, m] True on absent
+        memory tokens (None: all present). The masks are the ones the layers were built for
+        (``padded``, ``cross_padded``). attention_bias: the ungated relative position bias
+        [1, heads, s, s] of ``relative_bias`` layers. query_length: the QFormer's layers' (its
+        first tokens the queries, the rest text)."""
         recompute = self.recompute and self.training
+        extra = () if query_length is None else (query_length,)
         with fp8_stack_context(self.config):
             for layer in self.layers[start:stop]:
                 x = run_layer(layer, self.config, recompute, self.tp_group, x, mask, context,
-                              context_mask, attention_bias)
+                              context_mask, attention_bias, *extra)
         return x

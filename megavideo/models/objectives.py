@@ -41,11 +41,30 @@ def contrastive_loss(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, idx_al
     y_all = all_gather_rows(y, dp_group, sum_grads=not official)
     if official:
         x, y, idx = x_all, y_all, idx_all
+    return info_nce(x @ y_all.T / temperature, y @ x_all.T / temperature, idx, idx_all)
+
+
+def info_nce(x_to_y: torch.Tensor, y_to_x: torch.Tensor, idx: torch.Tensor,
+             idx_all: torch.Tensor) -> torch.Tensor:
+    """The symmetric InfoNCE of similarities [b, G] (already / temperature) of this rank's rows
+    to the gathered ones, both ways; samples sharing an ``idx`` are all positives."""
     targets = same_item(idx, idx_all).float()
     targets = targets / targets.sum(1, keepdim=True)
-    x_to_y = -(F.log_softmax(x @ y_all.T / temperature, dim=1) * targets).sum(1).mean()
-    y_to_x = -(F.log_softmax(y @ x_all.T / temperature, dim=1) * targets).sum(1).mean()
-    return (x_to_y + y_to_x) / 2
+    losses = [-(F.log_softmax(sim, dim=1) * targets).sum(1).mean() for sim in (x_to_y, y_to_x)]
+    return (losses[0] + losses[1]) / 2
+
+
+def query_similarities(queries: torch.Tensor, text: torch.Tensor, dp_group,
+                       how: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """BLIP-2's similarities of a clip's query vectors to a text's vector, the queries' mean or
+    max (VideoChat2's ``get_sim``): queries [b, Q, E], text [b, E] (L2-normalised) -> video to
+    every gathered text and text to every gathered clip [b, G] (the gathers' gradients summed
+    back to their owners)."""
+    queries_all, text_all = all_gather_rows(queries, dp_group), all_gather_rows(text, dp_group)
+    v2t = torch.einsum("bqe,ge->bqg", queries, text_all)
+    t2v = torch.einsum("be,gqe->bqg", text, queries_all)
+    pool = (lambda s: s.mean(1)) if how == "mean" else (lambda s: s.max(1).values)
+    return pool(v2t), pool(t2v)
 
 
 def hard_negatives(sim: torch.Tensor, idx: torch.Tensor, idx_all: torch.Tensor,
@@ -59,14 +78,15 @@ def hard_negatives(sim: torch.Tensor, idx: torch.Tensor, idx_all: torch.Tensor,
     return (logits + gumbel(keys, (sim.shape[1],))).argmax(1)
 
 
-def matching_loss(fuse, head, text: torch.Tensor, text_mask: torch.Tensor, memory: torch.Tensor,
+def matching_loss(score, text: torch.Tensor, text_mask: torch.Tensor, memory: torch.Tensor,
                   memory_mask: torch.Tensor, video_negatives: torch.Tensor,
                   text_negatives: torch.Tensor, dp_group) -> torch.Tensor:
-    """VTM: positives, (text, negative video) and (negative text, video), 1:2, through the fusion
-    layers; cross entropy of ``head`` on the [CLS] output.
+    """VTM: positives, (text, negative video) and (negative text, video), 1:2, each pair's
+    match logits [3b, 2] from ``score(texts, texts_mask, memories, memories_mask)``; their cross
+    entropy.
 
-    text [L, b, H], text_mask [b, L], memory [M, b, W], memory_mask [b, M]; the negatives are
-    global row indices (:func:`hard_negatives`).
+    text [L, b, ...] (states or ids), text_mask [b, L], memory [M, b, W], memory_mask [b, M];
+    the negatives are global row indices (:func:`hard_negatives`).
     """
     b = text.shape[1]
     neg_memory = fetch_rows(memory.transpose(0, 1), video_negatives, dp_group).transpose(0, 1)
@@ -77,7 +97,7 @@ def matching_loss(fuse, head, text: torch.Tensor, text_mask: torch.Tensor, memor
     texts_mask = torch.cat([text_mask, text_mask, neg_text_mask])
     memories = torch.cat([memory, neg_memory, memory], dim=1)
     memories_mask = torch.cat([memory_mask, neg_memory_mask, memory_mask])
-    logits = head(fuse(texts, texts_mask, memories, memories_mask)[0])  # [3b, 2]
+    logits = score(texts, texts_mask, memories, memories_mask)  # [3b, 2]
     labels = torch.zeros(3 * b, dtype=torch.long, device=logits.device)
     labels[:b] = 1
     return F.cross_entropy(logits.float(), labels)

@@ -205,7 +205,8 @@ def cross_attention_mask(kv_mask: torch.Tensor | None, queries: int):
 
 def post_norm_layer_spec(enc: EncoderConfig, config: LayerConfig, cross_width: int = 0,
                          tp_group=None, *, padded: bool = False,
-                         cross_padded: bool = False, relative_bias: bool = False) -> ModuleSpec:
+                         cross_padded: bool = False, relative_bias: bool = False,
+                         arbitrary: bool = False) -> ModuleSpec:
     """A post-norm encoder layer (BERT, BEATs), with cross-attention to ``cross_width``-wide
     tokens when it is set. The three norm slots of megatron-core's layer hold the norms *after*
     self-attention, cross-attention and the MLP. ``padded``/``cross_padded``: the self-/cross-
@@ -213,7 +214,8 @@ def post_norm_layer_spec(enc: EncoderConfig, config: LayerConfig, cross_width: i
     other than megatron-core's (megatron-core's CrossAttention does not hand its group to its q
     and kv projections, so the spec does). ``config`` gives the core attention and the local
     spec's FP8 linears. ``relative_bias``: the core attention is BEATs' gated relative position
-    attention (on SDPA with either backend's linears)."""
+    attention (on SDPA with either backend's linears). ``arbitrary``: the self-attention is given a
+    full [b, 1, s, s] mask (the QFormer's: queries and text, causal captions)."""
     from megavideo.models.audio import GatedRelativeAttention
     from megavideo.models.encoders import PostNormLayer
 
@@ -246,7 +248,8 @@ def post_norm_layer_spec(enc: EncoderConfig, config: LayerConfig, cross_width: i
             input_layernorm=norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
-                params={"attn_mask_type": mask_type(padded)},
+                params={"attn_mask_type": AttnMaskType.arbitrary if arbitrary
+                        else mask_type(padded)},
                 submodules=SelfAttentionSubmodules(linear_qkv=column, core_attention=core,
                                                    linear_proj=row),
             ),

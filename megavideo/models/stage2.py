@@ -260,8 +260,11 @@ class Stage2Model(VideoChunk):
                                              batch.keys[f"{term}_video"])
             text_negatives = hard_negatives(v_n @ t_all.T / temperature, batch.item, items,
                                             batch.keys[f"{term}_text"])
-        return matching_loss(self.text.fuse, head, text, batch.text_mask, memory, memory_mask,
-                             video_negatives, text_negatives, group)
+        def score(*pairs) -> torch.Tensor:  # the head on the fused [CLS]
+            return head(self.text.fuse(*pairs)[0])
+
+        return matching_loss(score, text, batch.text_mask, memory, memory_mask, video_negatives,
+                             text_negatives, group)
 
     def _audio_video(self, batch: Stage2Batch, v, memory, memory_mask):
         """The fused audio-video vector [B, E] and the [video ; audio] memory with its mask

@@ -40,6 +40,8 @@ class Stage3Batch:
     video_mask: torch.Tensor | None = None  # [b, S] True on the video's query positions
     labels: torch.Tensor | None = None  # [b, S] the next token (last chunk)
     loss_mask: torch.Tensor | None = None  # [b, S] 1 where the next token is an answer token
+    instruction: torch.Tensor | None = None  # [b, L] BERT ids read with the queries (text_input)
+    instruction_mask: torch.Tensor | None = None  # [b, L] True on its real tokens
     queries: torch.Tensor | None = None  # [b, Q, H_llm] the video already encoded (generation)
     inference_context: object | None = None  # megatron-core's StaticInferenceContext (KV cache)
 
@@ -49,7 +51,7 @@ class Stage3Model(MegatronModule):
 
     def __init__(self, model: Stage3ModelConfig, config: TransformerConfig, chunk: Chunk,
                  video_config: ViTTransformerConfig, qformer_config: ViTTransformerConfig,
-                 tokens: Tokens, groups: EncoderGroups) -> None:
+                 tokens: Tokens, groups: EncoderGroups, qformer_vocab: int = 0) -> None:
         super().__init__(config=config)
         self.pre_process, self.post_process = chunk.is_first, chunk.is_last
         self.model_type = ModelType.encoder_or_decoder
@@ -61,8 +63,8 @@ class Stage3Model(MegatronModule):
             whole = Chunk(0, 0, 0, student.num_layers - 1, True, False)
             self.video = VideoChunk(model, video_config, whole, tokens, groups.tp_group,
                                     groups.pg_collection)
-            self.qformer = QFormer(model.qformer, qformer_config, student.hidden_size, model.llm.hidden_size,
-                                   groups.pg_collection)
+            self.qformer = QFormer(model.qformer, qformer_config, student.hidden_size,
+                                   model.llm.hidden_size, groups.pg_collection, qformer_vocab)
         vp_stage = chunk.vp_stage if config.virtual_pipeline_model_parallel_size else None
         self.llm = build_llm(model.llm, config, self.pre_process, self.post_process, vp_stage,
                              scatter_embedding=False, num_layers=chunk.num_layers)
@@ -73,17 +75,20 @@ class Stage3Model(MegatronModule):
     def set_input_tensor(self, input_tensor) -> None:
         self.llm.set_input_tensor(input_tensor)
 
-    def video_queries(self, video: torch.Tensor) -> torch.Tensor:
+    def video_queries(self, video: torch.Tensor, instruction: torch.Tensor | None = None,
+                      instruction_mask: torch.Tensor | None = None) -> torch.Tensor:
         """video [b, 3, T, H, W] -> [b, Q, H_llm]: this encoder group's share of the clips
-        encoded, the shares gathered over the replica group."""
+        encoded (with their instructions [b, L], model.qformer.text_input), the shares gathered
+        over the replica group."""
         g = self.groups
         share = video.shape[0] // g.replicas
-        mine = video[g.replica * share:(g.replica + 1) * share]
+        mine = slice(g.replica * share, (g.replica + 1) * share)
         visible = torch.arange(self.video.tokens.real, device=video.device).expand(share, -1)
         frozen = not any(p.requires_grad for p in self.video.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            hidden, _ = self.video.encode(mine, visible, None)
-        queries = self.qformer(self.video.full_sequence(hidden)).transpose(0, 1).contiguous()
+            hidden, _ = self.video.encode(video[mine], visible, None)
+        text = (None, None) if instruction is None else (instruction[mine], instruction_mask[mine])
+        queries = self.qformer(self.video.full_sequence(hidden), *text).transpose(0, 1).contiguous()
         return from_sequence_parallel(queries, g.replica_group, g.replicas > 1)
 
     def embed_prompt(self, ids: torch.Tensor, video_mask: torch.Tensor | None,
@@ -107,7 +112,8 @@ class Stage3Model(MegatronModule):
         if self.pre_process:
             queries = batch.queries
             if queries is None and batch.video is not None:
-                queries = self.video_queries(batch.video)
+                queries = self.video_queries(batch.video, batch.instruction,
+                                             batch.instruction_mask)
             decoder_input = self.embed_prompt(batch.ids, batch.video_mask, queries)
         out = self.llm(input_ids=None, position_ids=None, attention_mask=batch.attention_mask,
                        decoder_input=decoder_input,

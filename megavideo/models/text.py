@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
 from kernels.norms import LayerNorm
-from megavideo.config import TextConfig, padded_vocab
+from megavideo.config import PostNormEncoderConfig, TextConfig, padded_vocab
 from megavideo.models.encoders import EncoderLayers
 from megavideo.models.init import init_normal, init_with, normal_linear
 from megavideo.models.specs import ViTTransformerConfig
@@ -80,10 +81,11 @@ class TextEncoder(MegatronModule):
 
 class MLMHead(nn.Module):
     """BERT's masked-LM head: dense, GELU, LayerNorm, then the word embeddings as the decoder
-    (vocab-parallel logits) plus a bias."""
+    (vocab-parallel logits) plus a bias; ``encoder`` has ``word_embeddings`` and
+    ``vocab_size`` (the text encoder, or the QFormer as its captioning decoder)."""
 
-    def __init__(self, text: TextConfig, config: ViTTransformerConfig, encoder: TextEncoder,
-                 tp_group) -> None:
+    def __init__(self, text: PostNormEncoderConfig, config: ViTTransformerConfig,
+                 encoder: nn.Module, tp_group) -> None:
         super().__init__()
         h = text.hidden_size
         self.encoder = [encoder]  # not a submodule: the decoder weight is its word embeddings
@@ -101,17 +103,39 @@ class MLMHead(nn.Module):
         padding rows at -1e4."""
         x = self.norm(F.gelu(self.dense(hidden)))
         logits, _ = self.decoder(x, weight=self.encoder[0].word_embeddings.weight)
+        return logits.float().masked_fill(~self._real(logits), -1e4)
+
+    def _real(self, logits: torch.Tensor) -> torch.Tensor:
+        """[V/tp] True on this rank's real (not padding) vocabulary entries."""
         local = logits.shape[-1]
         first = local * (torch.distributed.get_rank(self.tp_group)
                          if group_size(self.tp_group) > 1 else 0)
         vocab_ids = torch.arange(first, first + local, device=logits.device)
-        return logits.float().masked_fill(vocab_ids >= self.encoder[0].vocab_size, -1e4)
+        return vocab_ids < self.encoder[0].vocab_size
 
-    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor
-             ) -> torch.Tensor:
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor,
+             label_smoothing: float = 0.0) -> torch.Tensor:
         """Cross entropy summed over the labelled positions / ``normalizer``; hidden [L, B, H],
-        labels [B, L] with -100 elsewhere."""
+        labels [B, L] with -100 elsewhere. ``label_smoothing`` ε: torch's, over the real
+        vocabulary: (1 - ε) CE + ε mean over the vocabulary of -log p."""
         target = labels.transpose(0, 1).contiguous()
-        losses = tensor_parallel.vocab_parallel_cross_entropy(self.logits(hidden),
-                                                              target.clamp(min=0))
+        logits = self.logits(hidden)
+        uniform = self._uniform_nll(logits) if label_smoothing else None
+        # megatron-core's cross entropy works in place on the logits it is given
+        losses = tensor_parallel.vocab_parallel_cross_entropy(
+            logits.clone() if label_smoothing else logits, target.clamp(min=0))
+        if uniform is not None:
+            losses = (1.0 - label_smoothing) * losses + label_smoothing * uniform
         return (losses * (target != -100)).sum() / normalizer
+
+    def _uniform_nll(self, logits: torch.Tensor) -> torch.Tensor:
+        """-mean_v log p_v over the real vocabulary [L, B] of vocab-parallel logits."""
+        top = logits.detach().amax(-1, keepdim=True)
+        if group_size(self.tp_group) > 1:
+            torch.distributed.all_reduce(top, torch.distributed.ReduceOp.MAX, group=self.tp_group)
+        exp_sum = (logits - top).exp().sum(-1)
+        real_sum = (logits * self._real(logits)).sum(-1)
+        if group_size(self.tp_group) > 1:
+            exp_sum = reduce_from_tensor_model_parallel_region(exp_sum, self.tp_group)
+            real_sum = reduce_from_tensor_model_parallel_region(real_sum, self.tp_group)
+        return exp_sum.log() + top.squeeze(-1) - real_sum / self.encoder[0].vocab_size

@@ -10,7 +10,11 @@ link (only the LLM's hidden states do).
 Each stage builds what it needs of a micro-batch itself: the first the clips and the prompts'
 ids, the last the targets and the loss mask, from per-sample generators (synthetic colour clips
 with three kinds of question) or from manifest rows with question-answer pairs (the first stage
-decodes and sends the rows to the last).
+decodes and sends the rows to the last). The sub-stages (``model.substage``, VideoChat2's):
+``instruct`` trains on those conversations; ``caption`` on each clip's caption after a prompt
+drawn from ``data.caption_prompts``, the LLM frozen; ``align`` has no LLM
+(:mod:`megavideo.stages.align`). With ``model.qformer.text_input`` the QFormer reads each
+sample's instruction with its queries.
 """
 
 from __future__ import annotations
@@ -20,7 +24,14 @@ from dataclasses import replace
 import torch
 
 from dataloaders import conversation
-from dataloaders.synthetic import generator, global_indices, pattern_of, pattern_video
+from dataloaders.synthetic import (
+    generator,
+    global_indices,
+    pattern_caption,
+    pattern_of,
+    pattern_video,
+)
+from dataloaders.tokenizer import QFormerText
 from megavideo.config import Config
 from megavideo.models.llm import llm_config
 from megavideo.models.lora import is_lora
@@ -44,6 +55,11 @@ class Stage3(PipelineStage):
         super().__init__(cfg, device)
         par, model = cfg.parallel, cfg.model
         self.tokenizer = conversation.ChatTokenizer(model.llm.tokenizer)
+        self.captioning = model.substage == "caption"
+        self.prompts = conversation.read_caption_prompts(cfg.data.caption_prompts) \
+            if self.captioning else []
+        self.qformer_text = QFormerText(model.qformer.vocab_file) if model.qformer.text_input \
+            else None
         self.groups = encoder_groups(par.encoder_tp_size)
         video_par = replace(par, tp=par.encoder_tp_size, pp=1, vpp=1, pipeline_layout=[])
         video_config = transformer_config(model.student, video_par, cfg.train, pipelined=False,
@@ -51,8 +67,9 @@ class Stage3(PipelineStage):
         qformer_config = transformer_config(model.qformer, video_par, cfg.train, pipelined=False,
                                             sequence_parallel=False)
         qformer_config.hidden_dropout = qformer_config.attention_dropout = model.qformer.dropout
+        vocab = len(self.qformer_text) if self.qformer_text else 0
         self.models = [Stage3Model(model, self.config, chunk, video_config, qformer_config,
-                                   self.tokens, self.groups).to(device)
+                                   self.tokens, self.groups, vocab).to(device)
                        for chunk in self.layout[self.pp_rank]]
         self._freeze()
         for m in self.models:
@@ -93,9 +110,20 @@ class Stage3(PipelineStage):
                 elif model.llm.tuning != "full":
                     param.requires_grad = model.llm.tuning == "lora" and is_lora(name)
 
-    def _questions(self, step: int, indices: list[int], rows: list[int] | None
-                   ) -> list[list[conversation.QA]]:
+    def _texts(self, step: int, indices: list[int], rows: list[int] | None) -> list:
+        """Each sample's text: its question-answer pairs, or (caption sub-stage) its prompt
+        and caption."""
         seed = self.cfg.train.seed
+        if self.captioning:
+            def prompt(i: int) -> str:
+                g = generator(seed, step, i, "prompt")
+                return self.prompts[int(torch.randint(len(self.prompts), (1,), generator=g))]
+
+            if rows is None:
+                return [(prompt(i), pattern_caption(pattern_of(seed, i))) for i in indices]
+            return [(prompt(i), data.caption(self.manifest, row, self.cfg.data.captions,
+                                             generator(seed, step, i, "caption")))
+                    for row, i in zip(rows, indices, strict=True)]
         if rows is None:
             return [conversation.synthetic_qa(seed, step, i, pattern_of(seed, i)) for i in indices]
         return [conversation.manifest_qa(self.manifest.texts(row), generator(seed, step, i, "qa"))
@@ -123,24 +151,40 @@ class Stage3(PipelineStage):
                                          [pattern_of(seed, i) for i in indices],
                                          student.num_frames, student.image_size)
         if first or self.last:
-            out["qa"] = self._questions(step, indices, rows)
+            out["texts"] = self._texts(step, indices, rows)
         return out
 
-    def make_batch(self, model: Stage3Model, video: torch.Tensor | None,
-                   qa: list[list[conversation.QA]]) -> Stage3Batch:
-        """A chunk's micro-batch of conversations, each sample's pairs as its turns."""
-        llm = self.cfg.model.llm
-        length = llm.max_length
+    def _prompts(self, texts: list) -> list[conversation.Prompt]:
+        model = self.cfg.model
+        queries, length = model.qformer.queries, model.llm.max_length
+        if self.captioning:
+            return [conversation.tokenize_caption(self.tokenizer, prompt, caption, queries,
+                                                  length, self.cfg.data.caption_tokens)
+                    for prompt, caption in texts]
+        return [conversation.tokenize(self.tokenizer, conversation.render(turns)[0], queries,
+                                      length) for turns in texts]
+
+    def instructions(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The QFormer's instruction ids and mask [b, L] on the device (text_input)."""
+        ids, mask = self.qformer_text.instructions(texts, self.cfg.model.qformer.max_text_length)
+        return ids.to(self.device), mask.to(self.device)
+
+    def make_batch(self, model: Stage3Model, video: torch.Tensor | None, texts: list
+                   ) -> Stage3Batch:
+        """A chunk's micro-batch of conversations, each sample's pairs as its turns (or its
+        caption after its prompt)."""
+        length = self.cfg.model.llm.max_length
         batch = Stage3Batch(attention_mask=conversation.causal_mask(length, self.device))
         if not (model.pre_process or model.post_process):
             return batch
-        queries = self.cfg.model.qformer.queries
-        prompts = [conversation.tokenize(self.tokenizer, conversation.render(turns)[0], queries,
-                                         length) for turns in qa]
-        tensors = {k: v.to(self.device) for k, v in conversation.batch(prompts).items()}
+        tensors = {k: v.to(self.device)
+                   for k, v in conversation.batch(self._prompts(texts)).items()}
         if model.pre_process:
             batch.video, batch.ids = video, tensors["ids"]
             batch.video_mask = tensors["video_mask"]
+            if self.qformer_text is not None:
+                batch.instruction, batch.instruction_mask = self.instructions(
+                    [conversation.render(turns)[1] for turns in texts])
         if model.post_process:
             batch.labels, batch.loss_mask = tensors["labels"], tensors["loss_mask"]
         return batch
@@ -156,7 +200,7 @@ class Stage3(PipelineStage):
             source = self._source(step, indices)
             for c, model in enumerate(self.models):
                 per_chunk[c].append(self.make_batch(model, source.get("video"),
-                                                    source.get("qa", [])))
+                                                    source.get("texts", [])))
         return per_chunk
 
 

@@ -43,8 +43,10 @@ from megavideo.training.state import canonical_params, named_parameters
 from megavideo.weights.adapters import (
     EarlierStage,
     ImportedWeights,
+    OtherSubstage,
     model_differences,
     released_weights,
+    substage,
 )
 from megavideo.weights.internvideo2 import progress
 from parallel import optimizer_state
@@ -90,6 +92,19 @@ def teacher_params(teachers) -> dict[str, torch.nn.Parameter]:
     return {checkpoint_key(kind, n): p for kind, module in (("clip_teacher", teachers.clip),
                                                             ("mae_teacher", teachers.mae))
             for n, p in named_parameters(module)}
+
+
+def _parts(names: list[str], every: list[str]) -> str:
+    """``names`` in short: a top-level module where all of its parameters are among them, else
+    its submodules that are."""
+    out = []
+    for top in dict.fromkeys(n.split(".")[0] for n in names):
+        if all(n in names for n in every if n.split(".")[0] == top):
+            out.append(top)
+        else:
+            out += dict.fromkeys(".".join(n.split(".")[:2]) for n in names
+                                 if n.split(".")[0] == top)
+    return ", ".join(out) or "nothing"
 
 
 def resolve(path: str | Path) -> Path:
@@ -372,6 +387,8 @@ class Checkpointer:
         meta = dist_checkpointing.load_common_state_dict(str(path))["meta"]
         if weights_only and meta["config"].get("stage", 1) < self.cfg.stage:
             return self.load_video_encoder(path, meta)  # an earlier stage's checkpoint
+        if weights_only and substage(meta["config"]) != substage(self.cfg.to_dict()):
+            return self.load_substage(path, meta)  # another stage-3 sub-stage's
         # the keys of this stage's model section (a checkpoint written before the sections were
         # split per stage holds every stage's)
         current = self.cfg.to_dict()["model"]
@@ -411,6 +428,46 @@ class Checkpointer:
         if audio is not None and audio.enabled and audio.frozen and not audio.weights:
             raise ConfigError(FROZEN_AUDIO)  # nothing else would load it
         adapter = EarlierStage(path, meta, self.cfg)
+        only = self._load_adapted(path, adapter)
+        log.info("loaded the video encoder of stage %d from %s (%d tensors, %d -> %d frames); "
+                 "the rest of the stage-%d model starts fresh", adapter.stage, path, len(only),
+                 *adapter.frames, self.cfg.stage)
+        return 0
+
+    def load_substage(self, path: Path, meta: dict) -> int:
+        """Start a stage-3 sub-stage from another's checkpoint (align -> caption -> instruct):
+        every tensor both models have, at any layout, the video encoder's position embedding
+        resampled to this sub-stage's frames (:class:`~megavideo.weights.adapters.
+        OtherSubstage`); the rest starts fresh (LoRA's adapters, the extra queries, the LLM
+        after align: model.llm.weights)."""
+        stored = {key: tuple(t.global_shape)
+                  for key, t in dist_checkpointing.load_tensors_metadata(str(path)).items()}
+        adapter = OtherSubstage(path, meta, self.cfg, stored)
+        wrong = []
+        for index, (name, param) in enumerate(self.params):
+            key = checkpoint_key("student", name)
+            whole = whole_shape(param, self._coords(param)[1])
+            if adapter.key(name) is None or adapter.stored_shape(name, whole) != whole:
+                continue  # absent, or resampled
+            shape = tuple(self._shards(key, param, None, index, 0, saving=False)[0].global_shape)
+            if stored[key] != shape:
+                wrong.append(f"{name} {stored[key]} != {shape}")
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, wrong[:3])  # every rank fails alike, or none
+        wrong = [w for ranks in everyone for w in ranks]
+        if wrong:
+            raise ConfigError(f"checkpoint {path} holds tensors of other shapes than this model's "
+                              f"(saved != here): {'; '.join(wrong[:3])}.")
+        only = self._load_adapted(path, adapter)
+        log.info("loaded %d tensors of %s (%d -> %d frames); fresh on this rank: %s", len(only),
+                 adapter.source, *adapter.frames,
+                 _parts([name for name, _ in self.params if name not in only],
+                        [name for name, _ in self.params]))
+        return 0
+
+    def _load_adapted(self, path: Path, adapter) -> set[str]:
+        """The parameters ``adapter`` names in the checkpoint at ``path``, read at this layout
+        and adapted; returns their names."""
         keys = {name: adapter.key(name) for name, _ in self.params}
         readers: dict[str, list[str]] = {}  # checkpoint key -> the parameters made from it
         for name, key in keys.items():
@@ -427,8 +484,9 @@ class Checkpointer:
                 # read whole, then adapted (a resampled tensor is not TP-split)
                 local = torch.empty(stored, dtype=param.dtype)
                 whole[name] = readers[keys[name]]
+            copy = 1 if getattr(param, "shared", False) else 0  # a replica of stage 3's encoder
             request[name] = self._shards(checkpoint_key("student", keys[name]), param, local,
-                                         index, 0, saving=False)
+                                         index, copy, saving=False)
         loaded = dist_checkpointing.load({"model": request}, str(path))
         for first, names in whole.items():
             if first in loaded["model"]:
@@ -436,10 +494,7 @@ class Checkpointer:
                 loaded["model"] |= {name: [adapter.adapt(name, tensor)] for name in names}
         only = {name for name, key in keys.items() if key is not None}
         self._apply(loaded, (), 0, only)
-        log.info("loaded the video encoder of stage %d from %s (%d tensors, %d -> %d frames); "
-                 "the rest of the stage-%d model starts fresh", adapter.stage, path, len(only),
-                 *adapter.frames, self.cfg.stage)
-        return 0
+        return only
 
     def import_weights(self, adapter: ImportedWeights) -> None:
         """Import a released checkpoint in another layout into this rank's shards (each rank

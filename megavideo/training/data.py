@@ -60,14 +60,15 @@ def _read(cfg: Config, key: str, path: str) -> Manifest:
     if not len(manifest):
         raise ConfigError(f"data.{key} {path} lists no clips.")
     if cfg.stage > 1:
-        keys = cfg.data.captions if cfg.stage == 2 else list(QA_KEYS)
+        captioned = cfg.stage == 2 or cfg.model.substage != "instruct"
+        keys = cfg.data.captions if captioned else list(QA_KEYS)
         uncaptioned = manifest.without_text(keys)
         if len(uncaptioned):
             first = int(uncaptioned[0])
             raise ConfigError(
                 f"{len(uncaptioned)} of {len(manifest)} clips of data.{key} {path} "
-                f"have no {'caption' if cfg.stage == 2 else 'question-answer pair'} under "
-                f"{'data.captions=' if cfg.stage == 2 else 'the keys '}{keys} (e.g. "
+                f"have no {'caption' if captioned else 'question-answer pair'} under "
+                f"{'data.captions=' if captioned else 'the keys '}{keys} (e.g. "
                 f"{manifest.path(first)}, keys {sorted(manifest.texts(first))}).")
     return manifest
 

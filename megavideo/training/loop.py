@@ -21,6 +21,7 @@ from kernels import backends
 from megavideo.accounting.meter import StepMeter
 from megavideo.config import Config, megatron, validate_device, validate_world
 from megavideo.models.init import initialize
+from megavideo.stages.align import Align
 from megavideo.stages.stage1 import Stage1
 from megavideo.stages.stage2 import Stage2
 from megavideo.stages.stage3 import Stage3
@@ -34,6 +35,13 @@ from parallel.distributed import detect_launch, device, init_distributed, init_m
 log = logging.getLogger(__name__)
 
 STAGES = {1: Stage1, 2: Stage2, 3: Stage3}
+
+
+def stage_class(cfg: Config) -> type:
+    """The runner of the config's stage (stage 3's align sub-stage has its own)."""
+    if cfg.stage == 3 and cfg.model.substage == "align":
+        return Align
+    return STAGES[cfg.stage]
 
 
 class Trainer:
@@ -54,7 +62,7 @@ class Trainer:
 
         model_parallel_cuda_manual_seed(train.seed + 100 * pp_rank)
         self.device = device()
-        self.stage = STAGES[cfg.stage](cfg, self.device)
+        self.stage = stage_class(cfg)(cfg, self.device)
         self._initialize(train.seed)
         config = self.stage.config
         self.chunks = [

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from dataloaders.tokenizer import QFormerText
 from megavideo.config import AudioConfig, Config, ConfigError, LLMConfig, QFormerConfig, TextConfig
 from megavideo.models.embedding import frame_mean, interpolate_frames
 from megavideo.models.lora import is_lora
@@ -105,6 +106,30 @@ class EarlierStage(Adapter):
         return interpolate_frames(tensor, *self.frames, True) if self._resampled(name) else tensor
 
 
+def substage(config: dict) -> str:
+    """A config's (as a dict) stage-3 sub-stage; "" for other stages."""
+    if config.get("stage", 1) != 3:
+        return ""
+    return config.get("model", {}).get("substage", "instruct")
+
+
+class OtherSubstage(EarlierStage):
+    """Another stage-3 sub-stage's checkpoint, whose tensor keys and whole shapes are
+    ``stored``: each tensor both models have, the video encoder's position embedding resampled
+    to this sub-stage's frame count."""
+
+    def __init__(self, path: Path, meta: dict, cfg: Config, stored: dict[str, tuple]) -> None:
+        super().__init__(path, meta, cfg)
+        self.stored = stored
+        self.source = f"the {substage(meta['config'])} sub-stage at {path}"
+
+    def key(self, name: str) -> str | None:
+        return name if f"model.{name}" in self.stored else None
+
+    def _resampled(self, name: str) -> bool:
+        return name == "video.embed.pos_embed" and len(set(self.frames)) == 2
+
+
 class ImportedWeights(Adapter):
     """Weights of a released checkpoint in another layout (the file the config key ``config_key``
     names): :meth:`check` lists every tensor the file lacks in one sentence, :meth:`read` gives each
@@ -182,9 +207,9 @@ class QFormerWeights(ImportedWeights):
 
     config_key, what = "model.qformer.weights", "a BERT or VideoChat2 QFormer checkpoint"
 
-    def __init__(self, path: str, config: QFormerConfig) -> None:
+    def __init__(self, path: str, config: QFormerConfig, vocab: int = 0) -> None:
         super().__init__(path)
-        self.config = config
+        self.config, self.vocab = config, vocab
         try:
             self.keys = qformer.QFormerKeys(set(self.weights.keys()))
         except ValueError as err:
@@ -200,7 +225,7 @@ class QFormerWeights(ImportedWeights):
         return next((k for k in (key, hf_bert.legacy_name(key)) if k in self.weights), None)
 
     def convert(self, name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
-        return qformer.to_megatron(name, tensors, self.config)
+        return qformer.to_megatron(name, tensors, self.config, self.vocab)
 
 
 class HuggingFaceBert(ImportedWeights):
@@ -274,14 +299,17 @@ class OfficialBeats(ImportedWeights):
 
 def released_weights(cfg: Config, vocab: int | None = None) -> list[ImportedWeights]:
     """The released checkpoints ``cfg`` imports at start-up (``model.llm.weights``,
-    ``model.text.weights``, ``model.audio.weights``); ``vocab``: stage 2's tokenizer size."""
+    ``model.qformer.weights``, ``model.text.weights``, ``model.audio.weights``); ``vocab``:
+    stage 2's tokenizer size."""
     model = cfg.model
     out: list[ImportedWeights] = []
     if cfg.stage == 3:
         if model.llm.weights:
             out.append(HuggingFaceLLM(model.llm.weights, model.llm))
         if model.qformer.weights:
-            out.append(QFormerWeights(model.qformer.weights, model.qformer))
+            texts = model.substage == "align" or model.qformer.text_input
+            vocab = len(QFormerText(model.qformer.vocab_file)) if texts else 0
+            out.append(QFormerWeights(model.qformer.weights, model.qformer, vocab))
         return out
     if cfg.stage == 2 and model.text.weights:
         out.append(HuggingFaceBert(model.text.weights, model.text, vocab))

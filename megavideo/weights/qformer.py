@@ -12,10 +12,15 @@ VideoChat2 starts its QFormer) or from a released VideoChat2 / InternVideo2-Chat
     query_tokens [1, 32, H], extra_query_tokens [1, 64, H]   qformer.queries, qformer.extra_queries
     vision_layernorm                                qformer.video_norm
     mistral_proj (VideoChat2), project_up (InternVideo2-Chat)   qformer.proj
+    with text (model.qformer.vocab_file):
+    <bert>embeddings.{word,position}_embeddings     qformer.{word,position}_embeddings (a file
+                                                    without the [DEC] row: it is drawn N(0, 0.02))
+    <bert>encoder.layer.<i>.intermediate.dense      ... text_mlp.linear_fc1    (BERT's FFN,
+    <bert>encoder.layer.<i>.output.{dense,LayerNorm}  ... text_mlp.linear_fc2, text_mlp_norm   the text's)
 
 What the file lacks keeps its initialisation: from bert-base that is the cross-attention (a fresh
 BERT layer's init), the queries (32 N(0, 0.02), 64 zeros), the video LayerNorm and the projection.
-BERT's word and position embeddings are not read (the queries take no text).
+A QFormer without text reads neither BERT's embeddings nor its text FFN.
 """
 
 from __future__ import annotations
@@ -25,13 +30,16 @@ from collections.abc import Collection
 
 import torch
 
-from megavideo.config import QFormerConfig
+from megavideo.config import QFormerConfig, padded_vocab
 from megavideo.weights.hf_bert import IN_LAYER, interleave, is_cross_attention, legacy_name
 
 Tensor = torch.Tensor
 _LAYER = re.compile(r"^qformer\.layers\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _QUERY_FFN = {"intermediate.dense": "intermediate_query.dense", "output.dense": "output_query.dense",
               "output.LayerNorm": "output_query.LayerNorm"}
+_TEXT_FFN = {"text_mlp.linear_fc1": "intermediate.dense", "text_mlp.linear_fc2": "output.dense",
+             "text_mlp_norm": "output.LayerNorm"}
+_EMBEDDINGS = ("word_embeddings", "position_embeddings")
 _EMBED_NORM = "embeddings.LayerNorm.weight"
 PROJECTIONS = ("mistral_proj", "project_up")
 
@@ -68,10 +76,15 @@ class QFormerKeys:
                "qformer.embed_norm.bias": f"{self.prefix}embeddings.LayerNorm.bias"}
         if self.proj:
             top[f"qformer.proj.{kind}"] = f"{outer}{self.proj}.{kind}"
+        for table in _EMBEDDINGS:
+            top[f"qformer.{table}.weight"] = f"{self.prefix}embeddings.{table}.weight"
         if name in top:
             key = top[name]
             return [key] if key in self.keys or legacy_name(key) in self.keys else None
         match = _LAYER.match(name)
+        if match and match.group(2) in _TEXT_FFN:
+            layer, module, kind = match.groups()
+            return [f"{self.prefix}encoder.layer.{layer}.{_TEXT_FFN[module]}.{kind}"]
         if not match or match.group(2) not in IN_LAYER or \
                 (is_cross_attention(name) and not self.crosses):
             return None
@@ -80,13 +93,31 @@ class QFormerKeys:
         return [f"{self.prefix}encoder.layer.{layer}.{p}.{kind}" for p in parts]
 
 
-def to_megatron(name: str, tensors: list[Tensor], qformer: QFormerConfig) -> Tensor:
-    """The file's tensors (in :meth:`QFormerKeys.sources` order) -> the single-rank parameter."""
+def to_megatron(name: str, tensors: list[Tensor], qformer: QFormerConfig, vocab: int = 0
+                ) -> Tensor:
+    """The file's tensors (in :meth:`QFormerKeys.sources` order) -> the single-rank parameter;
+    ``vocab``: the text's tokenizer with [DEC]."""
     if len(tensors) > 1:  # q, k, v (or k, v) fused per head
         return interleave(tensors, qformer.num_heads)
     if name in ("qformer.queries", "qformer.extra_queries"):
         return tensors[0].transpose(0, 1)  # [1, Q, H] -> [Q, 1, H]
+    if name == "qformer.word_embeddings.weight":
+        return _vocab_rows(tensors[0], vocab)
     return tensors[0]
+
+
+def _vocab_rows(table: Tensor, vocab: int) -> Tensor:
+    """BERT's word embeddings [R, H] as the QFormer's [padded_vocab(vocab), H]: R = vocab, or
+    vocab - 1 (bert-base-uncased: the [DEC] row VideoChat2 adds drawn N(0, 0.02), as Hugging
+    Face's ``resize_token_embeddings`` drew it), the padding rows zero."""
+    rows = table.shape[0]
+    if rows not in (vocab, vocab - 1):
+        raise ValueError(f"its word embeddings have {rows} rows but the tokenizer "
+                         f"(model.qformer.vocab_file) with [DEC] has {vocab} tokens")
+    dec = torch.empty(vocab - rows, table.shape[1]).normal_(0.0, 0.02,
+                                                            generator=torch.Generator().manual_seed(0))
+    padding = table.new_zeros(padded_vocab(vocab) - vocab, table.shape[1])
+    return torch.cat([table, dec.to(table.dtype), padding])
 
 
 __all__ = ["PROJECTIONS", "QFormerKeys", "bert_prefix", "to_megatron"]

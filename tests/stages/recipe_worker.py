@@ -39,6 +39,37 @@ def contrast_gradient(features, weight, items, rows: slice, group, official: boo
     return grad
 
 
+def query_inputs(n: int = 8, queries: int = 3, dim: int = 6, width: int = 5):
+    """The align sub-stage's contrast: n clips' query features, n captions' features, the
+    projection they share and the items (two samples share one)."""
+    g = torch.Generator().manual_seed(1)
+    items = torch.arange(n)
+    items[1] = 0
+    return (torch.randn(n, queries, dim, generator=g), torch.randn(n, dim, generator=g),
+            torch.randn(width, dim, generator=g), items)
+
+
+def query_contrast_gradient(clips, texts, weight, items, rows: slice, group, how: str
+                            ) -> torch.Tensor:
+    """This rank's gradient of the projection after the data-parallel average, for VTC over
+    the queries' ``how`` (mean or max) similarity."""
+    import torch.nn.functional as F
+
+    from megavideo.models.objectives import info_nce, query_similarities
+    from parallel.comm import all_gather_rows, group_size
+
+    w = weight.clone().requires_grad_()
+    v = F.normalize(clips[rows] @ w.T, dim=-1)
+    t = F.normalize(texts[rows] @ w.T.flip(0), dim=-1)
+    v2t, t2v = query_similarities(v, t, group, how)
+    info_nce(v2t / 0.1, t2v / 0.1, items[rows], all_gather_rows(items[rows], group)).backward()
+    grad = w.grad.clone()
+    if group_size(group) > 1:  # DDP's average
+        dist.all_reduce(grad, group=group)
+        grad /= group_size(group)
+    return grad
+
+
 def vtc_gradients(rank: int, world: int, out: str) -> None:
     from parallel.distributed import init_distributed
 
@@ -52,6 +83,8 @@ def vtc_gradients(rank: int, world: int, out: str) -> None:
         rows = slice(local * per, (local + 1) * per)
         got[size] = {official: contrast_gradient(features, weight, items, rows, group, official)
                      for official in (False, True)}
+        got[size] |= {how: query_contrast_gradient(*query_inputs()[:3], query_inputs()[3], rows,
+                                                   group, how) for how in ("mean", "max")}
     if rank == 0:
         torch.save(got, out)
 

@@ -44,6 +44,36 @@ def test_the_official_contrast_gives_one_over_w_of_it(gradients, single_process,
     assert ratio == pytest.approx(1 / world, rel=1e-5)
 
 
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("how", ["mean", "max"])
+def test_the_query_contrast_gives_the_single_process_gradient(gradients, world, how):
+    """The align sub-stage's VTC (similarity: the queries' mean or max) over data-parallel
+    ranks: the gradient of one process holding the micro-batch."""
+    clips, texts, weight, items = recipe_worker.query_inputs()
+    single = recipe_worker.query_contrast_gradient(clips, texts, weight, items, slice(None),
+                                                   None, how)
+    assert torch.allclose(gradients[world][how], single, rtol=1e-5, atol=1e-7)
+
+
+def test_the_query_similarity_is_videochat2s():
+    """VideoChat2's get_sim written out: every clip's queries against every caption, the mean
+    (or max) over the queries; InfoNCE both ways against the diagonal."""
+    import torch.nn.functional as F
+
+    from megavideo.models.objectives import info_nce, query_similarities
+
+    clips, texts, _, _ = recipe_worker.query_inputs()
+    v, t = F.normalize(clips, dim=-1), F.normalize(texts, dim=-1)
+    items = torch.arange(len(t))
+    for how in ("mean", "max"):
+        v2t = torch.stack([torch.stack([(v[i] @ t[j]).mean() if how == "mean" else
+                                        (v[i] @ t[j]).max() for j in range(len(t))])
+                           for i in range(len(v))])
+        expected = (F.cross_entropy(v2t / 0.1, items) + F.cross_entropy(v2t.T / 0.1, items)) / 2
+        got = info_nce(*(s / 0.1 for s in query_similarities(v, t, None, how)), items, items)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_a_stage2_step_with_the_official_recipe(tmp_path):
     """tp 2 x dp 2: BERT's dropout on, per-term MLM masks, local hard negatives; the temperature
     starts above 0.5 and is clamped in place to it."""

@@ -114,6 +114,32 @@ STAGE3_WORLD4 = [
     ("s3_pp2_vpp2_etp1_dp2", ["parallel.pp=2", "parallel.vpp=2", "train.micro_batch=2"], 0),
 ]
 
+# Stage 3's sub-stages (each against its own one-rank reference). align: the QFormer's VTM and
+# captioning with the video encoder training too (so its gradients are compared), the hard
+# negatives drawn from the data-parallel micro-batch; its VTC is left to
+# tests/stages/test_official_recipe.py: at initialisation the toy QFormer's caption vectors are
+# nearly one direction, so the contrast's gradient is a difference of nearly equal terms whose
+# rounding (relative 1e-3 between layouts, measured) no fp32 tolerance separates from an error.
+# caption: captions into the frozen LLM at pp 2 x tp 2 + SP; text_input: the instruction read
+# by the QFormer.
+ALIGN = str(Path(__file__).resolve().parents[2] / "configs" / "stage3_align_tiny.yaml")
+ALIGN_BASE = ("train.micro_batch=8", "parallel.tp=1", "parallel.sp=false",
+              "model.video_frozen=false", "model.align.vtc=0")
+ALIGN_WORLD2 = [("a_tp2_sp", ["parallel.tp=2", "parallel.sp=true"], 0),
+                ("a_dp2", ["train.micro_batch=4"], 0)]
+ALIGN_WORLD4 = [("a_dp2_tp2_sp", ["parallel.tp=2", "parallel.sp=true", "train.micro_batch=4"], 0)]
+CAPTION = str(Path(__file__).resolve().parents[2] / "configs" / "stage3_caption_tiny.yaml")
+CAPTION_BASE = ("train.micro_batch=4", "parallel.tp=1", "parallel.pp=1", "parallel.sp=false",
+                "parallel.encoder_tp=0")
+CAPTION_WORLD4 = [("c_pp2_tp2_sp_etp1", ["parallel.pp=2", "parallel.tp=2", "parallel.sp=true",
+                                         "parallel.encoder_tp=1"], 0)]
+TEXT_INPUT = STAGE3_BASE + ("model.qformer.text_input=true",
+                            f"model.qformer.vocab_file={Path(STAGE3).parent / 'vocab' / 'synthetic.txt'}")
+TEXT_INPUT_WORLD2 = [("t_tp2_sp_etp1", ["parallel.tp=2", "parallel.sp=true",
+                                        "parallel.encoder_tp=1"], 0)]
+SUBSTAGES = {"align": (ALIGN_WORLD2 + ALIGN_WORLD4, "align"),
+             "caption": (CAPTION_WORLD4, "caption"), "text_input": (TEXT_INPUT_WORLD2, "text")}
+
 
 def _merged(out: Path, names: list[str]) -> dict:
     results = {}
@@ -145,17 +171,28 @@ def all_runs(tmp_path_factory):
                           (w.reference, (str(ref2), 0, STAGE2, STAGE2_BASE)),
                           (w.reference, (str(ref2i), 0, STAGE2, STAGE2_IMAGES)),
                           (w.reference, (str(ref3), 0, STAGE3, STAGE3_BASE)),
-                          (w.reference, (str(ref3_lora), 0, STAGE3, STAGE3_LORA))])
+                          (w.reference, (str(ref3_lora), 0, STAGE3, STAGE3_LORA)),
+                          (w.reference, (str(out / "ref_align.pt"), 0, ALIGN, ALIGN_BASE)),
+                          (w.reference, (str(out / "ref_caption.pt"), 0, CAPTION, CAPTION_BASE)),
+                          (w.reference, (str(out / "ref_text.pt"), 0, STAGE3, TEXT_INPUT))])
     spawn(2, w.sequence, [(w.layouts, (str(ref), WORLD2, str(out))),
                           (w.layouts, (str(ref2), STAGE2_WORLD2, str(out), STAGE2, STAGE2_BASE)),
                           (w.layouts, (str(ref3), STAGE3_WORLD2, str(out), STAGE3, STAGE3_BASE)),
                           (w.layouts, (str(ref3_lora), STAGE3_LORA_WORLD2, str(out), STAGE3,
-                                       STAGE3_LORA))])
+                                       STAGE3_LORA)),
+                          (w.layouts, (str(out / "ref_align.pt"), ALIGN_WORLD2, str(out), ALIGN,
+                                       ALIGN_BASE)),
+                          (w.layouts, (str(out / "ref_text.pt"), TEXT_INPUT_WORLD2, str(out),
+                                       STAGE3, TEXT_INPUT))])
     spawn(4, w.sequence, [(w.layouts, (str(ref), WORLD4, str(out))),
                           (w.layouts, (str(ref2), STAGE2_WORLD4, str(out), STAGE2, STAGE2_BASE)),
                           (w.layouts, (str(ref2i), STAGE2_IMAGES_WORLD4, str(out), STAGE2,
                                        STAGE2_IMAGES)),
-                          (w.layouts, (str(ref3), STAGE3_WORLD4, str(out), STAGE3, STAGE3_BASE))])
+                          (w.layouts, (str(ref3), STAGE3_WORLD4, str(out), STAGE3, STAGE3_BASE)),
+                          (w.layouts, (str(out / "ref_align.pt"), ALIGN_WORLD4, str(out), ALIGN,
+                                       ALIGN_BASE)),
+                          (w.layouts, (str(out / "ref_caption.pt"), CAPTION_WORLD4, str(out),
+                                       CAPTION, CAPTION_BASE))])
     # megatron-core's unfused attention (the score matrix) at tp 1 / pp 1, in a process of its own
     # (megatron-core's GPTModel pins its attention backend in NVTE_* variables for the process)
     unfused = [out / f"unfused{stage}.pt" for stage in (1, 2, 3)]
@@ -167,9 +204,11 @@ def all_runs(tmp_path_factory):
     stage3 = _merged(out, [n for n, _, _ in STAGE3_WORLD2 + STAGE3_WORLD4])
     stage3_lora = _merged(out, [n for n, _, _ in STAGE3_LORA_WORLD2])
     images = _merged(out, [n for n, _, _ in STAGE2_IMAGES_WORLD4])
+    substages = {key: (torch.load(out / f"ref_{ref}.pt"), _merged(out, [n for n, _, _ in cases]))
+                 for key, (cases, ref) in SUBSTAGES.items()}
     return ((torch.load(ref), stage1), (torch.load(ref2), stage2),
             (torch.load(ref3), stage3 | stage3_lora), torch.load(ref3_lora),
-            [torch.load(path) for path in unfused], (torch.load(ref2i), images))
+            [torch.load(path) for path in unfused], (torch.load(ref2i), images), substages)
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +310,28 @@ def test_stage3_loss_and_gradients_match_reference(all_runs, name):
         ref = all_runs[3]
     got = results[name]
     assert got["loss"]["loss/lm"] == pytest.approx(ref["loss"]["loss/lm"], rel=1e-6)
+    _assert_grads_match(ref["grads"], got["grads"])
+
+
+def test_the_align_reference_computes_its_terms_and_trains_the_video_encoder(all_runs):
+    ref, _ = all_runs[6]["align"]
+    assert {k for k in ref["loss"] if k.startswith("loss/")} == {"loss/vtm", "loss/cap"}
+    parts = {name.split(".")[0] for name, g in ref["grads"].items() if g.abs().max() > 0}
+    assert parts == {"video", "qformer", "itm_head", "cap_head"}  # the projections: VTC's
+
+
+def test_the_caption_reference_leaves_the_llm_frozen(all_runs):
+    ref, _ = all_runs[6]["caption"]
+    assert {name.split(".")[0] for name in ref["grads"]} == {"video", "qformer"}
+
+
+@pytest.mark.parametrize("key, name", [(k, n) for k, (cases, _) in SUBSTAGES.items()
+                                       for n, _, _ in cases])
+def test_substages_match_their_reference(all_runs, key, name):
+    ref, results = all_runs[6][key]
+    got = results[name]
+    for term, value in ref["loss"].items():
+        assert got["loss"][term] == pytest.approx(value, rel=1e-6, abs=1e-9), term
     _assert_grads_match(ref["grads"], got["grads"])
 
 

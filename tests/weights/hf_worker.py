@@ -114,3 +114,51 @@ def qformer_hidden(rank: int, world: int, config: str, weights: str, out: str) -
         got[tp] = (hidden, state)
     if rank == 0:
         torch.save(got, out)
+
+
+def qformer_text_hidden(rank: int, world: int, config: str, weights: str, vocab: str,
+                        out: str) -> None:
+    """The QFormer with text (model.qformer.text_input) imported from ``weights`` at encoder tp
+    1 and 2: its outputs on random video tokens and two texts (the second padded) with queries
+    and text seeing each other (``joint``), text alone (``text``), and the captioning mask
+    (``causal``; ``causal_changed``: the texts' last two tokens changed)."""
+    from megavideo.config import load_config
+    from megavideo.models.qformer import joint_mask
+    from megavideo.training.checkpoint import Checkpointer
+    from megavideo.training.loop import Trainer
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 16, (2, 6), generator=g)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    ids[1, 4:] = 0
+    changed = ids.clone()
+    changed[0, 4:] = 5
+    got = {}
+    for tp in (1, 2):
+        cfg = load_config(config, [f"model.qformer.weights={weights}", "run.tensorboard=false",
+                                   "model.qformer.text_input=true",
+                                   f"model.qformer.vocab_file={vocab}",
+                                   "train.micro_batch=2", "train.global_batch=4", "parallel.pp=1",
+                                   "parallel.sp=false", f"parallel.tp={tp}",
+                                   f"parallel.encoder_tp={tp}", f"run.dir={out}.tp{tp}"])
+        trainer = Trainer(cfg)
+        Checkpointer(cfg, trainer).restore()
+        qformer = trainer.chunks[0].module.qformer
+        qformer.eval()
+        q = qformer.num_queries
+        with torch.no_grad():
+            video = torch.randn(12, 2, qformer.video_norm.weight.shape[0],
+                                generator=torch.Generator().manual_seed(2))
+            memory = qformer.video_norm(video)
+            got[tp] = {
+                "memory": memory,
+                "queries": torch.cat([qformer.queries, qformer.extra_queries]),
+                "joint": qformer.run(qformer.embed(2, ids), joint_mask(q, mask), memory, q),
+                "text": qformer.text(ids, mask),
+                "causal": qformer.run(qformer.embed(2, ids), joint_mask(q, mask, True), memory, q),
+                "causal_changed": qformer.run(qformer.embed(2, changed),
+                                              joint_mask(q, mask, True), memory, q),
+                "ids": ids, "mask": mask}
+    if rank == 0:
+        torch.save(got, out)
