@@ -212,11 +212,30 @@ TUNINGS = ("full", "lora", "frozen")
 
 def _validate_stage3(config: Config) -> None:
     par, model, train = config.parallel, config.model, config.train
-    llm, qformer, etp = model.llm, model.qformer, par.encoder_tp_size
+    qformer, etp = model.qformer, par.encoder_tp_size
     if train.micro_batch % (par.tp // etp):
         raise ConfigError(f"train.micro_batch ({train.micro_batch}) must be a multiple of "
                           f"parallel.tp / parallel.encoder_tp ({par.tp // etp}): each video "
                           "encoder group takes its share of the micro-batch.")
+    if model.substage != "align":  # the align sub-stage has no LLM
+        _validate_llm(config)
+    _validate_encoder(qformer, "qformer", etp,
+                      "parallel.encoder_tp" if par.encoder_tp else "parallel.tp")
+    if qformer.cross_attention_every < 1 or qformer.num_queries < 1 or qformer.extra_queries < 0:
+        raise ConfigError("model.qformer: cross_attention_every and num_queries must be positive, "
+                          "extra_queries >= 0.")
+    if not 0 <= qformer.dropout < 1:
+        raise ConfigError(f"model.qformer.dropout must be in [0, 1), got {qformer.dropout}.")
+    if qformer.weights and not Path(qformer.weights).exists():
+        raise ConfigError(f"model.qformer.weights: no such file or folder {qformer.weights}.")
+    if model.student.num_layers < 2:
+        raise ConfigError("stage 3 reads the video encoder's penultimate layer: "
+                          "model.student.num_layers must be at least 2.")
+    _validate_substage(config)
+
+
+def _validate_llm(config: Config) -> None:
+    par, llm, qformer = config.parallel, config.model.llm, config.model.qformer
     if llm.hidden_size % llm.num_heads or llm.num_heads % llm.num_kv_heads:
         raise ConfigError(f"model.llm.num_heads ({llm.num_heads}) must divide hidden_size "
                           f"({llm.hidden_size}) and be a multiple of num_kv_heads "
@@ -245,19 +264,6 @@ def _validate_stage3(config: Config) -> None:
     if par.sp and llm.max_length % par.tp:
         raise ConfigError(f"model.llm.max_length ({llm.max_length}) must be divisible by "
                           f"parallel.tp ({par.tp}) with sequence parallelism.")
-    _validate_encoder(qformer, "qformer", etp,
-                      "parallel.encoder_tp" if par.encoder_tp else "parallel.tp")
-    if qformer.cross_attention_every < 1 or qformer.num_queries < 1 or qformer.extra_queries < 0:
-        raise ConfigError("model.qformer: cross_attention_every and num_queries must be positive, "
-                          "extra_queries >= 0.")
-    if not 0 <= qformer.dropout < 1:
-        raise ConfigError(f"model.qformer.dropout must be in [0, 1), got {qformer.dropout}.")
-    if qformer.weights and not Path(qformer.weights).exists():
-        raise ConfigError(f"model.qformer.weights: no such file or folder {qformer.weights}.")
-    if model.student.num_layers < 2:
-        raise ConfigError("stage 3 reads the video encoder's penultimate layer: "
-                          "model.student.num_layers must be at least 2.")
-    _validate_substage(config)
 
 
 SUBSTAGES = ("align", "caption", "instruct")

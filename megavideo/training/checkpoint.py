@@ -96,14 +96,14 @@ def teacher_params(teachers) -> dict[str, torch.nn.Parameter]:
 
 def _parts(names: list[str], every: list[str]) -> str:
     """``names`` in short: a top-level module where all of its parameters are among them, else
-    its submodules that are."""
-    out = []
+    its submodules that are (a LoRA adapter's as ``<top>.lora``)."""
+    chosen, out = set(names), []
     for top in dict.fromkeys(n.split(".")[0] for n in names):
-        if all(n in names for n in every if n.split(".")[0] == top):
+        if all(n in chosen for n in every if n.split(".")[0] == top):
             out.append(top)
         else:
-            out += dict.fromkeys(".".join(n.split(".")[:2]) for n in names
-                                 if n.split(".")[0] == top)
+            out += dict.fromkeys(f"{top}.lora" if ".lora." in n else ".".join(n.split(".")[:2])
+                                 for n in names if n.split(".")[0] == top)
     return ", ".join(out) or "nothing"
 
 

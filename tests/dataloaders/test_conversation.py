@@ -15,9 +15,11 @@ from dataloaders.conversation import (
     batch,
     manifest_qa,
     open_prompt,
+    read_caption_prompts,
     render,
     time_message,
     tokenize,
+    tokenize_caption,
     write_word_tokenizer,
 )
 
@@ -179,3 +181,41 @@ def test_a_rows_pairs_are_shuffled_into_one_sample():
     assert sorted(t.q for t in got) == [f"q{k}" for k in range(5)]
     assert [t.q for t in got] != [f"q{k}" for k in range(5)]  # this seed's order differs
     assert got == manifest_qa(row, torch.Generator().manual_seed(3))
+
+
+def _official_caption(tok: ChatTokenizer, prompt: str, caption: str, queries: int,
+                      max_txt_len: int) -> tuple[list[int], list[int]]:
+    """``VideoChat2_pt_mistral.prompt_wrap`` and ``forward`` transcribed: <s>, the prompt split
+    at <VideoHere> around the queries, then ``caption + end_sym`` tokenized on its own and
+    truncated; targets -100 up to the caption. Returns (ids, targets), -1 at the queries."""
+    p_before, p_after = prompt.split("<VideoHere>")
+    before, after = tok.encode(p_before), tok.encode(p_after)
+    text = tok.encode(caption + "</s>")[:max_txt_len]
+    ids = [tok.bos] + before + [-1] * queries + after + text
+    targets = [-100] * (1 + len(before) + queries + len(after)) + text
+    return ids, targets
+
+
+def test_a_caption_sample_is_the_officials(words, tmp_path):
+    """The caption sub-stage's sample: VideoChat2's prompt template around the prompt line,
+    the caption after it, the loss on the caption's tokens and its </s> (cut as max_txt_l)."""
+    (tmp_path / "prompts.txt").write_text("<Video><VideoHere></Video> watch the video\n\n")
+    prompts = read_caption_prompts(tmp_path / "prompts.txt")
+    assert prompts == ["[INST] <Video><VideoHere></Video> watch the video [/INST]"]
+    for caption, cut in (("a man cooking pasta .", 32), ("a man cooking pasta in a kitchen .", 4)):
+        ids, targets = _official_caption(words, prompts[0], caption, 3, cut)
+        got = tokenize_caption(words, prompts[0], caption, 3, 64, cut)
+        n = got.length
+        assert n == len(ids)
+        assert [i for i, v in zip(got.ids[:n].tolist(), got.video[:n].tolist(), strict=True)
+                if not v] == [i for i in ids if i != -1]
+        assert got.video[:n].tolist() == [i == -1 for i in ids]
+        assert got.loss[:n].tolist() == [t != -100 for t in targets]
+
+
+def test_caption_prompts_without_a_video_place_are_refused(tmp_path):
+    (tmp_path / "bad.txt").write_text("Describe the video.\n")
+    with pytest.raises(ValueError, match="<VideoHere>"):
+        read_caption_prompts(tmp_path / "bad.txt")
+    with pytest.raises(ValueError, match="cannot read"):
+        read_caption_prompts(tmp_path / "missing.txt")

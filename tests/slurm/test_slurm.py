@@ -200,6 +200,33 @@ def test_a_chain_runs_in_order_from_the_previous_stage_checkpoint(jobs):
     assert {"loss/vtc", "loss/avmlm"} <= set(_metrics(jobs["b"].run_dir)[0])
 
 
+def test_the_stage3_substages_chain_align_caption_instruct(cluster, tmp_path):
+    """VideoChat2's sub-stages as one chain on the local cluster: align (no LLM), then caption
+    (from align's QFormer and video encoder, the frozen LLM fresh), then instruct with LoRA
+    (from caption's checkpoint, the adapters fresh, 4 -> 8 frames)."""
+    quick = ("train.steps=2", "train.warmup_steps=0")
+    chain = _run([sys.executable, "-m", "launch.submit",
+                  "slurm/stage3_align_tiny.sbatch", *quick, f"run.dir={tmp_path / 'a'}",
+                  "slurm/stage3_caption_tiny.sbatch", *quick, f"run.dir={tmp_path / 'c'}",
+                  "slurm/stage3_tiny.sbatch", *quick, "model.llm.tuning=lora",
+                  "model.llm.lora_rank=4", "checkpoint.save_at_end=false",
+                  f"run.dir={tmp_path / 'i'}", f"--sbatch=--output={tmp_path}/%j.out"], cluster)
+    ids = re.findall(r"^stage \d: job (\d+)", chain, re.MULTILINE)
+    assert len(ids) == 3, chain
+    align, caption, instruct = (Job(job, tmp_path / f"{job}.out", tmp_path / name, cluster)
+                                for name, job in zip("aci", ids, strict=True))
+    for job in (align, caption, instruct):
+        assert job.wait()["JobState"] == "COMPLETED", job.text()[-3000:]
+    assert {"loss/vtc", "loss/vtm", "loss/cap"} <= set(_metrics(align.run_dir)[0])
+    assert re.search(rf"loaded \d+ tensors of the align sub-stage at {tmp_path}/a/checkpoints/"
+                     r"step_00000002 \(4 -> 4 frames\); fresh on this rank: "
+                     r"qformer.extra_queries, qformer.proj, llm\n", caption.text()), caption.text()[-3000:]
+    assert re.search(rf"loaded \d+ tensors of the caption sub-stage at {tmp_path}/c/checkpoints/"
+                     r"step_00000002 \(4 -> 8 frames\); fresh on this rank: llm.lora\n",
+                     instruct.text()), instruct.text()[-3000:]
+    assert "loss/lm" in _metrics(instruct.run_dir)[0]
+
+
 def test_a_chain_whose_later_stage_is_refused_by_sbatch_leaves_nothing_queued(cluster, tmp_path):
     bad = tmp_path / "bad.sbatch"
     bad.write_text((ROOT / "slurm/stage1_tiny.sbatch").read_text().replace(
