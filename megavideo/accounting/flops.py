@@ -33,6 +33,7 @@ from dataclasses import astuple, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from dataloaders.tokenizer import QFormerText
 from megavideo.config import (
     AudioConfig,
     Config,
@@ -401,6 +402,56 @@ def _stage3(cfg: Config, t: _Tally) -> None:
     _qformer_and_llm(t, model, train_v, tokens.real, b)
 
 
+def _qformer_layer(queries: float, text: float, q: QFormerConfig, grad: bool, train: bool,
+                   memory: float = 0, memory_width: int = 0, memory_grad: bool = False) -> _Cost:
+    """A QFormer layer on queries and text together: self-attention and the FFNs over both, the
+    cross-attention for the queries alone."""
+    tokens, h = queries + text, q.hidden_size
+    cost = _post_norm_layer(tokens, q, grad, train)
+    if memory:  # what the queries' cross-attention adds
+        g, mg = grad or train, memory_grad or train
+        cost += (_layer_linear(queries, h, h, g, train)
+                 + _layer_linear(memory, memory_width, 2 * h, memory_grad, train)
+                 + _attention(queries, memory, h, g, mg)
+                 + _layer_linear(queries, h, h, g or mg, train))
+    return cost
+
+
+def _align(cfg: Config, t: _Tally, dp: int) -> None:
+    """The align sub-stage: the video encoder, then the QFormer on the queries alone (VTC), the
+    caption alone (VTC), queries and caption (VTM: 3 pairs per sample) and the caption after
+    the queries (captioning), with their heads."""
+    model, b = cfg.model, cfg.train.global_batch
+    q, align, student = model.qformer, model.align, model.student
+    tokens = _video_tokens(cfg)
+    train_v = not model.video_frozen
+    _video_encoder(t, "video", student, student.num_layers - 1, tokens, cfg.parallel.tp, b,
+                   train_v)
+    n, width, h, e = tokens.real, student.hidden_size, q.hidden_size, align.embed_dim
+    queries, text = q.queries, q.max_text_length
+    gathered = cfg.train.micro_batch * dp
+    passes = [(1, queries, 0, align.vtc or align.vtm), (1, 0, text, align.vtc or align.vtm),
+              (3, queries, text, align.vtm), (1, queries, text, align.cap)]
+    for copies, nq, nt, used in passes:
+        if not used:
+            continue
+        cost = sum((_qformer_layer(nq, nt, q, True, True, n if nq and i % q.cross_attention_every
+                                   == 0 else 0, width, True) for i in range(q.num_layers)),
+                   _Cost())
+        t.layers("qformer", cost, b * copies)
+    heads = _Cost()
+    if align.vtc or align.vtm:
+        vtc = bool(align.vtc)
+        heads += _linear(queries, h, e, True, vtc) + _linear(1, h, e, True, vtc)
+        heads += 2 * _mm(queries, e, gathered, vtc, vtc)
+    if align.vtm:
+        heads += 3 * _linear(1, 2 * h, 2, True, True, megatron=False)
+    if align.cap:
+        heads += (_linear(text, h, h, True, True, megatron=False)
+                  + _linear(text, h, padded_vocab(len(QFormerText(q.vocab_file))), True, True))
+    t.add("heads", heads, b)
+
+
 def _fp8_shares(cfg: Config) -> dict[str, float]:
     """Per part, the share of its layers whose GEMMs run in FP8 (``train.precision=fp8``: every
     transformer's layers but its ``fp8.bf16_first_layers`` and ``bf16_last_layers``; the frozen
@@ -428,6 +479,8 @@ def step_flops(cfg: Config, dp: int = 1) -> StepFlops:
         _stage1(cfg, t)
     elif cfg.stage == 2:
         _stage2(cfg, t, dp)
+    elif cfg.model.substage == "align":
+        _align(cfg, t, dp)
     else:
         _stage3(cfg, t)
     return t.flops

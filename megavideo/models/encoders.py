@@ -103,9 +103,9 @@ class EncoderLayers(nn.Module):
         [1, heads, s, s] of ``relative_bias`` layers. query_length: the QFormer's layers' (its
         first tokens the queries, the rest text)."""
         recompute = self.recompute and self.training
-        extra = () if query_length is None else (query_length,)
+        options = {} if query_length is None else {"query_length": query_length}
         with fp8_stack_context(self.config):
             for layer in self.layers[start:stop]:
                 x = run_layer(layer, self.config, recompute, self.tp_group, x, mask, context,
-                              context_mask, attention_bias, *extra)
+                              context_mask, attention_bias, **options)
         return x

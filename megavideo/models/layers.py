@@ -159,17 +159,18 @@ def fp8_stack_context(config):
     return get_fp8_context(config) if _delayed_scaling(config) else contextlib.nullcontext()
 
 
-def run_layer(layer: nn.Module, config, recompute: bool, tp_group, *args):
-    """``layer(*args)`` inside its FP8 context (recipes other than delayed scaling enter it per
-    layer, so the first and last layers can stay bf16), checkpointed for full recomputation: under
-    FP8 with Transformer Engine's checkpoint, whose recomputed forward reuses the first forward's
-    scaling state instead of updating the amax statistics twice."""
+def run_layer(layer: nn.Module, config, recompute: bool, tp_group, *args, **options):
+    """``layer(*args, **options)`` inside its FP8 context (recipes other than delayed scaling
+    enter it per layer, so the first and last layers can stay bf16), checkpointed for full
+    recomputation: under FP8 with Transformer Engine's checkpoint, whose recomputed forward
+    reuses the first forward's scaling state instead of updating the amax statistics twice.
+    ``options`` are not tensors and stay out of the checkpoint's saved inputs."""
 
     def forward(*inputs):
         inner = get_fp8_context(config, layer.layer_number - 1) \
             if config.fp8 and not _delayed_scaling(config) else contextlib.nullcontext()
         with inner:
-            return layer(*inputs)
+            return layer(*inputs, **options)
 
     if not recompute:
         return forward(*args)

@@ -52,7 +52,8 @@ def step_count(config: str, overrides: list[str]) -> dict[str, int]:
 
     trainer = Trainer(load_config(config, overrides))
     data_flops: list[int] = []
-    _counted_apart(trainer.stage, DATA[trainer.cfg.stage], data_flops)
+    _counted_apart(trainer.stage, "_captions" if getattr(trainer.cfg.model, "substage", "") == "align"
+                   else DATA[trainer.cfg.stage], data_flops)
     mapping = {torch.ops.aten.convolution_backward: _conv_backward}
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         trainer.forward_backward(0)

@@ -39,6 +39,9 @@ CASES = {
                                                   "model.llm.lora_rank=4"]),
     "stage3_frozen_video_full": ("stage3_tiny.yaml", STAGE3 + ["model.video_frozen=true",
                                                                "train.recompute=full"]),
+    "stage3_align": ("stage3_align_tiny.yaml", []),
+    "stage3_align_full": ("stage3_align_tiny.yaml", ["model.video_frozen=false",
+                                                     "train.recompute=full"]),
 }
 
 
