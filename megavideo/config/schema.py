@@ -205,10 +205,6 @@ class QFormerConfig(PostNormEncoderConfig):
     max_positions: int = 512
 
     @property
-    def has_text(self) -> bool:
-        return bool(self.vocab_file)
-
-    @property
     def queries(self) -> int:
         return self.num_queries + self.extra_queries
 

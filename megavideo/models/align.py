@@ -90,9 +90,6 @@ class QFormerAlignment(MegatronModule):
     def set_input_tensor(self, input_tensor) -> None:
         """One pipeline stage: nothing comes in."""
 
-    def encoder_parts(self) -> list[torch.nn.Module]:
-        return []
-
     def memory(self, video: torch.Tensor) -> torch.Tensor:
         """The clips' tokens [n, b, C] after the QFormer's video LayerNorm."""
         visible = torch.arange(self.video.tokens.real, device=video.device).expand(
@@ -154,7 +151,7 @@ class QFormerAlignment(MegatronModule):
         ids[:, 0] = self.dec
         out = self._joint(ids, batch.text_mask, memory, causal=True)[self.qformer.num_queries:]
         labels = ids.masked_fill(ids == self.pad, -100)
-        labels = torch.cat([labels[:, 1:], labels[:, :1].fill_(-100)], dim=1)  # the next token
+        labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
         count = (labels != -100).sum().float()
         if group_size(self.dp_group) > 1:
             dist.all_reduce(count, group=self.dp_group)

@@ -35,9 +35,12 @@ SHAPELESS = {"preset", "mask_ratio", "drop_path", "weights", "dropout", "lora_dr
 
 
 def model_differences(saved: dict, current: dict, prefix: str = "model") -> list[str]:
-    """``key saved != current`` for every model config key that shapes a tensor."""
+    """``key saved != current`` for every model config key that shapes a tensor (a key the saved
+    config lacks, written before the key existed, is taken to be at the default it had then)."""
     out = []
     for key in sorted(set(saved) | set(current)):
+        if key not in saved:
+            continue
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out += model_differences(a, b, f"{prefix}.{key}")

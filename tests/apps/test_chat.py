@@ -26,7 +26,8 @@ def answers(tmp_path_factory):
 def test_the_cache_gives_the_tokens_of_the_whole_sequence(answers, layout, mode):
     """Two turns of one conversation (the video encoded once): the same answers, token for
     token, with the cache and without, greedy and top-p sampled, at tp 1, at tp 2 with two
-    encoder replicas and at pp 2; the stream shows exactly the answer."""
+    encoder replicas (also with the QFormer reading the instruction) and at pp 2; the stream
+    shows exactly the answer."""
     cached, whole = answers[layout, mode, True], answers[layout, mode, False]
     assert cached == whole
     for text, streamed, tokens in cached:
@@ -37,7 +38,8 @@ def test_the_layouts_answer_alike(answers):
     """Fresh seeded weights are the same at every layout, so are the greedy answers."""
     reference = answers["tp1", "greedy", True]
     for layout in chat_worker.LAYOUTS:
-        assert answers[layout, "greedy", True] == reference, layout
+        if "instruction" not in layout:  # another model: the QFormer reads text too
+            assert answers[layout, "greedy", True] == reference, layout
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():

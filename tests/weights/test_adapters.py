@@ -53,6 +53,14 @@ def test_model_differences_ignore_the_keys_that_shape_no_tensor():
                              {"a": 1, "drop_path": 0.2, "b": {"c": 3}}) == ["model.b.c 2 != 3"]
 
 
+def test_a_key_newer_than_the_checkpoint_is_no_difference():
+    """A checkpoint written before model.substage (or the align section) existed resumes."""
+    assert model_differences({"a": 1, "qformer": {"n": 2}},
+                             {"a": 1, "substage": "instruct", "align": {"vtc": 1.0},
+                              "qformer": {"n": 2, "text_input": False}}) == []
+    assert model_differences({"a": 1}, {"a": 2, "new": 0}) == ["model.a 1 != 2"]
+
+
 def test_seeds_are_stable_and_differ_by_name():
     assert seed_of(7, "blocks.0.weight") == seed_of(7, "blocks.0.weight") < 2**63
     assert len({seed_of(s, n) for s in (7, 8) for n in ("a", "b")}) == 4
