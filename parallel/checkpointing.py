@@ -65,6 +65,15 @@ def sharded_tensors(
     return [ShardedTensor.from_rank_offsets(key, local, replica_id=(copy, tp_rank, dp_replica))]
 
 
+def as_loaded(param: torch.nn.Parameter, local: torch.Tensor, tp_rank: int) -> list[torch.Tensor]:
+    """A local tensor of ``param``'s shape as :func:`sharded_tensors` would load it (its real
+    heads apart): what :func:`assemble` puts back together."""
+    if getattr(param, "head_padding", None) is None:
+        return [local]
+    dim, rows, _ = param.head_padding
+    return [local.narrow(dim, offset, rows) for _, offset in _head_slices(param, tp_rank)]
+
+
 def assemble(param: torch.nn.Parameter, loaded: list[torch.Tensor], tp_rank: int) -> torch.Tensor:
     """The local tensor from what :func:`sharded_tensors` loaded (padding heads are zeros)."""
     if getattr(param, "head_padding", None) is None:

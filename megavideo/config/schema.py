@@ -293,6 +293,9 @@ class Stage3ModelConfig(ModelConfig):
     llm: LLMConfig = field(default_factory=LLMConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     video_frozen: bool = False  # freeze the video encoder
+    # a released InternVideo2-Chat model (its folder or file): the video encoder, the QFormer and
+    # the LLM with its LoRA adapters, imported at start-up (after llm.weights and qformer.weights)
+    weights: str = ""
 
 
 MODEL_SECTIONS: dict[int, type[ModelConfig]] = {

@@ -272,6 +272,8 @@ SUBSTAGES = ("align", "caption", "instruct")
 def _validate_substage(config: Config) -> None:
     """VideoChat2's sub-stages and the QFormer's text."""
     par, model, data = config.parallel, config.model, config.data
+    if model.weights and not Path(model.weights).exists():
+        raise ConfigError(f"model.weights: no such file or folder {model.weights}.")
     qformer, align = model.qformer, model.align
     if model.substage not in SUBSTAGES:
         raise ConfigError(f"model.substage must be one of {', '.join(SUBSTAGES)}, got "

@@ -50,7 +50,7 @@ from megavideo.weights.adapters import (
 )
 from megavideo.weights.internvideo2 import progress
 from parallel import optimizer_state
-from parallel.checkpointing import assemble, sharded_tensors
+from parallel.checkpointing import as_loaded, assemble, sharded_tensors
 from parallel.comm import group_device
 from parallel.tensors import take_shard, whole_shape
 
@@ -508,8 +508,8 @@ class Checkpointer:
         for done, name in enumerate(names, 1):
             param = params[name]
             rank, size = self._coords(param)
-            local[name] = [take_shard(param, adapter.read(name, whole_shape(param, size)),
-                                      rank, size)]
+            shard = take_shard(param, adapter.read(name, whole_shape(param, size)), rank, size)
+            local[name] = as_loaded(param, shard, rank)
             tick(done)
         self._apply({"model": local}, (), 0, set(local))
         log.info("imported %d tensors of %s", len(local), adapter.source)

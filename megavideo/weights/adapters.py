@@ -22,10 +22,18 @@ from pathlib import Path
 import torch
 
 from dataloaders.tokenizer import QFormerText
-from megavideo.config import AudioConfig, Config, ConfigError, LLMConfig, QFormerConfig, TextConfig
+from megavideo.config import (
+    AudioConfig,
+    Config,
+    ConfigError,
+    LLMConfig,
+    QFormerConfig,
+    Stage3ModelConfig,
+    TextConfig,
+)
 from megavideo.models.embedding import frame_mean, interpolate_frames
 from megavideo.models.lora import is_lora
-from megavideo.weights import beats, hf_bert, hf_llm, qformer
+from megavideo.weights import beats, hf_bert, hf_llm, qformer, videochat2
 from megavideo.weights.files import open_weights
 
 VIDEO_ENCODER = ("embed", "blocks", "pool")  # what a later stage takes from an earlier one
@@ -231,6 +239,56 @@ class QFormerWeights(ImportedWeights):
         return qformer.to_megatron(name, tensors, self.config, self.vocab)
 
 
+class InternVideo2Chat(ImportedWeights):
+    """A released InternVideo2-Chat model (``model.weights``: its folder or file): the video
+    encoder, the QFormer (the instruction read with the queries) and Mistral with its LoRA
+    adapters unmerged (:mod:`megavideo.weights.videochat2`); a position table of another frame
+    count is resampled to ``model.student.num_frames``."""
+
+    config_key, what = "model.weights", "an InternVideo2-Chat checkpoint"
+
+    def __init__(self, path: str, model: Stage3ModelConfig, vocab: int) -> None:
+        super().__init__(path)
+        keys = set(self.weights.keys())
+        if not videochat2.is_chat_file(keys):
+            raise ConfigError(f"{self.config_key}: {path} is not {self.what} (no "
+                              f"{videochat2.VISION_PREFIX}* and {videochat2.LM_PREFIX}* tensors).")
+        self.model, self.vocab = model, vocab
+        self.qformer = qformer.QFormerKeys(keys)
+
+    def key(self, name: str) -> str | None:
+        return name if self.sources(name) else None
+
+    def sources(self, name: str) -> list[str]:
+        part = name.split(".")[0]
+        if part == "video":
+            key = videochat2.video_key(name, self.model)
+            return [key] if key else []
+        if part == "qformer":
+            return self.qformer.sources(name) or []
+        if part == "llm":
+            return videochat2.llm_keys(name)
+        return []
+
+    def find(self, key: str) -> str | None:
+        return next((k for k in (key, hf_bert.legacy_name(key)) if k in self.weights), None)
+
+    def convert(self, name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+        part = name.split(".")[0]
+        if part == "qformer":
+            return qformer.to_megatron(name, tensors, self.model.qformer, self.vocab)
+        if part == "llm":
+            return tensors[0] if is_lora(name) else hf_llm.to_megatron(name, tensors,
+                                                                        self.model.llm)
+        tensor = videochat2.video_to_megatron(name, tensors[0], self.model)
+        student = self.model.student
+        if name == "video.embed.pos_embed" and tensor.shape[0] != 1 + student.num_patches:
+            frames = (tensor.shape[0] - 1) // student.patches_per_frame
+            tensor = interpolate_frames(tensor, frames, student.num_frames // student.tubelet_size,
+                                        True)
+        return tensor
+
+
 class HuggingFaceBert(ImportedWeights):
     """The stage-2 text encoder and its MLM head from a ``BertForMaskedLM`` checkpoint in the
     Hugging Face layout (bert-large-uncased), or from a file that keeps one under a prefix (an
@@ -313,6 +371,9 @@ def released_weights(cfg: Config, vocab: int | None = None) -> list[ImportedWeig
             texts = model.substage == "align" or model.qformer.text_input
             vocab = len(QFormerText(model.qformer.vocab_file)) if texts else 0
             out.append(QFormerWeights(model.qformer.weights, model.qformer, vocab))
+        if model.weights:
+            vocab = len(QFormerText(model.qformer.vocab_file)) if model.qformer.text_input else 0
+            out.append(InternVideo2Chat(model.weights, model, vocab))
         return out
     if cfg.stage == 2 and model.text.weights:
         out.append(HuggingFaceBert(model.text.weights, model.text, vocab))

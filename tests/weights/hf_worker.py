@@ -162,3 +162,31 @@ def qformer_text_hidden(rank: int, world: int, config: str, weights: str, vocab:
                 "ids": ids, "mask": mask}
     if rank == 0:
         torch.save(got, out)
+
+
+def chat_state(rank: int, world: int, config: str, overrides: list[str], out: str) -> None:
+    """Per layout (tp 1, then tp 2 with encoder tp 1): the whole stage-3 state after start-up
+    (``model.weights`` imported if the overrides name it); the seed's own LoRA B values made
+    non-zero so that the adapters' round trip is seen."""
+    from megavideo.config import load_config
+    from megavideo.training.checkpoint import Checkpointer
+    from megavideo.training.loop import Trainer
+    from megavideo.training.state import full_state, load_full_state
+
+    got = {}
+    for tp in (1, 2):
+        cfg = load_config(config, [*overrides, "run.tensorboard=false", "train.micro_batch=2",
+                                   "train.global_batch=4", "parallel.pp=1", "parallel.sp=false",
+                                   f"parallel.tp={tp}", "parallel.encoder_tp=1",
+                                   f"run.dir={out}.tp{tp}"])
+        trainer = Trainer(cfg)
+        if not cfg.model.weights:
+            state = full_state(trainer.chunks)
+            g = torch.Generator().manual_seed(5)
+            state = {k: v + 0.01 * torch.randn(v.shape, generator=g) if ".lora." in k else v
+                     for k, v in state.items()}
+            load_full_state(trainer.chunks, state)
+        Checkpointer(cfg, trainer).restore()
+        got[tp] = full_state(trainer.chunks)
+    if rank == 0:
+        torch.save(got, out)
