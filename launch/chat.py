@@ -4,7 +4,9 @@
         [--max-new-tokens N] [--temperature T --top-p P --seed S] [--no-cache] [--stats]
     torchrun --nproc-per-node 2 -m launch.chat CHECKPOINT VIDEO "question" parallel.tp=2
 
-The model is the checkpoint's own config; the layout comes from the overrides (default one rank:
+CHECKPOINT may be a stage-3 config file instead (``configs/stage3_chat8b.yaml``: the released
+InternVideo2-Chat-8B, imported at start-up from its ``model.weights``). The model is the
+checkpoint's own config; the layout comes from the overrides (default one rank:
 tp 1, pp 1; the world size must be tp x pp). The video is read as evaluation reads clips (the
 middle frame of each segment, centre crop) and encoded once; each ``--then`` asks a follow-up in
 the same conversation. Decoding is greedy unless ``--temperature`` is above 0 (then top-p
@@ -23,7 +25,9 @@ from launch.common import exit_with, process_groups_closed, setup_logging
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m launch.chat", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a stage-3 checkpoint directory or its root")
+    parser.add_argument("checkpoint", help="a stage-3 checkpoint directory or its root, or a "
+                        "stage-3 config file whose weights are imported at start-up (a released "
+                        "InternVideo2-Chat: model.weights)")
     parser.add_argument("video", help="a video file")
     parser.add_argument("question")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. parallel.tp=2")
@@ -44,7 +48,14 @@ def main(argv: list[str] | None = None) -> None:
 
     from dataloaders.conversation import TokenizerError
     from dataloaders.manifest import ProbeError
-    from megavideo.apps.chat import Chat, Conversation, Sampling, chat_config, read_video
+    from megavideo.apps.chat import (
+        Chat,
+        Conversation,
+        Sampling,
+        chat_config,
+        is_config_file,
+        read_video,
+    )
     from megavideo.config import ConfigError, validate_device, validate_world
     from parallel.distributed import detect_launch
 
@@ -62,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         exit_with(err)
     sampling = Sampling(args.temperature, args.top_p, args.seed)
     with process_groups_closed(2):  # a prompt too long for the cache: every rank finds it
-        chat = Chat(cfg, args.checkpoint)
+        chat = Chat(cfg, None if is_config_file(args.checkpoint) else args.checkpoint)
         conversation = Conversation(chat, video)
         printing = dist.get_rank() == 0
         for question in [args.question, *args.then]:

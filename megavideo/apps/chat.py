@@ -36,25 +36,39 @@ from megavideo.training.checkpoint import Checkpointer, resolve
 from megavideo.training.loop import Trainer
 
 
-def chat_config(checkpoint: str | Path, overrides: list[str]) -> Config:
-    """The checkpoint's own config for one conversation at a time: its layout from
-    ``overrides`` (default tp 1, pp 1), no data parallelism, nothing loaded or written."""
-    path = resolve(checkpoint)
-    if not (path / "metadata.json").is_file():
-        raise ConfigError(f"{checkpoint} is not a MegaVideo checkpoint (no metadata.json).")
-    saved = dist_checkpointing.load_common_state_dict(str(path))["meta"]["config"]
-    if saved.get("stage") != 3:
-        raise ConfigError(f"{checkpoint} is a stage-{saved.get('stage')} checkpoint; chat needs "
-                          "a stage-3 one.")
+def is_config_file(source: str | Path) -> bool:
+    """Whether chat's source is a config file (its weights imported at start-up) rather than a
+    checkpoint."""
+    return Path(source).suffix in (".yaml", ".yml")
+
+
+def chat_config(source: str | Path, overrides: list[str]) -> Config:
+    """The config of one conversation at a time: a checkpoint's own, or a stage-3 config file's
+    (its ``model.weights``, ``model.llm.weights``, ``model.qformer.weights`` imported at start-up:
+    a released InternVideo2-Chat); its layout from ``overrides`` (default tp 1, pp 1), no data
+    parallelism, nothing written."""
     layout = ["parallel.tp=1", "parallel.pp=1", "parallel.vpp=1", "parallel.sp=false",
               "parallel.encoder_tp=0", "parallel.pipeline_layout=[]",
               "parallel.distributed_optimizer=false", "run.device=auto"]  # this node's, not the run's
-    cfg = _from_dict(saved, layout + list(overrides))
+    fixed = ["data.source=synthetic", "checkpoint.load=", "run.tensorboard=false"]
+    if is_config_file(source):
+        def build(extra: list[str]) -> Config:
+            return load_config(source, extra)
+    else:
+        path = resolve(source)
+        if not (path / "metadata.json").is_file():
+            raise ConfigError(f"{source} is not a MegaVideo checkpoint (no metadata.json).")
+        saved = dist_checkpointing.load_common_state_dict(str(path))["meta"]["config"]
+        fixed.append("model.llm.weights=")
+
+        def build(extra: list[str]) -> Config:
+            return _from_dict(saved, extra)
+    cfg = build(layout + list(overrides))
+    if cfg.stage != 3:
+        raise ConfigError(f"{source} is a stage-{cfg.stage} model; chat needs a stage-3 one.")
     replicas = cfg.parallel.tp // cfg.parallel.encoder_tp_size
-    fixed = [f"train.micro_batch={replicas}", f"train.global_batch={replicas}",
-             "data.source=synthetic", "checkpoint.load=", "model.llm.weights=",
-             "run.tensorboard=false"]
-    return _from_dict(saved, layout + list(overrides) + fixed)
+    return build(layout + list(overrides) + fixed +
+                 [f"train.micro_batch={replicas}", f"train.global_batch={replicas}"])
 
 
 def _from_dict(raw: dict, overrides: list[str]) -> Config:
@@ -284,4 +298,5 @@ class Conversation:
         return answer
 
 
-__all__ = ["Chat", "Conversation", "Sampling", "Stats", "chat_config", "pick", "read_video"]
+__all__ = ["Chat", "Conversation", "Sampling", "Stats", "chat_config", "is_config_file", "pick",
+           "read_video"]

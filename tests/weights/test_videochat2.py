@@ -6,6 +6,8 @@ adapters merge to what the Mistral export (checked against transformers) writes.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,11 +89,11 @@ def imported(tmp_path_factory):
     save_file({k: v.contiguous() for k, v in file.items()}, str(tmp / "chat.safetensors"))
     spawn(2, hf_worker.chat_state, CONFIG, MODEL + [f"model.weights={tmp / 'chat.safetensors'}",
                                                     "train.seed=99"], str(tmp / "imported.pt"))
-    return seeded, file, torch.load(tmp / "imported.pt")
+    return seeded, file, torch.load(tmp / "imported.pt"), tmp / "chat.safetensors"
 
 
 def test_the_released_names_are_the_index_ones(imported):
-    _, file, _ = imported
+    _, file, _, _ = imported
     patterns = {re.sub(r"\.\d+\.", ".N.", k) for k in file}
     text_only = {p for p in patterns if p.startswith("qformer.bert.")}
     assert patterns - text_only == RELEASED
@@ -99,7 +101,7 @@ def test_the_released_names_are_the_index_ones(imported):
 
 def test_a_chat_file_imports_every_tensor_exactly_at_tp1_and_tp2(imported):
     """(The QFormer's vocabulary padding rows, which no token reads, are zero after import.)"""
-    seeded, _, got = imported
+    seeded, _, got, _ = imported
     vocab = len(QFormerText(VOCAB))
     for tp, state in got.items():
         assert set(state) == set(seeded), tp
@@ -114,7 +116,7 @@ def test_a_chat_file_imports_every_tensor_exactly_at_tp1_and_tp2(imported):
 def test_pefts_adapters_merge_to_the_mistral_export(imported):
     """W + alpha / r B A from the file's peft tensors = the export's merged projection (whose
     merge is checked against transformers in tests/weights/test_hf_llm.py)."""
-    seeded, file, _ = imported
+    seeded, file, _, _ = imported
     llm = load_config(CONFIG, MODEL).model.llm
     merged = hf_llm.hf_state({k: v for k, v in seeded.items() if k.startswith("llm.")}, llm)
     scale = llm.lora_alpha / llm.lora_rank
@@ -125,3 +127,20 @@ def test_pefts_adapters_merge_to_the_mistral_export(imported):
         a, b = file[f"{stem}.lora_A.default.weight"], file[f"{stem}.lora_B.default.weight"]
         ours = file[f"{stem}.weight"].float() + scale * b.float() @ a.float()
         assert torch.allclose(ours, expected.float(), rtol=0, atol=1e-6), key
+
+
+def test_chat_talks_with_a_released_model_from_its_config(imported, tmp_path):
+    """``launch.chat`` given a config file (not a checkpoint) imports model.weights at start-up
+    and answers."""
+    from dataloaders.clips import write_clip
+    from tests.stages.test_stage3 import _painter
+
+    clip = write_clip(tmp_path / "clip", "mjpeg", frames=16, width=64, height=64,
+                      draw=_painter("red", "blue", 16))
+    file = imported[3]
+    out = subprocess.run([sys.executable, "-m", "launch.chat", CONFIG, str(clip),
+                          "what happens in the video ?", *MODEL, f"model.weights={file}",
+                          "--max-new-tokens", "4"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "imported" in out.stderr and out.stdout.strip()
