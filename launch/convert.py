@@ -4,6 +4,7 @@
                              [--mae-teacher F] [--strip KIND=PREFIX ...] [--ignore PREFIX ...]
     python -m launch.convert import STAGE2_CONFIG --out DIR --stage2 F
     python -m launch.convert export CONFIG --checkpoint DIR --out DIR
+    python -m launch.convert export STAGE3_CONFIG --checkpoint DIR --out DIR --layout internvideo2-chat
 
 For a stage-2 config, ``import --stage2`` reads a released InternVideo2 stage-2 checkpoint (video
 encoder, projections, BERT, BEATs, matching heads, temperature) into a checkpoint root that any
@@ -11,7 +12,9 @@ layout loads or evaluates, and ``export`` writes ``stage2.pth`` with the officia
 
 For a stage-3 config, ``export`` writes the LLM decoder in the Hugging Face Mistral layout
 (``model.safetensors`` and ``config.json``, ``--dtype`` bfloat16 by default); its import is
-``model.llm.weights=<folder>`` at start-up, straight into the TP/PP shards.
+``model.llm.weights=<folder>`` at start-up, straight into the TP/PP shards. ``--layout
+internvideo2-chat`` writes the whole model (video encoder, QFormer, LLM with LoRA unmerged) as
+the released InternVideo2-Chat-8B names it; its import is ``model.weights=<file>``.
 
 ``import`` reads official PyTorch checkpoints (a state dict, or one under ``module``/``model``/
 ``state_dict``) and writes a checkpoint root that any layout loads (``checkpoint.load=DIR``):
@@ -44,7 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ignore", action="append", default=[], metavar="PREFIX")
     parser.add_argument("--checkpoint", help="MegaVideo checkpoint root to export")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
-                        help="stage 3: the exported LLM's dtype")
+                        help="stage 3: the exported tensors' dtype")
+    parser.add_argument("--layout", choices=("mistral", "internvideo2-chat"), default="mistral",
+                        help="stage 3: the LLM as Mistral (LoRA merged), or the whole model as "
+                             "the released InternVideo2-Chat files (LoRA unmerged)")
     args = parser.parse_args(argv)
     setup_logging()
     cfg = config_or_exit(args.config, args.overrides)
@@ -80,6 +86,17 @@ def main(argv: list[str] | None = None) -> None:
             if not args.checkpoint:
                 raise ValueError("export needs --checkpoint DIR.")
             out = Path(args.out)
+            if cfg.stage == 3 and args.layout == "internvideo2-chat":
+                from dataloaders.tokenizer import QFormerText
+                from megavideo.weights.internvideo2 import read_stage3
+                from megavideo.weights.videochat2 import write_chat
+
+                qformer = cfg.model.qformer
+                vocab = len(QFormerText(qformer.vocab_file)) if qformer.text_input else 0
+                path = write_chat(read_stage3(cfg, Path(args.checkpoint)), cfg, vocab, out,
+                                  getattr(torch, args.dtype))
+                print(f"wrote {path}")
+                return
             if cfg.stage == 3:
                 from megavideo.weights.hf_llm import write_hf
                 from megavideo.weights.internvideo2 import read_llm

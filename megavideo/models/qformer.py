@@ -110,7 +110,7 @@ class QFormer(MegatronModule):
                                                     dtype=config.params_dtype)
             init_with(self.position_embeddings.weight, init_normal)
         self.embed_norm = LayerNorm(config, h, qformer.norm_eps)
-        drop = torch.linspace(0, qformer.drop_path, n).tolist()
+        drop = [qformer.drop_path * i / max(n - 1, 1) for i in range(n)]  # linspace(0, p, n)
         self.layers = EncoderLayers(
             qformer, config, range(0, n, qformer.cross_attention_every), video_width,
             pg_collection, arbitrary=bool(vocab_size), layer=QFormerLayer,

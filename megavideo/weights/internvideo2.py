@@ -322,19 +322,49 @@ def read_checkpoint(cfg: Config, root: Path) -> dict[str, dict[str, Tensor]]:
 def read_llm(cfg: Config, root: Path) -> dict[str, Tensor]:
     """The stage-3 LLM decoder's single-rank fp32 tensors (``llm.*``, its LoRA adapters too)
     of a checkpoint root or step directory."""
+    return read_stage3(cfg, root, parts=("llm",))
+
+
+def read_stage3(cfg: Config, root: Path, parts: tuple[str, ...] = ("video", "qformer", "llm")
+                ) -> dict[str, Tensor]:
+    """The single-rank fp32 tensors of a stage-3 checkpoint root or step directory: the video
+    encoder (``video.*``), the QFormer (``qformer.*``, its text with model.qformer.text_input)
+    and the LLM (``llm.*``, its LoRA adapters too), those of ``parts``."""
     from megatron.core import dist_checkpointing
 
+    from dataloaders.tokenizer import QFormerText
     from megavideo.accounting.describe import meta_device
     from megavideo.models.llm import build_llm, llm_config
+    from megavideo.models.qformer import QFormer
+    from megavideo.models.specs import transformer_config
+    from megavideo.models.video import Tokens, VideoChunk
     from megavideo.training.checkpoint import checkpoint_key, resolve
     from megavideo.training.state import named_parameters
     from parallel.checkpointing import assemble, sharded_tensors
     from parallel.distributed import single_rank_world
+    from parallel.layout import Chunk
 
-    one = dataclasses.replace(cfg.parallel, tp=1, pp=1, vpp=1, sp=False, pipeline_layout=[])
+    model = cfg.model
+    one = dataclasses.replace(cfg.parallel, tp=1, pp=1, vpp=1, sp=False, pipeline_layout=[],
+                              encoder_tp=0)
+    params: dict[str, torch.nn.Parameter] = {}
     with single_rank_world(), meta_device():
-        llm = build_llm(cfg.model.llm, llm_config(cfg.model.llm, one, cfg.train))
-    params = {f"llm.{n}": p for n, p in named_parameters(llm)}
+        if "video" in parts:
+            whole = Chunk(0, 0, 0, model.student.num_layers - 1, True, False)
+            video = VideoChunk(model, transformer_config(model.student, one, cfg.train,
+                                                         pipelined=False, sequence_parallel=False),
+                               whole, Tokens.whole(model, 1, False), None)
+            params |= {f"video.{n}": p for n, p in named_parameters(video)}
+        if "qformer" in parts:
+            vocab = len(QFormerText(model.qformer.vocab_file)) if model.qformer.text_input else 0
+            qformer = QFormer(model.qformer, transformer_config(model.qformer, one, cfg.train,
+                                                                pipelined=False,
+                                                                sequence_parallel=False),
+                              model.student.hidden_size, model.llm.hidden_size, vocab_size=vocab)
+            params |= {f"qformer.{n}": p for n, p in named_parameters(qformer)}
+        if "llm" in parts:
+            llm = build_llm(model.llm, llm_config(model.llm, one, cfg.train))
+            params |= {f"llm.{n}": p for n, p in named_parameters(llm)}
     with single_rank_world():
         request = {n: sharded_tensors(checkpoint_key("student", n), p, None, 0, 1, (0, 0),
                                       torch.float32) for n, p in params.items()}

@@ -15,20 +15,26 @@ InternVideo2-1B and Mistral-7B) <-> the stage-3 model.
 
 Not read: ``vision_encoder.img_pos_embed`` (the image table; video chat does not use it),
 ``project_down`` (LM -> QFormer width, for a vision regression loss the chat recipe leaves off)
-and ``qformer.bert.embeddings.position_ids`` (a buffer).
+and ``qformer.bert.embeddings.position_ids`` (a buffer). :func:`write_chat` writes a stage-3
+checkpoint back in this layout: the image table as the video table's frame mean (as stage 2 makes
+its own), ``project_down`` left out.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Collection
+from pathlib import Path
 
 import torch
 
-from megavideo.config import Stage3ModelConfig
+from megavideo.config import Config, Stage3ModelConfig
+from megavideo.models.embedding import frame_mean
 from megavideo.models.lora import adapter_of
 from megavideo.weights import hf_llm
+from megavideo.weights.hf_bert import split_heads
 from megavideo.weights.internvideo2 import VISION, _mapping, qkv_to_megatron, qkv_to_official
+from megavideo.weights.qformer import QFormerKeys
 
 Tensor = torch.Tensor
 VISION_PREFIX, LM_PREFIX = "vision_encoder.", "lm.base_model.model."
@@ -99,5 +105,62 @@ def llm_to_file(state: dict[str, Tensor], model: Stage3ModelConfig) -> dict[str,
     return out
 
 
-__all__ = ["LM_PREFIX", "VISION_PREFIX", "is_chat_file", "llm_keys", "llm_to_file", "video_key",
-           "video_to_file", "video_to_megatron"]
+# the released file's keys that fix its QFormer layout (prefix, the queries' own FFN, the
+# cross-attention, the projection's name)
+_RELEASED_QFORMER = QFormerKeys({
+    "qformer.bert.embeddings.LayerNorm.weight", "qformer.bert.embeddings.LayerNorm.bias",
+    "qformer.bert.embeddings.word_embeddings.weight",
+    "qformer.bert.embeddings.position_embeddings.weight",
+    "qformer.bert.encoder.layer.0.intermediate_query.dense.weight",
+    "qformer.bert.encoder.layer.0.crossattention.self.query.weight", "query_tokens",
+    "extra_query_tokens", "vision_layernorm.weight", "vision_layernorm.bias",
+    "project_up.weight", "project_up.bias"})
+
+
+def qformer_to_file(name: str, tensor: Tensor, model: Stage3ModelConfig, vocab: int
+                    ) -> dict[str, Tensor]:
+    """A single-rank QFormer parameter under the released names (``vocab``: its text's
+    tokenizer with [DEC], the word embeddings' real rows)."""
+    keys = _RELEASED_QFORMER.sources(name)
+    if keys is None:
+        raise KeyError(f"{name} has no InternVideo2-Chat counterpart")
+    if len(keys) > 1:
+        parts = split_heads(tensor, model.qformer.num_heads, len(keys))
+    elif name in ("qformer.queries", "qformer.extra_queries"):
+        parts = [tensor.transpose(0, 1)]  # [Q, 1, H] -> [1, Q, H]
+    elif name == "qformer.word_embeddings.weight":
+        parts = [tensor[:vocab]]
+    else:
+        parts = [tensor]
+    return {k: p.contiguous() for k, p in zip(keys, parts, strict=True)}
+
+
+def chat_state(state: dict[str, Tensor], cfg: Config, vocab: int) -> dict[str, Tensor]:
+    """A stage-3 model's single-rank tensors -> the released InternVideo2-Chat file's."""
+    model = cfg.model
+    out = llm_to_file({k: v for k, v in state.items() if k.startswith("llm.")}, model)
+    for name, tensor in state.items():
+        if name.startswith("video."):
+            out[video_key(name, model)] = video_to_file(name, tensor, model)
+        elif name.startswith("qformer."):
+            out.update(qformer_to_file(name, tensor, model, vocab))
+    student = model.student
+    pos = state["video.embed.pos_embed"]
+    out[f"{VISION_PREFIX}img_pos_embed"] = frame_mean(
+        pos, student.num_frames // student.tubelet_size, True)[None]
+    return out
+
+
+def write_chat(state: dict[str, Tensor], cfg: Config, vocab: int, out: Path,
+               dtype: torch.dtype = torch.bfloat16) -> Path:
+    """``out/model.safetensors`` in the released InternVideo2-Chat layout (LoRA unmerged)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.to(dtype).contiguous() for k, v in chat_state(state, cfg, vocab).items()}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out / "model.safetensors"
+
+
+__all__ = ["LM_PREFIX", "VISION_PREFIX", "chat_state", "is_chat_file", "llm_keys", "llm_to_file",
+           "qformer_to_file", "video_key", "video_to_file", "video_to_megatron", "write_chat"]

@@ -167,7 +167,8 @@ def qformer_text_hidden(rank: int, world: int, config: str, weights: str, vocab:
 def chat_state(rank: int, world: int, config: str, overrides: list[str], out: str) -> None:
     """Per layout (tp 1, then tp 2 with encoder tp 1): the whole stage-3 state after start-up
     (``model.weights`` imported if the overrides name it); the seed's own LoRA B values made
-    non-zero so that the adapters' round trip is seen."""
+    non-zero so that the adapters' round trip is seen, and that model saved at tp 2 as
+    ``<out>.checkpoints``."""
     from megavideo.config import load_config
     from megavideo.training.checkpoint import Checkpointer
     from megavideo.training.loop import Trainer
@@ -186,7 +187,11 @@ def chat_state(rank: int, world: int, config: str, overrides: list[str], out: st
             state = {k: v + 0.01 * torch.randn(v.shape, generator=g) if ".lora." in k else v
                      for k, v in state.items()}
             load_full_state(trainer.chunks, state)
-        Checkpointer(cfg, trainer).restore()
+        checkpointer = Checkpointer(cfg, trainer)
+        checkpointer.restore()
         got[tp] = full_state(trainer.chunks)
+        if tp == 2 and not cfg.model.weights:  # the seeded model, saved at a layout of its own
+            checkpointer.root = Path(f"{out}.checkpoints")
+            checkpointer.save(0)
     if rank == 0:
         torch.save(got, out)

@@ -89,11 +89,12 @@ def imported(tmp_path_factory):
     save_file({k: v.contiguous() for k, v in file.items()}, str(tmp / "chat.safetensors"))
     spawn(2, hf_worker.chat_state, CONFIG, MODEL + [f"model.weights={tmp / 'chat.safetensors'}",
                                                     "train.seed=99"], str(tmp / "imported.pt"))
-    return seeded, file, torch.load(tmp / "imported.pt"), tmp / "chat.safetensors"
+    return (seeded, file, torch.load(tmp / "imported.pt"), tmp / "chat.safetensors",
+            tmp / "seeded.pt.checkpoints")
 
 
 def test_the_released_names_are_the_index_ones(imported):
-    _, file, _, _ = imported
+    _, file, _, _, _ = imported
     patterns = {re.sub(r"\.\d+\.", ".N.", k) for k in file}
     text_only = {p for p in patterns if p.startswith("qformer.bert.")}
     assert patterns - text_only == RELEASED
@@ -101,7 +102,7 @@ def test_the_released_names_are_the_index_ones(imported):
 
 def test_a_chat_file_imports_every_tensor_exactly_at_tp1_and_tp2(imported):
     """(The QFormer's vocabulary padding rows, which no token reads, are zero after import.)"""
-    seeded, _, got, _ = imported
+    seeded, _, got, _, _ = imported
     vocab = len(QFormerText(VOCAB))
     for tp, state in got.items():
         assert set(state) == set(seeded), tp
@@ -116,7 +117,7 @@ def test_a_chat_file_imports_every_tensor_exactly_at_tp1_and_tp2(imported):
 def test_pefts_adapters_merge_to_the_mistral_export(imported):
     """W + alpha / r B A from the file's peft tensors = the export's merged projection (whose
     merge is checked against transformers in tests/weights/test_hf_llm.py)."""
-    seeded, file, _, _ = imported
+    seeded, file, _, _, _ = imported
     llm = load_config(CONFIG, MODEL).model.llm
     merged = hf_llm.hf_state({k: v for k, v in seeded.items() if k.startswith("llm.")}, llm)
     scale = llm.lora_alpha / llm.lora_rank
@@ -144,3 +145,27 @@ def test_chat_talks_with_a_released_model_from_its_config(imported, tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "imported" in out.stderr and out.stdout.strip()
+
+
+def test_a_checkpoint_exports_as_the_released_files(imported, tmp_path):
+    """``launch.convert export --layout internvideo2-chat`` of the model saved at tp 2: the
+    released names and tensors as written above, LoRA unmerged, and the image table the video
+    table's mean over its frames."""
+    from safetensors.torch import load_file
+
+    _, file, _, _, checkpoints = imported
+    out = subprocess.run([sys.executable, "-m", "launch.convert", "export", CONFIG, *MODEL,
+                          "--checkpoint", str(checkpoints), "--out", str(tmp_path),
+                          "--layout", "internvideo2-chat", "--dtype", "float32"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    written = load_file(str(tmp_path / "model.safetensors"))
+    image = written.pop("vision_encoder.img_pos_embed")
+    assert set(written) == set(file)
+    for key, tensor in file.items():
+        assert torch.equal(written[key], tensor.float()), key
+    pos = file["vision_encoder.pos_embed"][0]
+    frames = load_config(CONFIG, MODEL).model.student.num_frames
+    assert torch.equal(image[0, 0], pos[0])
+    assert torch.allclose(image[0, 1:], pos[1:].reshape(frames, -1, pos.shape[-1]).mean(0))
+
