@@ -49,6 +49,7 @@ class Batch:
     rows: list[int] = field(default_factory=list)
     fbank: torch.Tensor | None = None  # [B, frames, bins], zeros where has_audio is False
     has_audio: torch.Tensor | None = None  # [B] bool
+    times: torch.Tensor | None = None  # [B, 1 + T] float64: each clip's fps, its frame indices
 
     def pin_memory(self) -> Batch:
         """The batch with its host tensors in page-locked memory (DataLoader's pinning thread
@@ -57,7 +58,7 @@ class Batch:
             return t.pin_memory() if t is not None and t.device.type == "cpu" else t
 
         return dataclasses.replace(self, video=pin(self.video), fbank=pin(self.fbank),
-                                   has_audio=pin(self.has_audio))
+                                   has_audio=pin(self.has_audio), times=pin(self.times))
 
 
 class Clips:
@@ -86,6 +87,14 @@ class Clips:
                                                                  self.audio.bins))
             present.append(reason is None)
         batch.fbank, batch.has_audio = torch.stack(banks), torch.tensor(present)
+        return batch
+
+    def _timed(self, batch: Batch, draws: list[Draw]) -> Batch:
+        """The batch with when its frames were sampled (``times``)."""
+        fps = self.manifest.fps
+        batch.times = torch.tensor([[float(fps[row]), *draw.frames]
+                                    for row, draw in zip(batch.rows, draws, strict=True)],
+                                   dtype=torch.float64)
         return batch
 
     def _draw(self, epoch: int, row: int) -> Draw:
@@ -125,7 +134,8 @@ class Clips:
                 break
             else:
                 raise self._exhausted(position)
-        return self._with_audio(Batch(torch.stack(clips), skipped, attempts, rows), draws)
+        return self._with_audio(self._timed(Batch(torch.stack(clips), skipped, attempts, rows),
+                                            draws), draws)
 
     def load_rows(self, rows: list[int]) -> Batch:
         """Decode exactly these rows, no replacements (evaluation); DataError when one fails."""
@@ -141,7 +151,8 @@ class Clips:
                                 f"the manifest {self.manifest.file}.") from None
             clips.append(crop_resize(frames, draw.crop, self.size))
             draws.append(draw)
-        return self._with_audio(Batch(torch.stack(clips), rows=list(rows)), draws)
+        return self._with_audio(self._timed(Batch(torch.stack(clips), rows=list(rows)), draws),
+                                draws)
 
     def load_dali(self, positions: list[int], decoder: DaliDecoder) -> Batch:
         """Decode with a DaliDecoder; failing samples are replaced and the batch run again."""
@@ -165,7 +176,8 @@ class Clips:
                 video, failed = decoder.decode(encoded, draws)
             if video is not None:
                 rows = [row for _, row in current]
-                return self._with_audio(Batch(video, skipped, attempts, rows), draws)
+                return self._with_audio(self._timed(Batch(video, skipped, attempts, rows), draws),
+                                        draws)
             for i, reason in sorted(failed.items()):
                 skipped.append((paths[i], reason))
                 replacement = next(candidates[i], None)

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"chat answers one question at a time: run it on tp x pp = "
                               f"{cfg.parallel.tp * cfg.parallel.pp} ranks, not {world}.")
         validate_device(cfg)
-        video = read_video(cfg, args.video)
+        video, message = read_video(cfg, args.video)
     except ProbeError as err:
         exit_with(ValueError(f"{args.video}: {err}."))
     except (ConfigError, TokenizerError) as err:
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     sampling = Sampling(args.temperature, args.top_p, args.seed)
     with process_groups_closed(2):  # a prompt too long for the cache: every rank finds it
         chat = Chat(cfg, None if is_config_file(args.checkpoint) else args.checkpoint)
-        conversation = Conversation(chat, video)
+        conversation = Conversation(chat, video, message=message)
         printing = dist.get_rank() == 0
         for question in [args.question, *args.then]:
             try:

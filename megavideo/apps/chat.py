@@ -27,7 +27,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from dataloaders.conversation import QA, causal_mask, open_prompt, tokenize
+from dataloaders.conversation import QA, causal_mask, open_prompt, time_message, tokenize
 from dataloaders.manifest import Manifest, probe
 from megavideo.config import Config, ConfigError, load_config
 from megavideo.models.stage3 import Stage3Batch
@@ -78,14 +78,18 @@ def _from_dict(raw: dict, overrides: list[str]) -> Config:
         return load_config(f.name, overrides)
 
 
-def read_video(cfg: Config, path: str) -> torch.Tensor:
-    """[3, T, H, W]: the evaluation frames of one file (middle of each segment, centre crop)."""
+def read_video(cfg: Config, path: str) -> tuple[torch.Tensor, str]:
+    """[3, T, H, W]: the evaluation frames of one file (middle of each segment, centre crop),
+    and with ``data.time_message`` the video turn's message saying when they were sampled."""
     row = probe(path)
     with tempfile.TemporaryDirectory() as tmp:
         manifest = Path(tmp) / "manifest.jsonl"
         manifest.write_text(json.dumps(row) + "\n")
-        return data.normalized(cfg, data.clips(cfg, Manifest(manifest), train=False)
-                               .load_rows([0]).video[0])
+        batch = data.clips(cfg, Manifest(manifest), train=False).load_rows([0])
+    fps, *frames = batch.times[0].tolist()
+    message = time_message([int(f) for f in frames], fps) \
+        if cfg.data.time_message and fps > 0 else ""
+    return data.normalized(cfg, batch.video[0]), message
 
 
 @dataclass(frozen=True)
@@ -274,8 +278,10 @@ class Chat:
 class Conversation:
     """Questions about one video: encoded once, the answers so far in each new prompt."""
 
-    def __init__(self, chat: Chat, video: torch.Tensor, instruction: str = "") -> None:
-        self.chat, self.instruction = chat, instruction
+    def __init__(self, chat: Chat, video: torch.Tensor, instruction: str = "",
+                 message: str = "") -> None:
+        """``message``: the video turn's (:func:`read_video`'s time message)."""
+        self.chat, self.instruction, self.message = chat, instruction, message
         self.queries = chat.encode(video, instruction)
         self.history: list[QA] = []
 
@@ -290,7 +296,7 @@ class Conversation:
             stream(text[len(shown[0]):])
             shown[0] = text
 
-        text = open_prompt(self.history, question, instruction=self.instruction)
+        text = open_prompt(self.history, question, msg=self.message, instruction=self.instruction)
         ids = self.chat.generate(text, self.queries, max_new_tokens, sampling, cache,
                                  show if stream else None)
         answer = tok.decode(ids)

@@ -422,6 +422,10 @@ class DataConfig:
     # caption's tokens, its </s> included (longer captions are cut, as the official max_txt_l)
     caption_prompts: str = ""
     caption_tokens: int = 32
+    # stage 3's instruction data: the video turn says when its frames were sampled ("The video
+    # contains 8 frames sampled at 0.5, 1.7, ... seconds."; VideoChat2's add_second_msg, on in
+    # its Mistral configs)
+    time_message: bool = False
     # stage 2's image-text data: a manifest of images (python -m launch.manifest on an annotation
     # file with "image" entries), read as 1-frame clips on image steps
     image_manifest: str = ""

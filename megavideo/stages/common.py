@@ -108,8 +108,8 @@ class PipelineStage:
         """The next decoded micro-batch of ``b`` clips (``images``: of stage 2's image feed) on
         every TP rank of the first stage: ``video`` [b, 3, frames, size, size] (copied and
         broadcast in 8-bit levels, normalised on the device), ``rows`` [b] (the manifest rows,
-        replacements included) and, with audio, ``fbank`` [b, frames, bins] and ``has_audio``
-        [b]."""
+        replacements included), with audio ``fbank`` [b, frames, bins] and ``has_audio`` [b],
+        and in stage 3 with ``data.time_message`` ``times`` [b, 1 + frames] (fps, frames)."""
         counts = torch.zeros(2, dtype=torch.float64, device=self.device)
         cfg = self.image_cfg if images else self.cfg
         if self.decodes:
@@ -119,6 +119,8 @@ class PipelineStage:
             out = {"video": batch.video, "rows": torch.tensor(batch.rows)}
             if batch.fbank is not None:
                 out |= {"fbank": batch.fbank, "has_audio": batch.has_audio.long()}
+            if "times" in data.decoded_shapes(cfg, b):
+                out["times"] = batch.times
             out = {k: v.to(self.device, non_blocking=True) for k, v in out.items()}
             counts += torch.tensor([len(batch.skipped), batch.attempts], dtype=torch.float64,
                                    device=self.device)

@@ -134,18 +134,23 @@ class Stage3(PipelineStage):
         first = any(m.pre_process for m in self.models)
         student, seed = self.cfg.model.student, self.cfg.train.seed
         out: dict = {}
-        rows = None
+        rows = times = None
         if self.cfg.data.source == "manifest":
             pp = self.cfg.parallel.pp
+            sent = [k for k in ("rows", "times") if k in data.decoded_shapes(self.cfg, 1)]
             if self.from_files:
                 decoded = self._decoded(len(indices))
-                out["video"], rows = decoded["video"], decoded["rows"]
+                out["video"], rows, times = decoded["video"], decoded["rows"], decoded.get("times")
                 if pp > 1:
-                    send_to_stage([rows], pp - 1, self.pp_group)
+                    send_to_stage([decoded[k] for k in sent], pp - 1, self.pp_group)
             elif self.last:
-                shape = data.decoded_shapes(self.cfg, len(indices))["rows"]
-                rows = recv_from_stage([shape], 0, self.pp_group, self.device)[0]
+                shapes = data.decoded_shapes(self.cfg, len(indices))
+                got = recv_from_stage([shapes[k] for k in sent], 0, self.pp_group, self.device)
+                rows, times = got[0], got[1] if len(got) > 1 else None
             rows = rows.tolist() if rows is not None else None
+            if times is not None and (first or self.last):  # one host copy per micro-batch
+                out["messages"] = [conversation.time_message([int(f) for f in t[1:]], t[0])
+                                   if t[0] > 0 else "" for t in times.tolist()]
         elif first:
             out["video"] = pattern_video(self._noise(step, indices),
                                          [pattern_of(seed, i) for i in indices],
@@ -154,31 +159,33 @@ class Stage3(PipelineStage):
             out["texts"] = self._texts(step, indices, rows)
         return out
 
-    def _prompts(self, texts: list) -> list[conversation.Prompt]:
+    def _prompts(self, texts: list, messages: list[str] | None) -> list[conversation.Prompt]:
         model = self.cfg.model
         queries, length = model.qformer.queries, model.llm.max_length
         if self.captioning:
             return [conversation.tokenize_caption(self.tokenizer, prompt, caption, queries,
                                                   length, self.cfg.data.caption_tokens)
                     for prompt, caption in texts]
-        return [conversation.tokenize(self.tokenizer, conversation.render(turns)[0], queries,
-                                      length) for turns in texts]
+        messages = messages or [""] * len(texts)
+        return [conversation.tokenize(self.tokenizer, conversation.render(turns, msg=msg)[0],
+                                      queries, length)
+                for turns, msg in zip(texts, messages, strict=True)]
 
     def instructions(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The QFormer's instruction ids and mask [b, L] on the device (text_input)."""
         ids, mask = self.qformer_text.instructions(texts, self.cfg.model.qformer.max_text_length)
         return ids.to(self.device), mask.to(self.device)
 
-    def make_batch(self, model: Stage3Model, video: torch.Tensor | None, texts: list
-                   ) -> Stage3Batch:
-        """A chunk's micro-batch of conversations, each sample's pairs as its turns (or its
-        caption after its prompt)."""
+    def make_batch(self, model: Stage3Model, video: torch.Tensor | None, texts: list,
+                   messages: list[str] | None = None) -> Stage3Batch:
+        """A chunk's micro-batch of conversations, each sample's pairs as its turns after its
+        video's ``messages`` (data.time_message), or its caption after its prompt."""
         length = self.cfg.model.llm.max_length
         batch = Stage3Batch(attention_mask=conversation.causal_mask(length, self.device))
         if not (model.pre_process or model.post_process):
             return batch
         tensors = {k: v.to(self.device)
-                   for k, v in conversation.batch(self._prompts(texts)).items()}
+                   for k, v in conversation.batch(self._prompts(texts, messages)).items()}
         if model.pre_process:
             batch.video, batch.ids = video, tensors["ids"]
             batch.video_mask = tensors["video_mask"]
@@ -200,7 +207,8 @@ class Stage3(PipelineStage):
             source = self._source(step, indices)
             for c, model in enumerate(self.models):
                 per_chunk[c].append(self.make_batch(model, source.get("video"),
-                                                    source.get("texts", [])))
+                                                    source.get("texts", []),
+                                                    source.get("messages")))
         return per_chunk
 
 

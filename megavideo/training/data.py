@@ -134,6 +134,8 @@ def decoded_shapes(cfg: Config, b: int) -> dict[str, tuple[tuple[int, ...], torc
     spec = audio_spec(cfg)
     if spec is not None:
         out |= {"fbank": ((b, spec.frames, spec.bins), torch.float32), "has_audio": ((b,), torch.long)}
+    if cfg.stage == 3 and cfg.data.time_message:
+        out["times"] = ((b, 1 + frames(cfg)), torch.float64)
     return out
 
 

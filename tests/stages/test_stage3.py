@@ -89,3 +89,26 @@ def test_stage3_config_errors_are_one_sentence():
         load_config(CONFIG, ["train.micro_batch=1", "train.global_batch=2"])
     with pytest.raises(ConfigError, match="tokenizer"):
         load_config(CONFIG, ["model.llm.tokenizer=/nonexistent.json"])
+
+
+def test_the_time_message_reaches_both_ends_of_the_pipeline(memorised, tmp_path):
+    """data.time_message: the decoder's frame indices and the clip's fps go from the first
+    pipeline stage to the last with the rows, so both build the same prompt: the first step's
+    loss at pp 2 is the one at pp 1, and not the loss without the message."""
+    tmp, _ = memorised
+
+    def first_loss(ranks: int, *overrides: str) -> float:
+        run = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        subprocess.run(torchrun(ranks) + [
+            "-m", "launch.train", CONFIG, "parallel.tp=1", "parallel.sp=false",
+            "data.source=manifest", f"data.manifest={tmp / 'manifest.jsonl'}", "data.workers=0",
+            "train.steps=1", "train.warmup_steps=0", "train.global_batch=4",
+            "train.micro_batch=4", "model.llm.max_length=64", "checkpoint.save_at_end=false",
+            "run.tensorboard=false", "train.attention=unfused", f"run.dir={run}", *overrides],
+            cwd=ROOT, check=True, timeout=300)
+        return json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+
+    with_message = first_loss(1, "parallel.pp=1", "data.time_message=true")
+    assert first_loss(2, "parallel.pp=2", "data.time_message=true") == \
+        pytest.approx(with_message, rel=1e-6)
+    assert first_loss(1, "parallel.pp=1") != pytest.approx(with_message, rel=1e-3)
