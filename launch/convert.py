@@ -87,14 +87,12 @@ def main(argv: list[str] | None = None) -> None:
                 raise ValueError("export needs --checkpoint DIR.")
             out = Path(args.out)
             if cfg.stage == 3 and args.layout == "internvideo2-chat":
-                from dataloaders.tokenizer import QFormerText
                 from megavideo.weights.internvideo2 import read_stage3
+                from megavideo.weights.qformer import text_vocab
                 from megavideo.weights.videochat2 import write_chat
 
-                qformer = cfg.model.qformer
-                vocab = len(QFormerText(qformer.vocab_file)) if qformer.text_input else 0
-                path = write_chat(read_stage3(cfg, Path(args.checkpoint)), cfg, vocab, out,
-                                  getattr(torch, args.dtype))
+                path = write_chat(read_stage3(cfg, Path(args.checkpoint)), cfg,
+                                  text_vocab(cfg.model), out, getattr(torch, args.dtype))
                 print(f"wrote {path}")
                 return
             if cfg.stage == 3:

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from dataloaders.tokenizer import QFormerText
 from megavideo.config import (
     AudioConfig,
     Config,
@@ -367,12 +366,10 @@ def released_weights(cfg: Config, vocab: int | None = None) -> list[ImportedWeig
     if cfg.stage == 3:
         if model.llm.weights:
             out.append(HuggingFaceLLM(model.llm.weights, model.llm))
+        vocab = qformer.text_vocab(model) if model.qformer.weights or model.weights else 0
         if model.qformer.weights:
-            texts = model.substage == "align" or model.qformer.text_input
-            vocab = len(QFormerText(model.qformer.vocab_file)) if texts else 0
             out.append(QFormerWeights(model.qformer.weights, model.qformer, vocab))
         if model.weights:
-            vocab = len(QFormerText(model.qformer.vocab_file)) if model.qformer.text_input else 0
             out.append(InternVideo2Chat(model.weights, model, vocab))
         return out
     if cfg.stage == 2 and model.text.weights:

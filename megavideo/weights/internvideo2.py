@@ -332,7 +332,6 @@ def read_stage3(cfg: Config, root: Path, parts: tuple[str, ...] = ("video", "qfo
     and the LLM (``llm.*``, its LoRA adapters too), those of ``parts``."""
     from megatron.core import dist_checkpointing
 
-    from dataloaders.tokenizer import QFormerText
     from megavideo.accounting.describe import meta_device
     from megavideo.models.llm import build_llm, llm_config
     from megavideo.models.qformer import QFormer
@@ -340,6 +339,7 @@ def read_stage3(cfg: Config, root: Path, parts: tuple[str, ...] = ("video", "qfo
     from megavideo.models.video import Tokens, VideoChunk
     from megavideo.training.checkpoint import checkpoint_key, resolve
     from megavideo.training.state import named_parameters
+    from megavideo.weights.qformer import text_vocab
     from parallel.checkpointing import assemble, sharded_tensors
     from parallel.distributed import single_rank_world
     from parallel.layout import Chunk
@@ -356,7 +356,7 @@ def read_stage3(cfg: Config, root: Path, parts: tuple[str, ...] = ("video", "qfo
                                whole, Tokens.whole(model, 1, False), None)
             params |= {f"video.{n}": p for n, p in named_parameters(video)}
         if "qformer" in parts:
-            vocab = len(QFormerText(model.qformer.vocab_file)) if model.qformer.text_input else 0
+            vocab = text_vocab(model)
             qformer = QFormer(model.qformer, transformer_config(model.qformer, one, cfg.train,
                                                                 pipelined=False,
                                                                 sequence_parallel=False),

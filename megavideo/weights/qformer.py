@@ -30,7 +30,7 @@ from collections.abc import Collection
 
 import torch
 
-from megavideo.config import QFormerConfig, padded_vocab
+from megavideo.config import QFormerConfig, Stage3ModelConfig, padded_vocab
 from megavideo.weights.hf_bert import IN_LAYER, interleave, is_cross_attention, legacy_name
 
 Tensor = torch.Tensor
@@ -93,6 +93,15 @@ class QFormerKeys:
         return [f"{self.prefix}encoder.layer.{layer}.{p}.{kind}" for p in parts]
 
 
+def text_vocab(model: Stage3ModelConfig) -> int:
+    """The QFormer's text vocabulary with [DEC] (0: it reads no text; it does in the align
+    sub-stage and with model.qformer.text_input)."""
+    from dataloaders.tokenizer import QFormerText
+
+    texts = model.substage == "align" or model.qformer.text_input
+    return len(QFormerText(model.qformer.vocab_file)) if texts else 0
+
+
 def to_megatron(name: str, tensors: list[Tensor], qformer: QFormerConfig, vocab: int = 0
                 ) -> Tensor:
     """The file's tensors (in :meth:`QFormerKeys.sources` order) -> the single-rank parameter;
@@ -120,4 +129,4 @@ def _vocab_rows(table: Tensor, vocab: int) -> Tensor:
     return torch.cat([table, dec.to(table.dtype), padding])
 
 
-__all__ = ["PROJECTIONS", "QFormerKeys", "bert_prefix", "to_megatron"]
+__all__ = ["PROJECTIONS", "QFormerKeys", "bert_prefix", "text_vocab", "to_megatron"]
