@@ -19,12 +19,14 @@ attends to padding, so the causal mask is the whole attention mask.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from dataloaders.manifest import QA_KEYS, usable_qa
 from dataloaders.synthetic import COLOURS, PATTERNS, generator
 
 HUMAN, HUMAN_END, ANSWER_END = "[INST]", "[/INST]", "</s>"
@@ -241,6 +243,28 @@ def manifest_qa(row: dict, g: torch.Generator) -> list[QA]:
     return [QA(pairs[k].get("q", ""), pairs[k]["a"], pairs[k].get("i", "")) for k in order]
 
 
+def read_text_rows(path: str | Path) -> list[dict]:
+    """Text-only instruction data: a JSON list or JSON Lines of rows, each with its
+    question-answer pairs under ``"QA"`` (VideoChat2's layout, no media key needed)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        rows = json.loads(text) if str(path).endswith(".json") else \
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+    except OSError as err:
+        raise ValueError(f"cannot read {path}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not JSON{'' if str(path).endswith('.json') else ' Lines'}: "
+                         f"{err}") from None
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"{path} holds no rows")
+    bad = [k for k, row in enumerate(rows)
+           if not isinstance(row, dict) or not any(usable_qa(row.get(key)) for key in QA_KEYS)]
+    if bad:
+        raise ValueError(f"{len(bad)} of {len(rows)} rows of {path} have no question-answer "
+                         f"pairs under {'/'.join(QA_KEYS)} (e.g. row {bad[0]})")
+    return rows
+
+
 def write_word_tokenizer(words: list[str], path: str | Path) -> None:
     """A word-level tokenizer.json (special tokens <pad>, <unk>, <s>, </s> and the chat template's
     pieces) for synthetic data and tests."""
@@ -256,5 +280,5 @@ def write_word_tokenizer(words: list[str], path: str | Path) -> None:
 
 __all__ = ["CHAT_WORDS", "ChatTokenizer", "MEDIA", "Prompt", "QA", "QUESTIONS", "TokenizerError",
            "VIDEO_HERE", "batch", "causal_mask", "manifest_qa", "open_prompt",
-           "read_caption_prompts", "render", "synthetic_qa", "time_message", "tokenize",
+           "read_caption_prompts", "read_text_rows", "render", "synthetic_qa", "time_message", "tokenize",
            "tokenize_caption", "write_word_tokenizer"]

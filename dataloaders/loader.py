@@ -23,7 +23,7 @@ import torch
 from dataloaders.audio import AudioSpec, clip_fbank
 from dataloaders.dali import DaliDecoder, summary
 from dataloaders.manifest import Manifest
-from dataloaders.mixture import NO_IMAGES, Mixture
+from dataloaders.mixture import IMAGE, NO_IMAGES, VIDEO, Mixture
 from dataloaders.pyav_decode import DecodeError, read_frames
 from dataloaders.sampling import Draw, Sampling, position_row
 from dataloaders.synthetic import global_indices
@@ -240,7 +240,7 @@ class Feed:
     dali_device_id: int | None = None
     pin_memory: bool = False  # page-locked batches from the decode processes (for a GPU)
     offset: int = 0  # consumed samples minus step * global batch (non-zero if the batch changed)
-    mixture: Mixture = NO_IMAGES  # stage 2's image and video steps
+    mixture: Mixture = NO_IMAGES  # the run's image, text and video steps
     images: bool = False  # this feed serves the mixture's image steps (else its video steps)
 
     def positions(self, step: int, micro: int) -> list[int]:
@@ -254,8 +254,9 @@ class Feed:
         ``consumed_samples`` (from the checkpoint) is where the data of ``start_step`` begins."""
         self.offset = consumed_samples - start_step * self.global_batch
         micro = self.global_batch // (self.micro_batch * self.dp)
+        medium = IMAGE if self.images else VIDEO
         keys = [(s, m) for s in range(start_step, steps)
-                if self.mixture.is_image(s) == self.images for m in range(micro)]
+                if self.mixture.medium(s) == medium for m in range(micro)]
         if self.backend == "dali":
             decoder = DaliDecoder(self.clips.size, self.micro_batch,
                                   self.workers, self.dali_device_id)

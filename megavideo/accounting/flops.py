@@ -393,8 +393,15 @@ def _llm(llm: LLMConfig, grad: bool) -> tuple[_Cost, _Cost]:
     return total, head
 
 
-def _stage3(cfg: Config, t: _Tally) -> None:
+def _stage3(cfg: Config, t: _Tally, video: bool = True) -> None:
+    """The video encoder, the QFormer and the LLM; a text-only step (not ``video``) the LLM
+    alone, its prompt of words."""
     model, b = cfg.model, cfg.train.global_batch
+    if not video:
+        layers, output = _llm(model.llm, model.llm.tuning == "full")
+        t.layers("llm", layers, b)
+        t.add("llm", output, b)
+        return
     tokens = _video_tokens(cfg)
     train_v = not model.video_frozen
     _video_encoder(t, "video", model.student, model.student.num_layers - 1, tokens,
@@ -471,9 +478,10 @@ def _fp8_shares(cfg: Config) -> dict[str, float]:
             for part, enc in encoders.items()}
 
 
-def step_flops(cfg: Config, dp: int = 1) -> StepFlops:
+def step_flops(cfg: Config, dp: int = 1, video: bool = True) -> StepFlops:
     """The matmul FLOPs of one training step of ``cfg`` (all devices, the whole global batch).
-    ``dp`` only sizes stage 2's similarity matrices (micro-batch x dp gathered rows)."""
+    ``dp`` only sizes stage 2's similarity matrices (micro-batch x dp gathered rows); not
+    ``video``: a stage-3 text-only step."""
     t = _Tally(cfg.train.recompute, _fp8_shares(cfg))
     if cfg.stage == 1:
         _stage1(cfg, t)
@@ -482,7 +490,7 @@ def step_flops(cfg: Config, dp: int = 1) -> StepFlops:
     elif cfg.model.substage == "align":
         _align(cfg, t, dp)
     else:
-        _stage3(cfg, t)
+        _stage3(cfg, t, video)
     return t.flops
 
 

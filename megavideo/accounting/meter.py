@@ -23,6 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from dataloaders.mixture import IMAGE, TEXT, VIDEO
 from megavideo.accounting.comm_volume import (
     CommCounter,
     dp_volume,
@@ -56,13 +57,15 @@ class StepMeter:
         flops = step_flops(cfg, stage.dp)
         self.world = world_size
         self.model_flops, self.hardware_flops = flops.model, flops.hardware
-        self.tokens = video_tokens(cfg)
-        # stage 2's image steps: (model FLOPs, hardware FLOPs, tokens) of their own
-        images = cfg.image_steps() if cfg.uses_images else None
-        self.image_step = None
-        if images is not None:
+        # per medium: (model FLOPs, hardware FLOPs, video tokens) of its steps
+        self.costs = {VIDEO: (flops.model, flops.hardware, video_tokens(cfg))}
+        if cfg.uses_images:
+            images = cfg.image_steps()
             image_flops = step_flops(images, stage.dp)
-            self.image_step = (image_flops.model, image_flops.hardware, video_tokens(images))
+            self.costs[IMAGE] = (image_flops.model, image_flops.hardware, video_tokens(images))
+        if cfg.uses_text:
+            text_flops = step_flops(cfg, stage.dp, video=False)
+            self.costs[TEXT] = (text_flops.model, text_flops.hardware, 0)
         self.samples = cfg.train.global_batch
         self.peak = peak_tflops(cfg.profile.device, cfg.train.precision, cfg.profile.peak_tflops)
         self.device = group_device()  # of the step's max-over-ranks all-reduces
@@ -104,15 +107,14 @@ class StepMeter:
                 torch.cuda.synchronize()
             self.elapsed = time.perf_counter() - started
 
-    def metrics(self, image: bool = False) -> dict[str, float]:
-        """The last step's throughput metrics (``image``: it was an image step; collective:
-        every rank calls it)."""
+    def metrics(self, medium: str = VIDEO) -> dict[str, float]:
+        """The last step's throughput metrics (``medium``: what the step trained on, see
+        :class:`~dataloaders.mixture.Mixture`; collective: every rank calls it)."""
         elapsed = self.elapsed
         memory = torch.tensor([float(peak_memory_bytes())], device=self.device)
         dist.all_reduce(memory, op=dist.ReduceOp.MAX)
         per_device = 1e12 * elapsed * self.world
-        model, hardware, tokens = self.image_step if image else \
-            (self.model_flops, self.hardware_flops, self.tokens)
+        model, hardware, tokens = self.costs[medium]
         out = {
             "perf/step_s": elapsed,
             "samples_per_s": self.samples / elapsed,

@@ -426,12 +426,19 @@ class DataConfig:
     # contains 8 frames sampled at 0.5, 1.7, ... seconds."; VideoChat2's add_second_msg, on in
     # its Mistral configs)
     time_message: bool = False
-    # stage 2's image-text data: a manifest of images (python -m launch.manifest on an annotation
-    # file with "image" entries), read as 1-frame clips on image steps
+    # image data (stage 2's image-text pairs, stage 3's image instruction rows): a manifest of
+    # images (python -m launch.manifest on an annotation file with "image" entries), read as
+    # 1-frame clips on image steps
     image_manifest: str = ""
-    # the share of image steps; null: in proportion to the two manifests' sizes (the official
+    # the share of image steps; null: in proportion to the manifests' sizes (the official
     # mixture); with synthetic data, synthetic 1-frame clips
     image_fraction: float | None = None
+    # stage 3's text-only instruction data: a JSON or JSON Lines file of rows with "QA" pairs
+    # and no media, read on text steps (no video encoder, no queries in the prompt)
+    text_manifest: str = ""
+    # the share of text steps; null: in proportion to the data's sizes; with synthetic data,
+    # synthetic questions without their clip
+    text_fraction: float | None = None
 
 
 @dataclass
@@ -486,17 +493,34 @@ class Config:
         return dataclasses.asdict(self)
 
     @property
+    def mixes_media(self) -> bool:
+        """Stage 2, or stage 3's instruction tuning: the stages whose data may mix media."""
+        return self.stage == 2 or (self.stage == 3 and self.model.substage == "instruct")
+
+    @property
     def uses_images(self) -> bool:
-        """Stage 2 with image steps: an image manifest, or a share of synthetic image steps."""
+        """Image steps (stage 2, stage 3's instruct): an image manifest, or a share of
+        synthetic image steps."""
         data = self.data
-        return self.stage == 2 and bool(data.image_manifest if data.source == "manifest"
-                                        else data.image_fraction)
+        return self.mixes_media and bool(data.image_manifest if data.source == "manifest"
+                                    else data.image_fraction)
+
+    @property
+    def uses_text(self) -> bool:
+        """Stage 3's text-only steps: a text manifest, or a share of synthetic text steps."""
+        data = self.data
+        return self.stage == 3 and self.mixes_media and bool(
+            data.text_manifest if data.source == "manifest" else data.text_fraction)
 
     def image_steps(self) -> Config:
-        """Stage 2's image steps as a config of their own: 1-frame clips at
-        ``model.image_mask_ratio``, no audio (what such a step's tokens and FLOPs follow)."""
+        """The image steps as a config of their own: 1-frame clips (stage 2's at
+        ``model.image_mask_ratio``, without audio; stage 3's without the time message), what
+        such a step's tokens and FLOPs follow."""
         model = self.model
         student = dataclasses.replace(model.student, num_frames=1)
+        if self.stage == 3:
+            return dataclasses.replace(self, model=dataclasses.replace(model, student=student),
+                                       data=dataclasses.replace(self.data, time_message=False))
         audio = dataclasses.replace(model.audio, enabled=False)
         return dataclasses.replace(self, model=dataclasses.replace(
             model, student=student, mask_ratio=model.image_mask_ratio, audio=audio))

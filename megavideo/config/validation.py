@@ -185,26 +185,45 @@ def _validate_stage2(model: Stage2ModelConfig, tp: int) -> None:
 
 
 def _validate_images(config: Config) -> None:
-    model, data = config.model, config.data
+    """Stage 2's image steps: their position table and mask ratio."""
+    model = config.model
     if model.image_pos_embed not in ("mean", "own"):
         raise ConfigError(f"model.image_pos_embed must be mean or own, got "
                           f"'{model.image_pos_embed}'.")
     if not 0 <= model.image_mask_ratio < 1:
         raise ConfigError(f"model.image_mask_ratio must be in [0, 1), got {model.image_mask_ratio}.")
-    if data.image_fraction is not None and not 0 <= data.image_fraction <= 1:
-        raise ConfigError(f"data.image_fraction must be in [0, 1] or null, got "
-                          f"{data.image_fraction}.")
-    if data.source == "manifest" and data.image_fraction and not data.image_manifest:
-        raise ConfigError("data.image_fraction on manifest data needs data.image_manifest (the "
-                          "images to train on).")
-    if data.image_manifest and data.source != "manifest":
-        raise ConfigError("data.image_manifest needs data.source=manifest (synthetic image steps "
-                          "take data.image_fraction alone).")
-    if data.image_manifest and not Path(data.image_manifest).is_file():
-        raise ConfigError(f"data.image_manifest: no such file {data.image_manifest}.")
-    if config.uses_images and model.student.tubelet_size != 1:
+
+
+def _validate_media(config: Config) -> None:
+    """The image data (stages 2 and 3) and stage 3's text-only data, and their shares."""
+    data = config.data
+    kinds = [("image", data.image_manifest, data.image_fraction)]
+    if config.stage == 3:
+        kinds.append(("text", data.text_manifest, data.text_fraction))
+    elif data.text_manifest or data.text_fraction:
+        raise ConfigError("data.text_manifest and data.text_fraction are stage 3's (text-only "
+                          "instruction data).")
+    for kind, manifest, fraction in kinds:
+        if (manifest or fraction) and not config.mixes_media:
+            raise ConfigError(f"data.{kind}_manifest and data.{kind}_fraction are read by "
+                              f"stage 2 and stage 3's model.substage=instruct only, not "
+                              f"{'stage 1' if config.stage == 1 else 'this sub-stage'}.")
+        if fraction is not None and not 0 <= fraction <= 1:
+            raise ConfigError(f"data.{kind}_fraction must be in [0, 1] or null, got {fraction}.")
+        if data.source == "manifest" and fraction and not manifest:
+            raise ConfigError(f"data.{kind}_fraction on manifest data needs "
+                              f"data.{kind}_manifest (the {kind} data to train on).")
+        if manifest and data.source != "manifest":
+            raise ConfigError(f"data.{kind}_manifest needs data.source=manifest (synthetic "
+                              f"{kind} steps take data.{kind}_fraction alone).")
+        if manifest and not Path(manifest).is_file():
+            raise ConfigError(f"data.{kind}_manifest: no such file {manifest}.")
+    if (data.image_fraction or 0) + (data.text_fraction or 0) > 1:
+        raise ConfigError(f"data.image_fraction ({data.image_fraction}) and data.text_fraction "
+                          f"({data.text_fraction}) add up to more than 1.")
+    if config.uses_images and config.model.student.tubelet_size != 1:
         raise ConfigError(f"image steps need model.student.tubelet_size 1 (an image is one "
-                          f"frame), got {model.student.tubelet_size}.")
+                          f"frame), got {config.model.student.tubelet_size}.")
 
 
 TUNINGS = ("full", "lora", "frozen")
@@ -382,6 +401,7 @@ def validate(config: Config, world_size: int | None = None) -> None:
         _validate_images(config)
     else:
         _validate_stage3(config)
+    _validate_media(config)
     if train.precision not in ("fp32", "bf16", "fp8"):
         raise ConfigError(f"train.precision must be fp32, bf16 or fp8, got '{train.precision}'.")
     validate_fp8(config)

@@ -43,6 +43,8 @@ class Stage3Batch:
     instruction: torch.Tensor | None = None  # [b, L] BERT ids read with the queries (text_input)
     instruction_mask: torch.Tensor | None = None  # [b, L] True on its real tokens
     queries: torch.Tensor | None = None  # [b, Q, H_llm] the video already encoded (generation)
+    image: bool = False  # an image step: 1-frame clips, the image tokens
+    text_only: bool = False  # a text-only step: no video, no queries in the prompt
     inference_context: object | None = None  # megatron-core's StaticInferenceContext (KV cache)
 
 
@@ -51,7 +53,8 @@ class Stage3Model(MegatronModule):
 
     def __init__(self, model: Stage3ModelConfig, config: TransformerConfig, chunk: Chunk,
                  video_config: ViTTransformerConfig, qformer_config: ViTTransformerConfig,
-                 tokens: Tokens, groups: EncoderGroups, qformer_vocab: int = 0) -> None:
+                 tokens: Tokens, groups: EncoderGroups, qformer_vocab: int = 0,
+                 image_tokens: Tokens | None = None) -> None:
         super().__init__(config=config)
         self.pre_process, self.post_process = chunk.is_first, chunk.is_last
         self.model_type = ModelType.encoder_or_decoder
@@ -61,8 +64,10 @@ class Stage3Model(MegatronModule):
             student = model.student
             # the penultimate layer's tokens: the last layer is not built
             whole = Chunk(0, 0, 0, student.num_layers - 1, True, False)
+            # an image: its 1-frame tokens, the video table's mean over the frames (the
+            # official img_pos_embed the released files carry is not read)
             self.video = VideoChunk(model, video_config, whole, tokens, groups.tp_group,
-                                    groups.pg_collection)
+                                    groups.pg_collection, image_tokens, image_pos="mean")
             self.qformer = QFormer(model.qformer, qformer_config, student.hidden_size,
                                    model.llm.hidden_size, groups.pg_collection, qformer_vocab)
         vp_stage = chunk.vp_stage if config.virtual_pipeline_model_parallel_size else None
@@ -76,19 +81,22 @@ class Stage3Model(MegatronModule):
         self.llm.set_input_tensor(input_tensor)
 
     def video_queries(self, video: torch.Tensor, instruction: torch.Tensor | None = None,
-                      instruction_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """video [b, 3, T, H, W] -> [b, Q, H_llm]: this encoder group's share of the clips
-        encoded (with their instructions [b, L], model.qformer.text_input), the shares gathered
-        over the replica group."""
+                      instruction_mask: torch.Tensor | None = None,
+                      image: bool = False) -> torch.Tensor:
+        """video [b, 3, T, H, W] (``image``: T = 1) -> [b, Q, H_llm]: this encoder group's
+        share of the clips encoded (with their instructions [b, L], model.qformer.text_input),
+        the shares gathered over the replica group."""
         g = self.groups
         share = video.shape[0] // g.replicas
         mine = slice(g.replica * share, (g.replica + 1) * share)
-        visible = torch.arange(self.video.tokens.real, device=video.device).expand(share, -1)
+        tokens = self.video.tokens_of(image).real
+        visible = torch.arange(tokens, device=video.device).expand(share, -1)
         frozen = not any(p.requires_grad for p in self.video.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            hidden, _ = self.video.encode(video[mine], visible, None)
+            hidden, _ = self.video.encode(video[mine], visible, None, image=image)
         text = (None, None) if instruction is None else (instruction[mine], instruction_mask[mine])
-        queries = self.qformer(self.video.full_sequence(hidden), *text).transpose(0, 1).contiguous()
+        queries = self.qformer(self.video.full_sequence(hidden, image),
+                               *text).transpose(0, 1).contiguous()
         return from_sequence_parallel(queries, g.replica_group, g.replicas > 1)
 
     def embed_prompt(self, ids: torch.Tensor, video_mask: torch.Tensor | None,
@@ -103,6 +111,13 @@ class Stage3Model(MegatronModule):
         return to_sequence_parallel(x.contiguous(), self.groups.llm_tp_group,
                                     self.config.sequence_parallel)
 
+    def _encoder_side(self, like: torch.Tensor) -> torch.Tensor:
+        """The video encoder's and QFormer's trainable parameters, summed: added at weight 0
+        on a text-only step, their gradients are zeros, as megatron-core's bucketed gradient
+        reduce needs one of every parameter."""
+        return sum((p.sum() for m in self.encoder_parts() for p in m.parameters()
+                    if p.requires_grad), like.new_zeros(()))
+
     def forward(self, batch: Stage3Batch):
         """Returns (output, terms): the answer tokens' summed loss and ``{"lm": it, "tokens":
         their count}`` on the last chunk (without labels: this TP rank's vocabulary slice of the
@@ -113,8 +128,10 @@ class Stage3Model(MegatronModule):
             queries = batch.queries
             if queries is None and batch.video is not None:
                 queries = self.video_queries(batch.video, batch.instruction,
-                                             batch.instruction_mask)
+                                             batch.instruction_mask, batch.image)
             decoder_input = self.embed_prompt(batch.ids, batch.video_mask, queries)
+            if batch.text_only:
+                decoder_input = decoder_input + 0.0 * self._encoder_side(decoder_input)
         out = self.llm(input_ids=None, position_ids=None, attention_mask=batch.attention_mask,
                        decoder_input=decoder_input,
                        labels=batch.labels if self.post_process else None,

@@ -12,13 +12,9 @@ clips of the image manifest (50% of their patches dropped), their own token sequ
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from dataloaders.audio import beats_fbank, fit_frames
-from dataloaders.manifest import Manifest
-from dataloaders.mixture import Mixture, proportional
 from dataloaders.synthetic import (
     generator,
     global_indices,
@@ -39,8 +35,6 @@ from megavideo.models.text import BERT_DROPOUT
 from megavideo.stages.common import PipelineStage
 from megavideo.training import data
 from parallel.comm import recv_from_stage, send_to_stage
-
-log = logging.getLogger(__name__)
 
 PURPOSES = ("mlm", "avmlm", "vtm_video", "vtm_text", "avtm_video", "avtm_text")
 
@@ -78,10 +72,6 @@ class Stage2(PipelineStage):
         # image steps: 1-frame clips at their own mask ratio (their own token sequence)
         self.image_tokens = Tokens.of(self.image_cfg.model, par.tp, par.sp,
                                       cfg.train.precision == "fp8") if cfg.uses_images else None
-        self.image_manifest: Manifest | None = None
-        self._image_batches = None
-        if cfg.uses_images and cfg.data.source != "manifest":
-            self.mixture = Mixture(cfg.data.image_fraction, cfg.train.seed, cfg.train.steps)
         self.models = [Stage2Model(model, self.config, chunk, self.tokens, self.tp_group,
                                    self.dp_group, text_config, audio_config, len(self.tokenizer),
                                    special, self.image_tokens).to(device)
@@ -89,26 +79,6 @@ class Stage2(PipelineStage):
 
     def seq_length_at(self, step: int) -> int:
         return self.image_tokens.length if self.mixture.is_image(step) else self.seq_length
-
-    def start_data(self, start_step: int, consumed_samples: int,
-                   manifest: Manifest | None, images: Manifest | None = None) -> None:
-        """The video feed over the mixture's video steps and, with an image manifest, the image
-        feed over its image steps (``data.image_fraction`` of the steps, by default in
-        proportion to the two manifests)."""
-        if images is not None:
-            fraction = self.cfg.data.image_fraction
-            if fraction is None:
-                fraction = proportional(len(images), len(manifest))
-            self.mixture = Mixture(fraction, self.cfg.train.seed, self.cfg.train.steps)
-            self.image_manifest = images
-            log.info("image-text data: %d images, %d clips, %.1f%% of the steps on images",
-                     len(images), len(manifest), 100 * fraction)
-        super().start_data(start_step, consumed_samples, manifest)
-        if images is not None and self.decodes:
-            feed = data.feed(self.image_cfg, images, self.dp_rank, self.dp, self.device,
-                             self.mixture, images=True)
-            self._image_batches = feed.iterate(start_step, self.cfg.train.steps,
-                                               consumed_samples)
 
     @property
     def loss_weights(self) -> dict[str, float]:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from dataloaders import dali
+from dataloaders import conversation, dali
 from dataloaders.audio import AudioSpec
 from dataloaders.loader import Clips, DataError, Feed
 from dataloaders.manifest import QA_KEYS, Manifest
@@ -74,10 +74,21 @@ def _read(cfg: Config, key: str, path: str) -> Manifest:
 
 
 def images(cfg: Config) -> Manifest | None:
-    """Stage 2's image manifest (``data.image_manifest``), checked as :func:`check` checks the
+    """The image manifest (``data.image_manifest``), checked as :func:`check` checks the
     clips' (call it, as :func:`check`, before any process group)."""
-    return _read(cfg, "image_manifest", cfg.data.image_manifest) if cfg.data.image_manifest \
+    return _read(cfg, "image_manifest", cfg.data.image_manifest) if cfg.uses_images \
         and cfg.data.source == "manifest" else None
+
+
+def texts(cfg: Config) -> list[dict] | None:
+    """Stage 3's text-only instruction rows (``data.text_manifest``), checked before any
+    process group."""
+    if not (cfg.uses_text and cfg.data.source == "manifest"):
+        return None
+    try:
+        return conversation.read_text_rows(cfg.data.text_manifest)
+    except ValueError as err:
+        raise ConfigError(f"data.text_manifest: {err}.") from None
 
 
 def check(cfg: Config) -> Manifest | None:

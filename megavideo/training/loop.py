@@ -17,6 +17,7 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from dataloaders.manifest import Manifest
+from dataloaders.mixture import TEXT
 from kernels import backends
 from megavideo.accounting.meter import StepMeter
 from megavideo.config import Config, megatron, validate_device, validate_world
@@ -169,6 +170,8 @@ class Trainer:
                 int(v) for v in totals[len(summed):])
         if self.cfg.uses_images:  # the audio-video terms are 0 on image steps
             terms["data/image"] = float(stage.mixture.is_image(step))
+        if self.cfg.uses_text:
+            terms["data/text"] = float(stage.mixture.medium(step) == TEXT)
         return terms
 
     def skipped_files(self) -> list[str]:
@@ -185,9 +188,10 @@ class Trainer:
                                      "manifest_digest": self.manifest.digest}
 
     def start_data(self, start: int, resumed: dict, manifest: Manifest | None,
-                   images: Manifest | None = None) -> None:
+                   images: Manifest | None = None, texts: list[dict] | None = None) -> None:
         """Feed from step ``start`` on, continuing the data state of the checkpoint ``resumed``
-        (its metadata; empty for a new run); ``images``: stage 2's image manifest."""
+        (its metadata; empty for a new run); ``images``: the image manifest, ``texts``: stage
+        3's text-only rows."""
         self.manifest = manifest
         if manifest is not None:
             saved = resumed.get("data", {})
@@ -197,7 +201,7 @@ class Trainer:
                             "order of the current epoch changes from here on",
                             saved.get("manifest_rows", 0), len(manifest))
         consumed = resumed.get("consumed_samples", start * self.cfg.train.global_batch)
-        self.stage.start_data(start, consumed, manifest, images)
+        self.stage.start_data(start, consumed, manifest, images, texts)
 
     def train_step(self, step: int) -> dict[str, float]:
         with self.meter.step():
@@ -210,7 +214,7 @@ class Trainer:
             self.scheduler.step(increment=1)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        metrics |= self.meter.metrics(self.stage.mixture.is_image(step))
+        metrics |= self.meter.metrics(self.stage.mixture.medium(step))
         if "data/skipped" in metrics:
             metrics["data/wait_s"] = data_wait
         return metrics
@@ -246,12 +250,12 @@ def run(cfg: Config) -> list[dict]:
     Returns the metrics of the steps run.
     """
     validate_world(cfg, detect_launch().world_size)  # before any process group exists
-    manifest, images = data.check(cfg), data.images(cfg)
+    manifest, images, texts = data.check(cfg), data.images(cfg), data.texts(cfg)
     stop = StopSignal()  # from the start: a signal during start-up is honoured after one step
     trainer = Trainer(cfg)
     checkpointer = Checkpointer(cfg, trainer)
     start = checkpointer.restore()
-    trainer.start_data(start, checkpointer.resumed, manifest, images)
+    trainer.start_data(start, checkpointer.resumed, manifest, images, texts)
     if start >= cfg.train.steps:
         log.info("nothing to do: the run is at step %d of train.steps=%d", start, cfg.train.steps)
     writer = MetricsWriter(cfg.run.dir, cfg.run.tensorboard, start) if dist.get_rank() == 0 else None

@@ -39,6 +39,9 @@ CASES = {
                                                   "model.llm.lora_rank=4"]),
     "stage3_frozen_video_full": ("stage3_tiny.yaml", STAGE3 + ["model.video_frozen=true",
                                                                "train.recompute=full"]),
+    # every step one medium: images (1-frame clips), text alone (the LLM alone)
+    "stage3_images": ("stage3_tiny.yaml", STAGE3 + ["data.image_fraction=1.0"]),
+    "stage3_text": ("stage3_tiny.yaml", STAGE3 + ["data.text_fraction=1.0"]),
     "stage3_align": ("stage3_align_tiny.yaml", []),
     "stage3_align_full": ("stage3_align_tiny.yaml", ["model.video_frozen=false",
                                                      "train.recompute=full"]),
@@ -61,7 +64,11 @@ def measured(tmp_path_factory) -> dict[str, dict[str, int]]:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_hardware_flops_match_the_flop_counter(measured, name):
-    analytic = step_flops(_config(name)).hardware
+    cfg = _config(name)
+    if cfg.uses_images:
+        analytic = step_flops(cfg.image_steps()).hardware
+    else:
+        analytic = step_flops(cfg, video=not cfg.uses_text).hardware
     assert analytic == measured[name]["model"], measured[name]
 
 

@@ -4,6 +4,7 @@ videochat2_it_mistral.py``, OpenGVLab/Ask-Anything), transcribed below as the re
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -16,6 +17,7 @@ from dataloaders.conversation import (
     manifest_qa,
     open_prompt,
     read_caption_prompts,
+    read_text_rows,
     render,
     time_message,
     tokenize,
@@ -219,3 +221,20 @@ def test_caption_prompts_without_a_video_place_are_refused(tmp_path):
         read_caption_prompts(tmp_path / "bad.txt")
     with pytest.raises(ValueError, match="cannot read"):
         read_caption_prompts(tmp_path / "missing.txt")
+
+
+def test_text_only_rows_are_read_or_refused_in_one_sentence(tmp_path):
+    rows = [{"QA": [{"i": "Answer briefly.", "q": "What is two and two?", "a": "Four."}]},
+            {"qa": [{"q": "Say hi.", "a": "Hi."}], "source": "chat"}]
+    (tmp_path / "text.json").write_text(json.dumps(rows))
+    (tmp_path / "text.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert read_text_rows(tmp_path / "text.json") == rows == read_text_rows(tmp_path / "text.jsonl")
+    (tmp_path / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps({"QA": []}))
+    with pytest.raises(ValueError, match=r"^1 of 2 rows of .*bad.jsonl have no question-answer "
+                       r"pairs under QA/qa \(e.g. row 1\)$"):
+        read_text_rows(tmp_path / "bad.jsonl")
+    (tmp_path / "broken.json").write_text("[{")
+    with pytest.raises(ValueError, match="is not JSON"):
+        read_text_rows(tmp_path / "broken.json")
+    with pytest.raises(ValueError, match="cannot read"):
+        read_text_rows(tmp_path / "missing.jsonl")

@@ -1,5 +1,5 @@
-"""Stage 2's image-text mixture: which steps are image steps, each medium read in order, still
-images in manifests."""
+"""The media mixture (stage 2's images, stage 3's images and text): which steps train on what,
+each medium read in order, still images in manifests."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from dataloaders.clips import read_index, write_image
 from dataloaders.manifest import Manifest, build_manifest
-from dataloaders.mixture import NO_IMAGES, Mixture, proportional
+from dataloaders.mixture import IMAGE, NO_IMAGES, TEXT, VIDEO, Mixture, proportional
 from dataloaders.pyav_decode import read_frames
 from megavideo.config import ViTConfig
 from megavideo.models.embedding import VideoEmbedding, frame_mean, sincos_3d
@@ -31,6 +31,19 @@ def test_the_share_of_image_steps_and_their_order():
     assert not any(NO_IMAGES.is_image(s) for s in range(100))
     assert NO_IMAGES.ordinal(41) == 41
     assert proportional(images=1, clips=3) == 0.25 and proportional(0, 0) == 0.0
+
+
+def test_three_media_each_in_its_share_and_read_in_order():
+    mixture = Mixture(0.2, seed=3, steps=5000, text=0.3)
+    steps = {m: [s for s in range(5000) if mixture.medium(s) == m] for m in (IMAGE, TEXT, VIDEO)}
+    assert len(steps[IMAGE]) / 5000 == pytest.approx(0.2, abs=0.02)
+    assert len(steps[TEXT]) / 5000 == pytest.approx(0.3, abs=0.02)
+    for medium, ours in steps.items():
+        assert [mixture.ordinal(s) for s in ours] == list(range(len(ours))), medium
+    # the image steps are those of the two-medium mixture with the same seed and share
+    assert steps[IMAGE] == [s for s in range(5000) if Mixture(0.2, seed=3, steps=5000).is_image(s)]
+    with pytest.raises(ValueError, match="add up to more than 1"):
+        Mixture(0.6, seed=0, steps=10, text=0.5)
 
 
 def test_an_image_position_table():

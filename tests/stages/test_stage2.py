@@ -250,7 +250,7 @@ def test_stage2_mixes_image_and_video_steps_from_two_manifests(captioned, tmp_pa
     for row in metrics:
         assert all(math.isfinite(v) for k, v in row.items() if k.startswith("loss"))
         assert (row["loss/avtc"] == 0.0) == bool(row["data/image"])
-    assert "image-text data: 4 images, 6 clips, 50.0% of the steps on images" in proc.stderr
+    assert "mixed data: 6 clips, 4 images (50.0% of the steps)" in proc.stderr
 
 
 def test_evaluate_a_checkpoint_on_a_captioned_manifest(captioned, manifest_run, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dataloaders.clips import write_clip
+from dataloaders.clips import write_clip, write_image
 from dataloaders.manifest import build_manifest
 from dataloaders.synthetic import COLOURS
 from megavideo.config import ConfigError, load_config
@@ -89,6 +89,13 @@ def test_stage3_config_errors_are_one_sentence():
         load_config(CONFIG, ["train.micro_batch=1", "train.global_batch=2"])
     with pytest.raises(ConfigError, match="tokenizer"):
         load_config(CONFIG, ["model.llm.tokenizer=/nonexistent.json"])
+    with pytest.raises(ConfigError, match="add up to more than 1"):
+        load_config(CONFIG, ["data.image_fraction=0.6", "data.text_fraction=0.5"])
+    with pytest.raises(ConfigError, match="data.text_manifest needs data.source=manifest"):
+        load_config(CONFIG, [f"data.text_manifest={CONFIG}"])
+    with pytest.raises(ConfigError, match="instruct only, not this sub-stage"):
+        load_config(str(ROOT / "configs" / "stage3_caption_tiny.yaml"),
+                    ["data.image_fraction=0.5"])
 
 
 def test_the_time_message_reaches_both_ends_of_the_pipeline(memorised, tmp_path):
@@ -112,3 +119,49 @@ def test_the_time_message_reaches_both_ends_of_the_pipeline(memorised, tmp_path)
     assert first_loss(2, "parallel.pp=2", "data.time_message=true") == \
         pytest.approx(with_message, rel=1e-6)
     assert first_loss(1, "parallel.pp=1") != pytest.approx(with_message, rel=1e-3)
+
+
+def test_image_and_text_only_steps_from_files_at_pp2_equal_pp1(memorised, tmp_path):
+    """Instruction data of three media: the clips' manifest, an image manifest with
+    question-answer pairs and a JSON Lines file of text-only rows. The mixture's image steps
+    encode 1-frame clips under ``<Image>``, its text steps have no media turn; the first
+    stage sends the image rows to the last. Five steps (a text step, three image steps, a video
+    step) give exactly the losses at pp 2 that they give at pp 1; they are not those of the
+    clips alone."""
+    tmp, _ = memorised
+    images = []
+    for k in range(2):
+        path = write_image(tmp_path / f"image{k}", "png", index=k, width=64, height=48)
+        images.append({"image": path.name, "QA": [{"q": QUESTION, "a": "a picture"}]})
+    (tmp_path / "images.json").write_text(json.dumps(images))
+    build_manifest(tmp_path / "images.json", tmp_path / "images.jsonl", root=tmp_path)
+    texts = [{"QA": [{"i": "which colour", "q": "which colour comes first ?", "a": "red"}]},
+             {"QA": [{"q": "which colour comes last ?", "a": "blue"}]},
+             {"QA": [{"q": "what happens in the video ?", "a": "green then cyan"}]}]
+    (tmp_path / "texts.jsonl").write_text("\n".join(json.dumps(r) for r in texts))
+
+    def run(ranks: int, *overrides: str) -> tuple[list[dict], str]:
+        out = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
+        proc = subprocess.run(torchrun(ranks) + [
+            "-m", "launch.train", CONFIG, "parallel.tp=1", "parallel.sp=false",
+            f"parallel.pp={ranks}", "data.source=manifest",
+            f"data.manifest={tmp / 'manifest.jsonl'}", "data.workers=0", "train.steps=5",
+            "train.global_batch=4", "train.micro_batch=2", "checkpoint.save_at_end=false",
+            "run.tensorboard=false", "train.attention=unfused", f"run.dir={out}", *overrides],
+            cwd=ROOT, timeout=300, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], \
+            proc.stderr
+
+    mixed = (f"data.image_manifest={tmp_path / 'images.jsonl'}", "data.image_fraction=0.4",
+             f"data.text_manifest={tmp_path / 'texts.jsonl'}")
+    one, log = run(1, *mixed)
+    assert "mixed data: 4 clips, 2 images (40.0% of the steps), 3 texts (3" in log
+    media = [("image" if r["data/image"] else "text" if r["data/text"] else "video")
+             for r in one]
+    assert set(media) == {"image", "text", "video"}, media
+    assert [r["perf/video_tokens_per_s"] == 0 for r in one] == [m == "text" for m in media]
+    two, _ = run(2, *mixed)
+    assert [r["loss"] for r in two] == [r["loss"] for r in one]  # measured: exactly
+    alone, _ = run(1)
+    assert [r["loss"] for r in alone] != pytest.approx([r["loss"] for r in one], rel=1e-3)
