@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 
@@ -21,7 +22,11 @@ def setup_logging() -> None:
     for message in (r"(Transformer Engine and )?Apex (are|is) not installed",
                     r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
                     # the distributed optimizer's zero_grad probes .grad on its fp32 shard views
-                    r"The \.grad attribute of a Tensor that is not a leaf Tensor"):
+                    r"The \.grad attribute of a Tensor that is not a leaf Tensor",
+                    # megatron-core's checkpoint loading on torch's deprecated entry points, at
+                    # every resume
+                    r"`load_state_dict` is deprecated",
+                    r"Please use DTensor instead and we are deprecating ShardedTensor"):
         warnings.filterwarnings("ignore", message=message)
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get(
         "OMPI_COMM_WORLD_RANK", "0")))
@@ -31,6 +36,12 @@ def setup_logging() -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)  # it lists every parameter at INFO
 
 
+# how long a rank other than 0 waits before it exits on an error every rank meets, so that rank
+# 0 has said why before the launcher (srun --kill-on-bad-exit) stops the step at the first exit
+PEER_WAIT_S = 5.0
+EXIT_PEER = 5  # a peer rank failed first and broke this rank's collectives: its error says why
+
+
 def exit_with(err: Exception, code: int = 2, show: bool = True) -> None:
     """Stop with ``error: <the one-sentence message>`` on stderr (when ``show``) and ``code``."""
     if show:
@@ -38,11 +49,33 @@ def exit_with(err: Exception, code: int = 2, show: bool = True) -> None:
     raise SystemExit(code) from None
 
 
-def config_or_exit(path: str | None, overrides: list[str]):
+def exit_together(err: Exception, code: int, rank: int) -> None:
+    """Stop on an error every rank meets (a bad config): rank 0 states it, the others exit with
+    the same code, quietly, a moment later."""
+    if rank != 0:
+        time.sleep(PEER_WAIT_S)
+    exit_with(err, code, show=rank == 0)
+
+
+def config_or_exit(path: str | None, overrides: list[str], rank: int | None = None):
+    """The config, or the one-sentence error (only rank 0 says it when ``rank`` is given)."""
     try:
         return load_config(path, overrides)
     except ConfigError as err:
-        exit_with(err)
+        if rank is None:
+            exit_with(err)
+        exit_together(err, 2, rank)
+
+
+def peer_failed(err: BaseException) -> bool:
+    """Whether ``err`` is a collective broken by another rank's end (gloo's closed connection,
+    torch.distributed's errors), not a fault of this rank's own."""
+    import torch.distributed as dist
+
+    text = str(err)
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and (
+        "Connection closed by peer" in text or "Connection reset by peer" in text
+        or "gloo" in text.lower()))
 
 
 @contextlib.contextmanager

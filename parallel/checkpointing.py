@@ -16,10 +16,32 @@ copies on several pipeline stages write once. Over data parallelism the writing 
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+from multiprocessing.managers import SyncManager
+
 import torch
 from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+from parallel.lifetime import die_with_parent
 from parallel.tensors import is_tp_split
+
+
+def writer_tied_to_rank() -> None:
+    """Start the checkpoint writer's result queue in a helper process that dies with this rank.
+
+    megatron-core's writer starts a ``multiprocessing.Manager()`` for that queue at the first
+    save: a server process (and a resource tracker beside it) that would outlive a rank killed
+    with SIGKILL (:mod:`parallel.lifetime`). The same manager started here gets the
+    parent-death signal; the tracker then ends when the rank and the server are gone. (A plain
+    queue would not do: the writer reads the results with ``get_nowait`` right after the
+    ``put``, which only a manager's synchronous queue guarantees to find.)
+    """
+    if filesystem_async._results_queue is None:
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+        filesystem_async._results_queue = manager.Queue()
 
 
 def _head_slices(param: torch.nn.Parameter, tp_rank: int) -> list[tuple[int, int]]:

@@ -444,7 +444,10 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     dir: str = ""  # default: <run.dir>/checkpoints
-    interval: int = 0  # save every N steps (0: only at the end and on SIGUSR1/SIGTERM)
+    interval: int = 0  # save every N steps (0: by time, at the end and on SIGUSR1/SIGTERM)
+    # also save when this many minutes have passed since the last save (0: off): a crash (a
+    # node failure, kill -9) loses at most this much training
+    every_minutes: float = 30.0
     keep: int = 3  # keep the last K checkpoints
     save_at_end: bool = True
     load: str = ""  # start a new run from these weights (a checkpoint directory or its root)

@@ -450,6 +450,9 @@ def validate(config: Config, world_size: int | None = None) -> None:
                           f"'{config.run.device}'.")
     if config.checkpoint.interval < 0 or config.checkpoint.keep < 1:
         raise ConfigError("checkpoint.interval must be >= 0 and checkpoint.keep >= 1.")
+    if config.checkpoint.every_minutes < 0:
+        raise ConfigError(f"checkpoint.every_minutes must be >= 0 (0: off), got "
+                          f"{config.checkpoint.every_minutes}.")
     _validate_data(config.data)
     if world_size is not None:
         validate_world(config, world_size)

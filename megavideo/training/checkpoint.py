@@ -50,7 +50,12 @@ from megavideo.weights.adapters import (
 )
 from megavideo.weights.internvideo2 import progress
 from parallel import optimizer_state
-from parallel.checkpointing import as_loaded, assemble, sharded_tensors
+from parallel.checkpointing import (
+    as_loaded,
+    assemble,
+    sharded_tensors,
+    writer_tied_to_rank,
+)
 from parallel.comm import group_device
 from parallel.tensors import take_shard, whole_shape
 
@@ -146,6 +151,7 @@ def save_atomically(root: Path, name: str, state: dict, then=None,
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
+    writer_tied_to_rank()
     dist.barrier()
     if queue is not None:
         with signals_held():
@@ -195,11 +201,29 @@ class StopSignal:
         log.warning("received %s: saving at the end of this step, then exiting with %d",
                     signal.Signals(signum).name, EXIT_REQUEUE)
 
-    def agreed(self) -> bool:
-        """True on every rank when any rank got a signal (one small all-reduce per step)."""
-        flag = torch.tensor([1 if self.received is not None else 0], device=group_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def agreed(self, save_due: bool = False) -> tuple[bool, bool]:
+        """(whether any rank got a signal, whether any rank's ``save_due``), the same on every
+        rank (one small all-reduce per step)."""
+        flags = torch.tensor([int(self.received is not None), int(save_due)],
+                             device=group_device())
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, due = flags.tolist()
+        return bool(stop), bool(due)
+
+
+class SaveClock:
+    """``checkpoint.every_minutes``: a save is due when that long has passed since the last one
+    (or the start), which bounds what a crash loses whatever the step time."""
+
+    def __init__(self, minutes: float) -> None:
+        self.seconds = 60.0 * minutes
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        return self.seconds > 0 and time.monotonic() - self.last >= self.seconds
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
 
 
 class Checkpointer:
@@ -210,6 +234,7 @@ class Checkpointer:
         self.trainer = trainer
         self.root = cfg.checkpoint_dir
         self.resumed: dict = {}  # the metadata of the checkpoint a run resumed from
+        self.origin = "from the start"  # where the run's weights come from, in words
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.dp_group = parallel_state.get_data_parallel_group()
@@ -364,12 +389,14 @@ class Checkpointer:
         latest = self.latest()
         resume = _rank0_decides(str(latest) if latest else "")
         if resume:
+            self.origin = f"resuming from {resume}"
             return self.load(Path(resume), weights_only=False)
         vocab = len(self.trainer.stage.tokenizer) if self.cfg.stage == 2 else None
         for adapter in released_weights(self.cfg, vocab):
             self.import_weights(adapter)
         if not self.cfg.checkpoint.load:
             return 0
+        self.origin = f"from the weights of checkpoint.load={self.cfg.checkpoint.load}"
         path = resolve(self.cfg.checkpoint.load)
         if (path / "metadata.json").is_file():
             return self.load(path, weights_only=True)
@@ -550,5 +577,5 @@ class Checkpointer:
             torch.cuda.set_rng_state(states["cuda"])
 
 
-__all__ = ["EXIT_REQUEUE", "FORMAT", "Checkpointer", "StopSignal", "checkpoint_key", "point_latest",
-           "resolve", "save_atomically", "teacher_params"]
+__all__ = ["EXIT_REQUEUE", "FORMAT", "Checkpointer", "SaveClock", "StopSignal", "checkpoint_key",
+           "point_latest", "resolve", "save_atomically", "teacher_params"]

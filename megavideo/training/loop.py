@@ -7,6 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -27,7 +28,13 @@ from megavideo.stages.stage1 import Stage1
 from megavideo.stages.stage2 import Stage2
 from megavideo.stages.stage3 import Stage3
 from megavideo.training import data
-from megavideo.training.checkpoint import EXIT_REQUEUE, Checkpointer, StopSignal, teacher_params
+from megavideo.training.checkpoint import (
+    EXIT_REQUEUE,
+    Checkpointer,
+    SaveClock,
+    StopSignal,
+    teacher_params,
+)
 from megavideo.training.metrics import MetricsWriter
 from megavideo.training.state import canonical_params
 from parallel.comm import all_reduce_tied_grads
@@ -261,6 +268,12 @@ def run(cfg: Config) -> list[dict]:
     writer = MetricsWriter(cfg.run.dir, cfg.run.tensorboard, start) if dist.get_rank() == 0 else None
     history = []
     interval = cfg.checkpoint.interval
+    clock = SaveClock(cfg.checkpoint.every_minutes)
+    if dist.get_rank() == 0:
+        run_dir = Path(cfg.run.dir).resolve()
+        log.info("run %s: metrics %s, checkpoints %s; steps %d to %d, %s", run_dir,
+                 run_dir / "metrics.jsonl", cfg.checkpoint_dir.resolve(), start, cfg.train.steps,
+                 checkpointer.origin)
     try:
         for step in range(start, cfg.train.steps):
             metrics = trainer.train_step(step)
@@ -280,11 +293,12 @@ def run(cfg: Config) -> list[dict]:
                              metrics["grad_norm"], metrics["samples_per_s"],
                              metrics["perf/model_tflops"], mfu, metrics["mem/peak_gib"])
             done = step + 1
-            stopping = stop.agreed()
+            stopping, due = stop.agreed(clock.due())
             at_end = done == cfg.train.steps and cfg.checkpoint.save_at_end
-            if stopping or at_end or (interval and done % interval == 0):
+            if stopping or at_end or due or (interval and done % interval == 0):
                 with trainer.gathered_params():
                     checkpointer.save(done)
+                clock.saved()
             else:
                 checkpointer.poll()
             if stopping:

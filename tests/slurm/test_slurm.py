@@ -293,3 +293,112 @@ def test_mpirun_starts_the_same_training(jobs, reference):
     assert "4 ranks via mpi" in run.output
     # the learning rate of step 1 follows the shorter schedule; what step 1 computes does not
     _same_metrics(rows, reference.rows()[:2], keys=COMPARED[:-1])
+
+
+def _words(path: Path) -> list[str]:
+    return path.read_bytes().decode(errors="replace").split("\0")
+
+
+def _job_processes(job: str) -> dict[int, tuple[str, list[str]]]:
+    """The processes on this machine (both nodes) of job ``job``, as its environment says:
+    {pid: (command line, environment)}."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = _words(proc / "environ")
+            if proc.name.isdigit() and f"SLURM_JOB_ID={job}" in environ:
+                found[int(proc.name)] = (" ".join(_words(proc / "cmdline")), environ)
+        except OSError:
+            continue
+    return found
+
+
+def _rank_pid(job: str, rank: int) -> int:
+    for pid, (cmd, environ) in _job_processes(job).items():
+        if "launch.train" in cmd and not cmd.startswith("srun") and f"SLURM_PROCID={rank}" in environ:
+            return pid
+    raise AssertionError(f"no rank {rank} of job {job}")
+
+
+def _ended(job: str, env: dict, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while (fields := job_fields(job, env))["JobState"] not in ENDED:
+        assert time.monotonic() < deadline, fields["JobState"]
+        time.sleep(0.1)
+    return fields
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_kill_9_of_a_rank_after_a_save_ends_the_job_at_once_leaving_no_process(cluster, tmp_path,
+                                                                              rank):
+    """Submitted from another directory by the script's absolute path (the log lands there, the
+    job finds its checkout), a rank killed with SIGKILL once the run has saved: the step's other
+    ranks are stopped (srun --kill-on-bad-exit), the checkpoint writer's helpers die with their
+    ranks, and the job ends within 10 s (measured: about 4 s) with nothing of it left; the log's
+    last line says what happened."""
+    job = subprocess.run(["sbatch", "--parsable", str(ROOT / "slurm/stage1_tiny.sbatch"),
+                          "parallel.pp=1", "train.steps=400", "train.warmup_steps=1",
+                          "checkpoint.interval=1", f"run.dir={tmp_path / 'k'}"],
+                         cwd=tmp_path, capture_output=True, text=True, env=cluster, timeout=60)
+    assert job.returncode == 0, job.stderr
+    job = job.stdout.strip()
+    log = tmp_path / f"megavideo-stage1-tiny-{job}.out"
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "k/checkpoints/latest").exists():
+        assert time.monotonic() < deadline and job_fields(job, cluster)["JobState"] not in ENDED, \
+            log.read_text()[-3000:] if log.exists() else "no log"
+        time.sleep(0.2)
+    time.sleep(0.5)
+    os.kill(_rank_pid(job, rank), 9)
+    killed = time.monotonic()
+    fields = _ended(job, cluster, 60)
+    took = time.monotonic() - killed
+    assert fields["JobState"] == "FAILED" and took < 10, (took, log.read_text()[-3000:])
+    time.sleep(0.5)
+    assert {pid: cmd for pid, (cmd, _) in _job_processes(job).items()} == {}
+    text = log.read_text()
+    assert f"[megavideo] checkout {ROOT}, log {log}\n" in text
+    assert f"run {tmp_path / 'k'}: metrics {tmp_path / 'k/metrics.jsonl'}, checkpoints " \
+           f"{tmp_path / 'k/checkpoints'}; steps 0 to 400, from the start" in text
+    last = text.splitlines()[-1]
+    if rank:  # rank 0 saw its peer go
+        assert re.search(r"training exited with code 5: error: another rank ended first: ", last)
+    else:
+        assert re.search(r"training exited with code 137: a task was killed by signal 9 before",
+                         last), last
+
+
+def test_a_bad_override_ends_the_job_with_rank_0s_code_and_the_cause_last(cluster, tmp_path):
+    """One sentence, once, and last in the log; the job's code is the config error's (2), not
+    that of the peers srun stopped after rank 0's exit."""
+    job = subprocess.run(["sbatch", "--parsable", str(ROOT / "slurm/stage1_tiny.sbatch"),
+                          "parallel.tp=3"], cwd=tmp_path, capture_output=True, text=True,
+                         env=cluster, timeout=60)
+    assert job.returncode == 0, job.stderr
+    fields = _ended(job.stdout.strip(), cluster, 120)
+    text = (tmp_path / f"megavideo-stage1-tiny-{job.stdout.strip()}.out").read_text()
+    cause = "error: model.student.mlp_hidden_size (320) must be divisible by parallel.tp (3)."
+    assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "2:0", text
+    assert text.count(cause) == 2 and text.endswith(f"training exited with code 2: {cause}\n")
+    assert "Traceback" not in text and fields["Restarts"] == "0"
+
+
+def test_a_signalled_job_at_its_restart_limit_saves_and_says_so(cluster, tmp_path):
+    """MEGAVIDEO_MAX_RESTARTS=0 and USR1 on the first run: saved, not requeued, the count said."""
+    job = subprocess.run(["sbatch", "--parsable", str(ROOT / "slurm/stage1_tiny.sbatch"),
+                          "parallel.pp=1", "train.steps=400", "train.warmup_steps=1",
+                          f"run.dir={tmp_path / 'r'}"], cwd=tmp_path, capture_output=True,
+                         text=True, env={**cluster, "MEGAVIDEO_MAX_RESTARTS": "0"}, timeout=60)
+    assert job.returncode == 0, job.stderr
+    job = job.stdout.strip()
+    deadline = time.monotonic() + 300
+    while "\n" not in ((tmp_path / "r/metrics.jsonl").read_text()
+                       if (tmp_path / "r/metrics.jsonl").exists() else ""):
+        assert time.monotonic() < deadline and job_fields(job, cluster)["JobState"] not in ENDED
+        time.sleep(0.2)
+    _run(["scancel", "--signal=USR1", "--batch", job], cluster)
+    fields = _ended(job, cluster, 120)
+    text = (tmp_path / f"megavideo-stage1-tiny-{job}.out").read_text()
+    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("FAILED", "75:0", "0")
+    assert "saved, but not requeued: restart 0 reached MEGAVIDEO_MAX_RESTARTS (0)" in text
+    assert (tmp_path / "r/checkpoints/latest").exists()

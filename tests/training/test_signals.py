@@ -1,5 +1,7 @@
-"""SLURM's warning signal during a save: held back from the save's helper processes, delivered
-to the training loop once the save has started."""
+"""How a run stops and what it leaves: SLURM's warning signal during a save (held back from the
+save's helper processes, delivered to the training loop once the save has started), the
+time-based save, the checkpoint writer's helper dying with its rank, and what the batch script
+learns of a rank's end."""
 
 from __future__ import annotations
 
@@ -7,8 +9,18 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
-from megavideo.training.checkpoint import StopSignal, signals_held
+import pytest
+import torch
+
+from launch import train
+from launch.common import peer_failed
+from megavideo.config import ConfigError, load_config
+from megavideo.training.checkpoint import SaveClock, StopSignal, signals_held
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_signal_during_a_save_reaches_the_loop_after_it_and_spares_its_helpers():
@@ -28,3 +40,64 @@ def test_a_signal_during_a_save_reaches_the_loop_after_it_and_spares_its_helpers
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def test_a_save_is_due_every_minutes_since_the_last(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    clock = SaveClock(30)
+    now[0] += 30 * 60 - 1
+    assert not clock.due()
+    now[0] += 1
+    assert clock.due()
+    clock.saved()
+    assert not clock.due() and not SaveClock(0).due()  # 0: off
+    with pytest.raises(ConfigError, match="checkpoint.every_minutes must be >= 0"):
+        load_config(ROOT / "configs/stage1_tiny.yaml", ["checkpoint.every_minutes=-1"])
+
+
+def test_the_checkpoint_writers_helper_dies_with_its_rank(tmp_path):
+    """The manager megatron-core's writer would start and leave behind after a SIGKILL (tied to
+    its rank here), and its resource tracker: both gone within a second of the kill."""
+    code = ("import sys, time; from parallel.checkpointing import writer_tied_to_rank; "
+            "writer_tied_to_rank(); print('up', flush=True); time.sleep(600)")
+    marker = f"MEGAVIDEO_TEST_MARK={tmp_path.name}"
+    rank = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "MEGAVIDEO_TEST_MARK": tmp_path.name})
+    assert rank.stdout.readline() == "up\n"
+
+    def helpers() -> list[int]:
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and int(proc.name) != rank.pid and marker in (
+                        proc / "environ").read_bytes().decode(errors="replace").split("\0"):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+        return found
+
+    assert len(helpers()) == 2  # the manager and the resource tracker
+    rank.kill()
+    rank.wait()
+    deadline = time.monotonic() + 5
+    while helpers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert helpers() == []
+
+
+def test_rank_0_reports_how_it_ended_for_the_batch_script(tmp_path, monkeypatch):
+    status = tmp_path / "status" / "7"
+    monkeypatch.setenv("MEGAVIDEO_STATUS_FILE", str(status))
+    assert train._report(0, "requeue") and status.read_text() == "requeue"
+    assert train._report(3, "2") and status.read_text() == "requeue"  # only rank 0 writes
+    monkeypatch.delenv("MEGAVIDEO_STATUS_FILE")
+    assert not train._report(0, "0")
+
+
+def test_a_collective_broken_by_a_peer_is_told_from_a_ranks_own_fault():
+    assert peer_failed(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                                    "[127.0.0.1]:2983"))
+    assert peer_failed(torch.distributed.DistBackendError("NCCL error: remote process exited"))
+    assert not peer_failed(RuntimeError("CUDA out of memory"))
+    assert not peer_failed(ValueError("a bad value"))
