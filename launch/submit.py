@@ -15,6 +15,8 @@ commands (a shell script) without submitting.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
 import shlex
 import shutil
@@ -31,6 +33,16 @@ class Stage:
     script: Path
     overrides: list[str] = field(default_factory=list)
     config: Config | None = None
+
+    @property
+    def checkout(self) -> Path:
+        """Where the job runs (``slurm/common.sh``): ``MEGAVIDEO_HOME``, else the checkout that
+        holds the script; the config's relative paths are relative to it."""
+        return Path(os.environ.get("MEGAVIDEO_HOME") or self.script.resolve().parent.parent)
+
+    def checkpoint_dir(self) -> Path:
+        """The stage's checkpoint directory as its job sees it."""
+        return (self.checkout / self.config.checkpoint_dir).resolve()
 
     def sbatch(self, options: list[str], dependency: str | None, hold: bool) -> list[str]:
         cmd = ["sbatch", "--parsable"]
@@ -94,17 +106,18 @@ def prepare(stages: list[Stage], options: list[str]) -> None:
         match = re.search(r"^CONFIG=(\S+)$", stage.script.read_text(), re.MULTILINE)
         if not match:
             raise ConfigError(f"{where}: the script has no CONFIG=<run config> line.")
-        previous = stages[number - 2].config.checkpoint_dir.resolve() if number > 1 else None
+        previous = stages[number - 2].checkpoint_dir() if number > 1 else None
         if previous and not any(o.startswith("checkpoint.load=") for o in stage.overrides):
             stage.overrides.append(f"checkpoint.load={previous}")
         try:
-            stage.config = load_config(match.group(1), stage.overrides)
+            with contextlib.chdir(stage.checkout):  # the job reads its config's paths there
+                stage.config = load_config(match.group(1), stage.overrides)
             tasks = task_count(sbatch_directives(stage.script) + options)
             if tasks is not None:
                 validate_world(stage.config, tasks)
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
-        if stage.config.checkpoint_dir.resolve() == previous:
+        if stage.checkpoint_dir() == previous:
             raise ConfigError(f"{where} would write its checkpoints into stage {number - 1}'s "
                               f"({previous}) and resume from them: give it another run.dir.")
 
@@ -157,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     subprocess.run(["scontrol", "release", jobs[0]], check=True)
     for n, (stage, job) in enumerate(zip(stages, jobs, strict=True), 1):
         after = f"after {jobs[n - 2]}" if n > 1 else (f"after {args.after}" if args.after else "")
-        print(f"stage {n}: job {job}  {stage.script}  -> {stage.config.checkpoint_dir}  {after}".rstrip())
+        print(f"stage {n}: job {job}  {stage.script}  -> {stage.checkpoint_dir()}  {after}".rstrip())
 
 
 if __name__ == "__main__":

@@ -402,3 +402,15 @@ def test_a_signalled_job_at_its_restart_limit_saves_and_says_so(cluster, tmp_pat
     assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("FAILED", "75:0", "0")
     assert "saved, but not requeued: restart 0 reached MEGAVIDEO_MAX_RESTARTS (0)" in text
     assert (tmp_path / "r/checkpoints/latest").exists()
+
+
+def test_a_chain_submitted_from_another_directory_reads_paths_as_its_jobs_do(tmp_path):
+    """The jobs run in the scripts' checkout: the configs and the relative run.dir are read
+    there, and the next stage loads from the checkout's run directory."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.submit", "--dry-run",
+         str(ROOT / "slurm/stage1_tiny.sbatch"), "run.dir=runs/elsewhere_s1",
+         str(ROOT / "slurm/stage2_tiny.sbatch"), "run.dir=runs/elsewhere_s2"],
+        cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert f"checkpoint.load={ROOT / 'runs/elsewhere_s1/checkpoints'})" in proc.stdout.splitlines()[1]
