@@ -41,7 +41,8 @@ def test_three_media_each_in_its_share_and_read_in_order():
     for medium, ours in steps.items():
         assert [mixture.ordinal(s) for s in ours] == list(range(len(ours))), medium
     # the image steps are those of the two-medium mixture with the same seed and share
-    assert steps[IMAGE] == [s for s in range(5000) if Mixture(0.2, seed=3, steps=5000).is_image(s)]
+    two = Mixture(0.2, seed=3, steps=5000)
+    assert steps[IMAGE] == [s for s in range(5000) if two.is_image(s)]
     with pytest.raises(ValueError, match="add up to more than 1"):
         Mixture(0.6, seed=0, steps=10, text=0.5)
 

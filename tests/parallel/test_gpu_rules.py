@@ -90,7 +90,8 @@ def test_collective_buffers_are_on_the_group_device(monkeypatch):
                         lambda *group: asked.append(group) or torch.device("cpu"))
     monkeypatch.setattr(dist, "all_reduce", lambda tensor, op: flags.append(tensor))
     stop = checkpoint.StopSignal()
-    assert stop.agreed() is False and asked == [()] and flags[0].device == torch.device("cpu")
+    assert stop.agreed() == (False, False) and asked == [()]
+    assert flags[0].device == torch.device("cpu")
 
 
 def test_group_device_follows_the_backend(monkeypatch):

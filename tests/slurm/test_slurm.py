@@ -231,10 +231,12 @@ def test_a_chain_whose_later_stage_is_refused_by_sbatch_leaves_nothing_queued(cl
     bad = tmp_path / "bad.sbatch"
     bad.write_text((ROOT / "slurm/stage1_tiny.sbatch").read_text().replace(
         "#SBATCH --nodes=2", "#SBATCH --nodes=2\n#SBATCH --partition=no_such_partition"))
+    # a script outside the checkout runs in MEGAVIDEO_HOME
     proc = subprocess.run([sys.executable, "-m", "launch.submit",
                            "slurm/stage1_tiny.sbatch", f"run.dir={tmp_path / 'a'}",
                            str(bad), f"run.dir={tmp_path / 'b'}"],
-                          cwd=ROOT, capture_output=True, text=True, env=cluster)
+                          cwd=ROOT, capture_output=True, text=True,
+                          env={**cluster, "MEGAVIDEO_HOME": str(ROOT)})
     assert proc.returncode == 1 and "sbatch of stage 2 failed" in proc.stderr, proc.stderr
     first = re.search(r"cancelled job\(s\) (\d+) of the stages before it", proc.stderr).group(1)
     assert job_fields(first, cluster)["JobState"] == "CANCELLED"
