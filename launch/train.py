@@ -53,18 +53,19 @@ def _report(rank: int, status: str) -> bool:
     return True
 
 
+class _Requeued(Exception):
+    """A save after a signal, reported as ``requeue`` in the status file."""
+
+
 def main(argv: list[str] | None = None) -> None:
     launch = detect_launch()
     try:
         _train(argv, launch)
+    except _Requeued:
+        raise SystemExit(0) from None
     except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
-        # a requeue exit comes from the training loop, so its module is loaded by then
-        checkpoint = sys.modules.get("megavideo.training.checkpoint")
-        requeue = checkpoint is not None and code == checkpoint.EXIT_REQUEUE
-        if requeue and _report(launch.rank, "requeue"):
-            raise SystemExit(0) from None
-        _report(launch.rank, str(code))
+        _report(launch.rank, str(stop.code if isinstance(stop.code, int)
+                                 else int(stop.code is not None)))
         raise
     except BaseException:
         _report(launch.rank, "1")
@@ -90,20 +91,25 @@ def _train(argv: list[str] | None, launch) -> None:
     from megavideo.training.loop import NonFiniteError, run
 
     codes = {ConfigError: 2, NonFiniteError: EXIT_NONFINITE, DataError: EXIT_DATA}
-    # every rank stops together: on a checkpoint they all read, a non-finite step, the skip
-    # budget (all-reduced counts), and an agreed requeue
-    with process_groups_closed(2, EXIT_NONFINITE, EXIT_DATA, EXIT_REQUEUE):
-        try:
-            run(cfg)
-        except tuple(codes) as err:
-            exit_with(err, codes[type(err)], show=launch.rank == 0)
-        except Exception as err:
-            if not peer_failed(err):
-                raise
-            # another rank ended first (its own error says why, if it could): rank 0 says so
-            # in one line, the others exit quietly
-            exit_with(RuntimeError(f"another rank ended first: {str(err).splitlines()[0]}"),
-                      EXIT_PEER, show=launch.rank == 0)
+    try:
+        # every rank stops together: on a checkpoint they all read, a non-finite step, the skip
+        # budget (all-reduced counts), and an agreed requeue
+        with process_groups_closed(2, EXIT_NONFINITE, EXIT_DATA, EXIT_REQUEUE):
+            try:
+                run(cfg)
+            except tuple(codes) as err:
+                exit_with(err, codes[type(err)], show=launch.rank == 0)
+            except Exception as err:
+                if not peer_failed(err):
+                    raise
+                # another rank ended first (its own error says why, if it could): rank 0 says
+                # so in one line, the others exit quietly
+                exit_with(RuntimeError(f"another rank ended first: {str(err).splitlines()[0]}"),
+                          EXIT_PEER, show=launch.rank == 0)
+    except SystemExit as stop:
+        if stop.code == EXIT_REQUEUE and _report(launch.rank, "requeue"):
+            raise _Requeued from None
+        raise
 
 
 if __name__ == "__main__":

@@ -56,7 +56,6 @@ class StepMeter:
     def __init__(self, cfg: Config, world_size: int, stage: PipelineStage) -> None:
         flops = step_flops(cfg, stage.dp)
         self.world = world_size
-        self.model_flops, self.hardware_flops = flops.model, flops.hardware
         # per medium: (model FLOPs, hardware FLOPs, video tokens) of its steps
         self.costs = {VIDEO: (flops.model, flops.hardware, video_tokens(cfg))}
         if cfg.uses_images:
@@ -72,10 +71,10 @@ class StepMeter:
         self.elapsed = 0.0
         if dist.get_rank() == 0:
             log.info("step cost: %.4g model TFLOP (%s), %.4g with recomputation and padding; "
-                     "MFU against %s", self.model_flops / 1e12,
+                     "MFU against %s", flops.model / 1e12,
                      ", ".join(f"{k} {(v + flops.backward.get(k, 0.0)) / 1e12:.3g}"
                                for k, v in flops.forward.items()),
-                     self.hardware_flops / 1e12,
+                     flops.hardware / 1e12,
                      f"{self.peak:g} TFLOP/s per device" if self.peak else "no known peak")
 
         self.comm = CommCounter(megatron_groups()) if cfg.profile.comm else None

@@ -15,7 +15,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from dataloaders.manifest import Manifest
-from dataloaders.mixture import NO_IMAGES, Mixture, proportional
+from dataloaders.mixture import Mixture
 from dataloaders.synthetic import Normal, generator, sample_keys
 from kernels.keyed_random import normal
 from megavideo.config import Config, megatron
@@ -60,14 +60,11 @@ class PipelineStage:
         self._batches = None
         self.skipped_files: set[str] = set()  # every file this rank skipped, logged once
         # the image and text steps (stages 2 and 3), and the image steps' config
-        self.mixture = NO_IMAGES
         self.image_cfg = cfg.image_steps() if cfg.uses_images else None
         self.image_manifest: Manifest | None = None
         self._image_batches = None
         self.text_rows: list[dict] | None = None  # stage 3's text-only rows
-        if (cfg.uses_images or cfg.uses_text) and cfg.data.source != "manifest":
-            self.mixture = Mixture(cfg.data.image_fraction or 0.0, cfg.train.seed,
-                                   cfg.train.steps, cfg.data.text_fraction or 0.0)
+        self.mixture = data.mixture(cfg)  # synthetic data's; manifest data's at start_data
 
     def pipelined(self) -> tuple[list[int], Tokens, TransformerConfig]:
         """The pipelined model's layers per virtual stage, the video encoder's token sequence
@@ -103,27 +100,16 @@ class PipelineStage:
         return train.global_batch // (train.micro_batch * self.dp)
 
     def start_data(self, start_step: int, consumed_samples: int, manifest: Manifest | None,
-                   images: Manifest | None = None, texts: list[dict] | None = None) -> None:
+                   images: Manifest | None = None, texts: list[dict] | None = None,
+                   mixture: Mixture | None = None) -> None:
         """Begin reading clips of ``manifest`` at ``start_step``, whose data starts at
         ``consumed_samples``; with ``images`` (an image manifest) or ``texts`` (stage 3's
-        text-only rows) the mixture's image and text steps read those instead, each share
-        ``data.image_fraction`` / ``data.text_fraction`` or by default in proportion to the
-        data's sizes."""
+        text-only rows) the image and text steps of ``mixture`` (:func:`data.mixture`) read
+        those instead."""
         self.manifest = manifest
-        if images is not None or texts is not None:
-            sizes = {"clips": len(manifest), "images": len(images or ()),
-                     "texts": len(texts or ())}
-            given = {"images": self.cfg.data.image_fraction, "texts": self.cfg.data.text_fraction}
-            shares = {kind: share if share is not None else
-                      proportional(sizes[kind], sum(sizes.values()) - sizes[kind])
-                      for kind, share in given.items()}
-            self.mixture = Mixture(shares["images"], self.cfg.train.seed, self.cfg.train.steps,
-                                   shares["texts"])
-            self.image_manifest, self.text_rows = images, texts
-            log.info("mixed data: %s", ", ".join(
-                f"{sizes[kind]} {kind}" + (f" ({100 * shares[kind]:.1f}% of the steps)"
-                                           if kind in shares else "")
-                for kind in sizes if sizes[kind]))
+        self.image_manifest, self.text_rows = images, texts
+        if mixture is not None:
+            self.mixture = mixture
         if self.decodes:
             feed = data.feed(self.cfg, manifest, self.dp_rank, self.dp, self.device, self.mixture)
             self._batches = feed.iterate(start_step, self.cfg.train.steps, consumed_samples)

@@ -19,7 +19,7 @@ from dataloaders import conversation, dali
 from dataloaders.audio import AudioSpec
 from dataloaders.loader import Clips, DataError, Feed
 from dataloaders.manifest import QA_KEYS, Manifest
-from dataloaders.mixture import NO_IMAGES, Mixture
+from dataloaders.mixture import NO_IMAGES, Mixture, proportional
 from dataloaders.sampling import Sampling
 from dataloaders.transform import normalize
 from megavideo.config import Config, ConfigError, DataConfig
@@ -89,6 +89,36 @@ def texts(cfg: Config) -> list[dict] | None:
         return conversation.read_text_rows(cfg.data.text_manifest)
     except ValueError as err:
         raise ConfigError(f"data.text_manifest: {err}.") from None
+
+
+def mixture(cfg: Config, manifest: Manifest | None = None, images: Manifest | None = None,
+            texts: list[dict] | None = None) -> Mixture:
+    """The run's media mixture (call it before any process group: a share too large is a
+    ConfigError): ``data.image_fraction`` / ``data.text_fraction`` of the steps, or on manifest
+    data by default each in proportion to the data's sizes."""
+    data = cfg.data
+    if not (cfg.uses_images or cfg.uses_text):
+        return NO_IMAGES
+    if data.source != "manifest":
+        return Mixture(data.image_fraction or 0.0, cfg.train.seed, cfg.train.steps,
+                       data.text_fraction or 0.0)
+    if images is None and texts is None:
+        return NO_IMAGES
+    sizes = {"clips": len(manifest), "images": len(images or ()), "texts": len(texts or ())}
+    given = {"images": data.image_fraction, "texts": data.text_fraction}
+    shares = {kind: share if share is not None else
+              proportional(sizes[kind], sum(sizes.values()) - sizes[kind])
+              for kind, share in given.items()}
+    if sum(shares.values()) > 1:
+        raise ConfigError(f"the image and text shares of the steps add up to more than 1 "
+                          f"({shares['images']:.3f} + {shares['texts']:.3f}, the unset ones in "
+                          f"proportion to the data): lower data.image_fraction or set "
+                          f"data.text_fraction.")
+    log.info("mixed data: %s", ", ".join(
+        f"{sizes[kind]} {kind}" + (f" ({100 * shares[kind]:.1f}% of the steps)"
+                                   if kind in shares else "")
+        for kind in sizes if sizes[kind]))
+    return Mixture(shares["images"], cfg.train.seed, cfg.train.steps, shares["texts"])
 
 
 def check(cfg: Config) -> Manifest | None:

@@ -18,7 +18,7 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from dataloaders.manifest import Manifest
-from dataloaders.mixture import TEXT
+from dataloaders.mixture import TEXT, Mixture
 from kernels import backends
 from megavideo.accounting.meter import StepMeter
 from megavideo.config import Config, megatron, validate_device, validate_world
@@ -195,10 +195,11 @@ class Trainer:
                                      "manifest_digest": self.manifest.digest}
 
     def start_data(self, start: int, resumed: dict, manifest: Manifest | None,
-                   images: Manifest | None = None, texts: list[dict] | None = None) -> None:
+                   images: Manifest | None = None, texts: list[dict] | None = None,
+                   mixture: Mixture | None = None) -> None:
         """Feed from step ``start`` on, continuing the data state of the checkpoint ``resumed``
         (its metadata; empty for a new run); ``images``: the image manifest, ``texts``: stage
-        3's text-only rows."""
+        3's text-only rows, ``mixture``: their steps (:func:`data.mixture`)."""
         self.manifest = manifest
         if manifest is not None:
             saved = resumed.get("data", {})
@@ -208,7 +209,7 @@ class Trainer:
                             "order of the current epoch changes from here on",
                             saved.get("manifest_rows", 0), len(manifest))
         consumed = resumed.get("consumed_samples", start * self.cfg.train.global_batch)
-        self.stage.start_data(start, consumed, manifest, images, texts)
+        self.stage.start_data(start, consumed, manifest, images, texts, mixture)
 
     def train_step(self, step: int) -> dict[str, float]:
         with self.meter.step():
@@ -258,11 +259,12 @@ def run(cfg: Config) -> list[dict]:
     """
     validate_world(cfg, detect_launch().world_size)  # before any process group exists
     manifest, images, texts = data.check(cfg), data.images(cfg), data.texts(cfg)
+    mixture = data.mixture(cfg, manifest, images, texts)
     stop = StopSignal()  # from the start: a signal during start-up is honoured after one step
     trainer = Trainer(cfg)
     checkpointer = Checkpointer(cfg, trainer)
     start = checkpointer.restore()
-    trainer.start_data(start, checkpointer.resumed, manifest, images, texts)
+    trainer.start_data(start, checkpointer.resumed, manifest, images, texts, mixture)
     if start >= cfg.train.steps:
         log.info("nothing to do: the run is at step %d of train.steps=%d", start, cfg.train.steps)
     writer = MetricsWriter(cfg.run.dir, cfg.run.tensorboard, start) if dist.get_rank() == 0 else None

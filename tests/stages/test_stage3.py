@@ -15,6 +15,7 @@ from dataloaders.clips import write_clip, write_image
 from dataloaders.manifest import build_manifest
 from dataloaders.synthetic import COLOURS
 from megavideo.config import ConfigError, load_config
+from megavideo.training import data
 from tests.distributed import torchrun
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,6 +97,15 @@ def test_stage3_config_errors_are_one_sentence():
     with pytest.raises(ConfigError, match="instruct only, not this sub-stage"):
         load_config(str(ROOT / "configs" / "stage3_caption_tiny.yaml"),
                     ["data.image_fraction=0.5"])
+    files = ["data.source=manifest", f"data.manifest={CONFIG}", f"data.image_manifest={CONFIG}",
+             f"data.text_manifest={CONFIG}"]
+    # a given share beside one in proportion to the data (3 text rows of 9): refused before
+    # any process group, not when the mixture is built
+    sizes = ([0] * 4, [0] * 2, [{}] * 3)
+    with pytest.raises(ConfigError, match=r"add up to more than 1 \(0.900 \+ 0.333"):
+        data.mixture(load_config(CONFIG, [*files, "data.image_fraction=0.9"]), *sizes)
+    mixture = data.mixture(load_config(CONFIG, [*files, "data.image_fraction=0.4"]), *sizes)
+    assert (mixture.fraction, mixture.text) == (0.4, 3 / 9)
 
 
 def test_the_time_message_reaches_both_ends_of_the_pipeline(memorised, tmp_path):
