@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -70,7 +71,19 @@ def main(argv: list[str] | None = None) -> None:
     except BaseException:
         _report(launch.rank, "1")
         raise
-    _report(launch.rank, "0")
+    else:
+        _report(launch.rank, "0")
+    finally:
+        _exit_decided()
+
+
+def _exit_decided() -> None:
+    """Ignore the stop signals from here on: the launcher's SIGTERM to the peers of a rank that
+    ended first would otherwise turn this rank's decided exit into 143 (CPython restores the
+    default action of the signals it handles as it shuts down), and srun reports the job with
+    the highest signal of its tasks."""
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _train(argv: list[str] | None, launch) -> None:

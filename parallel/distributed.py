@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from parallel import cpu_compat
+from parallel.lifetime import forked_children_die_with_this_process
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,10 @@ _COMPAT = contextlib.ExitStack()  # the CPU redirection of a gloo group, left wi
 
 def init_distributed(timeout: datetime.timedelta = datetime.timedelta(minutes=30)) -> Launch:
     """Start the default process group (NCCL on GPU, gloo on CPU) for this launch; a collective
-    waits ``timeout`` for its peers (a run's: ``megavideo.config.megatron.process_group_timeout``)."""
+    waits ``timeout`` for its peers (a run's: ``megavideo.config.megatron.process_group_timeout``).
+    The processes this rank forks from now on die with it (:mod:`parallel.lifetime`)."""
     launch = detect_launch()
+    forked_children_die_with_this_process()
     if torch.cuda.is_available():
         backend = "nccl"
         use_local_gpu(launch)

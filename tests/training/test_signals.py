@@ -56,34 +56,83 @@ def test_a_save_is_due_every_minutes_since_the_last(monkeypatch):
         load_config(ROOT / "configs/stage1_tiny.yaml", ["checkpoint.every_minutes=-1"])
 
 
+def _marked(marker: str, but: int) -> list[int]:
+    """The processes whose environment holds ``marker``, other than ``but``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and int(proc.name) != but and marker in (
+                    proc / "environ").read_bytes().decode(errors="replace").split("\0"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def _helpers_gone_after_a_kill_9(code: str, helpers: int, tmp_path: Path) -> None:
+    """Run ``code`` (it prints ``up`` once its helpers run), count its ``helpers``, SIGKILL it:
+    they are all gone within 5 s."""
+    marker = f"MEGAVIDEO_TEST_MARK={tmp_path.name}"
+    rank = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "MEGAVIDEO_TEST_MARK": tmp_path.name})
+    assert rank.stdout.readline() == "up\n"
+    assert len(_marked(marker, rank.pid)) == helpers
+    rank.kill()
+    rank.wait()
+    deadline = time.monotonic() + 5
+    while _marked(marker, rank.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _marked(marker, rank.pid) == []
+
+
 def test_the_checkpoint_writers_helper_dies_with_its_rank(tmp_path):
     """The manager megatron-core's writer would start and leave behind after a SIGKILL (tied to
     its rank here), and its resource tracker: both gone within a second of the kill."""
     code = ("import sys, time; from parallel.checkpointing import writer_tied_to_rank; "
             "writer_tied_to_rank(); print('up', flush=True); time.sleep(600)")
-    marker = f"MEGAVIDEO_TEST_MARK={tmp_path.name}"
-    rank = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "MEGAVIDEO_TEST_MARK": tmp_path.name})
-    assert rank.stdout.readline() == "up\n"
+    _helpers_gone_after_a_kill_9(code, 2, tmp_path)  # the manager and the resource tracker
 
-    def helpers() -> list[int]:
-        found = []
-        for proc in Path("/proc").iterdir():
-            try:
-                if proc.name.isdigit() and int(proc.name) != rank.pid and marker in (
-                        proc / "environ").read_bytes().decode(errors="replace").split("\0"):
-                    found.append(int(proc.name))
-            except OSError:
-                continue
-        return found
 
-    assert len(helpers()) == 2  # the manager and the resource tracker
-    rank.kill()
-    rank.wait()
-    deadline = time.monotonic() + 5
-    while helpers() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert helpers() == []
+def test_processes_a_rank_forks_die_with_it(tmp_path):
+    """As megatron-core's asynchronous save does: the rank forks a writer, which forks file
+    writers; after the rank's SIGKILL none is left (they would wait on a queue for ever)."""
+    code = """
+import multiprocessing, os, sys, time
+from parallel.lifetime import forked_children_die_with_this_process
+forked_children_die_with_this_process()
+fork = multiprocessing.get_context("fork")
+def file_writer(): time.sleep(600)
+def writer(ready):
+    fork.Process(target=file_writer).start()
+    ready.set()
+    time.sleep(600)
+ready = fork.Event()
+fork.Process(target=writer, args=(ready,)).start()
+ready.wait()
+print("up", flush=True)
+time.sleep(600)
+"""
+    _helpers_gone_after_a_kill_9(code, 2, tmp_path)
+
+
+def test_a_stop_signal_after_the_exit_is_decided_keeps_its_code():
+    """srun's SIGTERM to a rank exiting 5 (a peer failed) while CPython shuts down, which
+    restores the signal's default action first: 143 (-15 here) unless the rank ignores it."""
+    code = """
+import os, signal, sys
+from launch import train
+class SrunsTerm:
+    def __del__(self):  # runs as the interpreter shuts down, after the handler is gone
+        os.kill(os.getpid(), signal.SIGTERM)
+signal.signal(signal.SIGTERM, lambda *_: None)  # as the training loop's StopSignal does
+term = SrunsTerm()
+if len(sys.argv) > 1:
+    train._exit_decided()
+sys.exit(5)
+"""
+    run = [sys.executable, "-c", code]
+    assert subprocess.run(run, cwd=ROOT).returncode == -signal.SIGTERM
+    assert subprocess.run(run + ["decided"], cwd=ROOT).returncode == 5
 
 
 def test_rank_0_reports_how_it_ended_for_the_batch_script(tmp_path, monkeypatch):
