@@ -103,15 +103,24 @@ megavideo_train() {
         fi
         echo "[megavideo] $(date +%T) checkpoint saved: requeueing job $SLURM_JOB_ID"
         # a requeued job is not done: stages chained with afterok keep waiting for it
-        scontrol requeue "$SLURM_JOB_ID" && exit 0
-        echo "[megavideo] scontrol requeue failed: the job ends unfinished (code 75)" >&2
+        # three tries: a busy slurmctld can time out one request
+        for _ in 1 2 3; do
+            scontrol requeue "$SLURM_JOB_ID" && exit 0
+            sleep 10
+        done
+        echo "[megavideo] scontrol requeue failed three times: the job ends unfinished (code 75)" >&2
         exit 75
     fi
     # the log ends with the cause: the last one-sentence error a rank printed
     local cause=""
     [ "$rc" != 0 ] && [ -r "$log" ] && cause=$(tail -c +$((start + 1)) "$log" | grep -a "^error: " | tail -n 1)
     if [ -z "$cause" ] && [ "$rc" -gt 128 ]; then
-        cause="a task was killed by signal $((rc - 128)) before it could say why (kill -9, the out-of-memory killer or its node)"
+        # srun names the first task that went ("srun: error: n1: task 0: Killed")
+        local task=""
+        [ -r "$log" ] && task=$(tail -c +$((start + 1)) "$log" \
+            | grep -a -m1 -E "^srun: error: [^ ]+: tasks? [0-9,-]+: " \
+            | sed -E 's/^srun: error: ([^ ]+): (tasks? [0-9,-]+): .*/\2 on \1/')
+        cause="${task:-a task} was killed by signal $((rc - 128)) before it could say why (kill -9, the out-of-memory killer or its node)"
     fi
     echo "[megavideo] $(date +%T) training exited with code $rc${cause:+: $cause}"
     exit "$rc"

@@ -73,6 +73,8 @@ AuthType=auth/munge
 # short credential lifetime and scheduler intervals: a requeued job restarts in ~25 s, not ~2 min
 AuthInfo=cred_expire=20
 SchedulerParameters=sched_interval=5,bf_interval=5
+# a loaded 2-core machine answers slowly: scontrol's 10 s default timed out ("Socket timed out")
+MessageTimeout=30
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/%n
 TmpFS=$DIR/tmp/%n
