@@ -29,6 +29,7 @@ from launch.common import (
 )
 from megavideo.config import ConfigError, validate_device, validate_start, validate_world
 from parallel.distributed import detect_launch
+from parallel.lifetime import STOP_SIGNALS
 
 EXIT_NONFINITE = 3
 EXIT_DATA = 4
@@ -82,7 +83,7 @@ def _exit_decided() -> None:
     ended first would otherwise turn this rank's decided exit into 143 (CPython restores the
     default action of the signals it handles as it shuts down), and srun reports the job with
     the highest signal of its tasks."""
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 

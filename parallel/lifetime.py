@@ -19,6 +19,9 @@ import threading
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
 
+# what asks a rank to stop: SLURM's warning signal (--signal=USR1@...) and a preemption's SIGTERM
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
 
 @functools.cache
 def _libc() -> ctypes.CDLL | None:

@@ -57,6 +57,7 @@ from parallel.checkpointing import (
     writer_tied_to_rank,
 )
 from parallel.comm import group_device
+from parallel.lifetime import STOP_SIGNALS
 from parallel.tensors import take_shard, whole_shape
 
 log = logging.getLogger(__name__)
@@ -170,9 +171,6 @@ def save_atomically(root: Path, name: str, state: dict, then=None,
 def point_latest(root: Path, name: str) -> None:
     """Make ``root/latest`` name ``name`` (atomically; rank 0 only)."""
     _write_atomically(root / "latest", name + "\n")
-
-
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 @contextlib.contextmanager

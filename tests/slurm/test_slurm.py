@@ -22,6 +22,7 @@ import pytest
 
 from launch.submit import sbatch_directives, task_count
 from tests.distributed import torchrun
+from tests.processes import processes_with
 
 ROOT = Path(__file__).resolve().parents[2]
 SLURM_DIR = Path(os.environ.get("MEGAVIDEO_SLURM_DIR", "/tmp/megavideo-slurm"))
@@ -304,22 +305,9 @@ def test_mpirun_starts_the_same_training(jobs, reference):
     _same_metrics(rows, reference.rows()[:2], keys=COMPARED[:-1])
 
 
-def _words(path: Path) -> list[str]:
-    return path.read_bytes().decode(errors="replace").split("\0")
-
-
 def _job_processes(job: str) -> dict[int, tuple[str, list[str]]]:
-    """The processes on this machine (both nodes) of job ``job``, as its environment says:
-    {pid: (command line, environment)}."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        try:
-            environ = _words(proc / "environ")
-            if proc.name.isdigit() and f"SLURM_JOB_ID={job}" in environ:
-                found[int(proc.name)] = (" ".join(_words(proc / "cmdline")), environ)
-        except OSError:
-            continue
-    return found
+    """The processes on this machine (both nodes) of job ``job``, as its environment says."""
+    return processes_with(f"SLURM_JOB_ID={job}")
 
 
 def _rank_pid(job: str, rank: int) -> int:

@@ -19,6 +19,7 @@ from launch import train
 from launch.common import peer_failed
 from megavideo.config import ConfigError, load_config
 from megavideo.training.checkpoint import SaveClock, StopSignal, signals_held
+from tests.processes import processes_with
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,15 +59,7 @@ def test_a_save_is_due_every_minutes_since_the_last(monkeypatch):
 
 def _marked(marker: str, but: int) -> list[int]:
     """The processes whose environment holds ``marker``, other than ``but``."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and int(proc.name) != but and marker in (
-                    proc / "environ").read_bytes().decode(errors="replace").split("\0"):
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
+    return [pid for pid in processes_with(marker) if pid != but]
 
 
 def _helpers_gone_after_a_kill_9(code: str, helpers: int, tmp_path: Path) -> None:
